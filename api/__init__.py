@@ -1,0 +1,1 @@
+"""promptq's HTTP API (aiohttp): the app factory and its routes."""

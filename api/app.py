@@ -1,0 +1,72 @@
+"""The aiohttp app factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api import jobs
+from api.errors import error_middleware, error_response
+from api.state import SERVICE, SETTINGS
+from promptq.db import create_engine, create_sessionmaker, redact_url
+from promptq.errors import ServiceUnavailable
+from promptq.migrate import ensure_current
+from promptq.queue import QueueClient
+from promptq.service import JobService
+from promptq.settings import Settings
+from promptq.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the API app. The engine and Redis pool live exactly as long as the app."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.api_max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_routes(jobs.routes)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = create_engine(settings)
+    try:
+        await ensure_current(engine)
+        queue = await QueueClient.connect(settings)
+    except BaseException:
+        await engine.dispose()
+        raise
+    app[SERVICE] = JobService(settings, JobStore(create_sessionmaker(engine)), queue)
+    logger.info(
+        "api: db=%s redis=%s",
+        redact_url(settings.resolved_database_url),
+        redact_url(settings.redis_url),
+    )
+    try:
+        yield
+    finally:
+        await queue.close()
+        await engine.dispose()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when both Redis and the database answer, else 503 naming what is down."""
+    service = request.app[SERVICE]
+    checks: dict[str, str] = {}
+    for name, probe in (("database", service.store.ping), ("redis", service.queue.ping)):
+        try:
+            await probe()
+            checks[name] = "ok"
+        except ServiceUnavailable as exc:
+            checks[name] = exc.message
+    if all(v == "ok" for v in checks.values()):
+        return web.json_response({"status": "ok", "checks": checks})
+    down = ", ".join(k for k, v in checks.items() if v != "ok")
+    response = error_response(503, "unhealthy", f"unavailable: {down}", {"Retry-After": "2"})
+    return response

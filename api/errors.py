@@ -1,0 +1,59 @@
+"""One middleware maps every error to `{"error": {"code", "message"}}`; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from promptq.errors import PromptQError, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Seconds a client should wait before retrying after a 503.
+RETRY_AFTER_S = 2
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The one error body shape."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn PromptQError, HTTP errors and unexpected crashes into JSON error responses."""
+    try:
+        return await handler(request)
+    except ServiceUnavailable as exc:
+        return error_response(
+            exc.http_status, exc.code, exc.message, {"Retry-After": str(RETRY_AFTER_S)}
+        )
+    except PromptQError as exc:
+        return error_response(exc.http_status, exc.code, exc.message)
+    except (OperationalError, InterfaceError, RedisError, OSError) as exc:
+        logger.warning(
+            "backing service unavailable for %s %s: %r", request.method, request.path, exc
+        )
+        return error_response(
+            503,
+            ServiceUnavailable.code,
+            "a backing service (database or Redis) is unavailable; retry shortly",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_").replace("-", "_")
+        return error_response(exc.status, code, exc.text or exc.reason, dict(exc.headers))
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; see the server log")

@@ -1,0 +1,134 @@
+"""Routes under /api/jobs: submit, read, list, and attempt history."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+
+from api.state import SERVICE
+from promptq.errors import InvalidRequest, NotFound
+from promptq.models import JobKind, JobStatus
+from promptq.schemas import AttemptOut, JobOut, JobPage
+from promptq.service import parse_job_request
+
+routes = web.RouteTableDef()
+
+#: Largest page `GET /api/jobs` returns.
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+
+
+def json_response(body: BaseModel | dict[str, Any], status: int = 200, **kw: Any) -> web.Response:
+    """Serialize a pydantic model (or plain dict) with orjson."""
+    data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", **kw
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400 that says why not."""
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadJSON(f"the request body is not valid JSON: {exc}") from None
+
+
+class BadJSON(InvalidRequest):
+    """The request body is not valid JSON."""
+
+    code = "invalid_json"
+    http_status = 400
+
+
+@routes.post("/api/jobs")
+async def create_job(request: web.Request) -> web.Response:
+    """Submit a prompt or summarize job; 202 with the job (the existing one for a reused key)."""
+    spec = parse_job_request(await read_json(request))
+    job, created = await request.app[SERVICE].submit(spec)
+    headers = {"Location": f"/api/jobs/{job.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(JobOut.from_row(job), status=202, headers=headers)
+
+
+@routes.get("/api/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest first, filtered by `status` and `kind`, paginated by `limit` and `cursor`."""
+    query = request.query
+    status = _choice(query.get("status"), "status", [s.value for s in JobStatus])
+    kind = _choice(query.get("kind"), "kind", [k.value for k in JobKind])
+    limit = _limit(query.get("limit"))
+    cursor = query.get("cursor") or None
+    if cursor is not None:
+        _job_id(cursor, what="cursor")
+    jobs = await request.app[SERVICE].store.list_jobs(
+        status=status, kind=kind, limit=limit + 1, before_id=cursor
+    )
+    page = jobs[:limit]
+    next_cursor = page[-1].id if len(jobs) > limit else None
+    return json_response(JobPage(jobs=[JobOut.from_row(j) for j in page], next_cursor=next_cursor))
+
+
+@routes.get("/api/jobs/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    """One job with its result, error, usage and attempt count."""
+    job_id = _job_id(request.match_info["id"])
+    job = await request.app[SERVICE].store.get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    return json_response(JobOut.from_row(job))
+
+
+@routes.get("/api/jobs/{id}/attempts")
+async def list_attempts(request: web.Request) -> web.Response:
+    """Every attempt of a job, oldest first."""
+    job_id = _job_id(request.match_info["id"])
+    store = request.app[SERVICE].store
+    if await store.get_job(job_id) is None:
+        raise NotFound(f"no job with id {job_id}")
+    attempts = await store.list_attempts(job_id)
+    return json_response(
+        {
+            "job_id": job_id,
+            "attempts": [AttemptOut.from_row(a).model_dump(mode="json") for a in attempts],
+        }
+    )
+
+
+def _job_id(value: str, *, what: str = "job id") -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        if what == "job id":
+            raise NotFound(f"no job with id {value[:64]!r}") from None
+        raise InvalidRequest(
+            f"{what} {value[:64]!r} is not valid; pass next_cursor back as is"
+        ) from None
+
+
+def _choice(value: str | None, name: str, allowed: list[str]) -> str | None:
+    if value is None or value == "":
+        return None
+    if value not in allowed:
+        raise InvalidRequest(f"{name} must be one of {', '.join(allowed)}; got {value[:64]!r}")
+    return value
+
+
+def _limit(value: str | None) -> int:
+    if value is None or value == "":
+        return DEFAULT_PAGE_SIZE
+    try:
+        limit = int(value)
+    except ValueError:
+        raise InvalidRequest(f"limit must be an integer; got {value[:64]!r}") from None
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}; got {limit}")
+    return limit

@@ -1,0 +1,1 @@
+"""Alembic migrations for promptq's schema (shipped as a package so `promptq db` finds them)."""

@@ -1,0 +1,331 @@
+"""The `promptq` command line: run the services, submit jobs, read them back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Coroutine
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from promptq.db import create_engine, create_sessionmaker, redact_url
+from promptq.errors import InvalidRequest, PromptQError
+from promptq.models import TERMINAL_STATUSES, Job, JobStatus
+from promptq.queue import QueueClient
+from promptq.schemas import AttemptOut, JobOut
+from promptq.service import JobService, parse_job_request
+from promptq.settings import Settings
+from promptq.store import JobStore
+
+app = typer.Typer(help="promptq: a persistent job queue for LLM work.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+submit_app = typer.Typer(help="Submit jobs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(submit_app, name="submit")
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, with logging configured from them."""
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning promptq errors into a clear message and exit code."""
+    try:
+        return asyncio.run(coro)
+    except InvalidRequest as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    except PromptQError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+@asynccontextmanager
+async def open_service(settings: Settings) -> Any:
+    """A JobService on its own engine and Redis pool, closed on exit."""
+    from promptq.migrate import ensure_current
+
+    engine = create_engine(settings)
+    try:
+        await ensure_current(engine)
+        queue = await QueueClient.connect(settings)
+        try:
+            yield JobService(settings, JobStore(create_sessionmaker(engine)), queue)
+        finally:
+            await queue.close()
+    finally:
+        await engine.dispose()
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Migrate the database to the newest schema (or to REVISION)."""
+    from promptq import migrate
+
+    settings = load_settings()
+    migrate.upgrade(settings, revision)
+    console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (`base` removes every table)."""
+    from promptq import migrate
+
+    settings = load_settings()
+    migrate.downgrade(settings, revision)
+    console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Serve the HTTP API until Ctrl-C / SIGTERM."""
+    from aiohttp import web
+
+    from api.app import create_app
+
+    settings = load_settings()
+    web.run_app(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        print=lambda msg: logging.getLogger("promptq.api").info(msg.strip()),
+        access_log=None,
+    )
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Jobs run at once [env PROMPTQ_WORKER_CONCURRENCY].")
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+) -> None:
+    """Run a worker daemon until Ctrl-C / SIGTERM (in-flight jobs go back to the queue)."""
+    from worker.app import create_worker
+
+    settings = load_settings()
+    if concurrency is not None:
+        settings = settings.model_copy(update={"worker_concurrency": concurrency})
+    create_worker(settings, burst=burst).run()
+
+
+@app.command("fake-llm")
+def fake_llm(
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    latency_ms: Annotated[float, typer.Option(help="Mean latency per request.")] = 0.0,
+    jitter: Annotated[float, typer.Option(help="Latency spread, as a fraction.")] = 0.0,
+) -> None:
+    """Serve a fake OpenAI-compatible LLM, scriptable with `[[fake: ...]]` in prompts."""
+    from promptq.testing.fake_llm import FakeLLMConfig, serve
+
+    load_settings()
+    with suppress(KeyboardInterrupt):
+        asyncio.run(serve(host, port, FakeLLMConfig(latency_ms=latency_ms, jitter=jitter)))
+
+
+# -- producers and readers ----------------------------------------------------------------------
+
+
+@submit_app.command("prompt")
+def submit_prompt(
+    text: str,
+    model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
+    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
+) -> None:
+    """Submit one chat prompt; prints the job id (or, with --wait, the result)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    body = {"kind": "prompt", "messages": messages, "model": model, "max_attempts": max_attempts}
+    _submit_and_report([body], wait=wait, timeout_s=timeout_s)
+
+
+@submit_app.command("summarize")
+def submit_summarize(
+    files: Annotated[list[Path], typer.Argument(help="Text files to summarize, one job each.")],
+    instructions: Annotated[str | None, typer.Option(help="How to summarize.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the summaries and print them.")] = False,
+    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
+) -> None:
+    """Submit one summarize job per file."""
+    bodies = []
+    for path in files:
+        try:
+            document = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            err_console.print(f"[red]error:[/red] cannot read {path}: {exc}")
+            raise typer.Exit(2) from None
+        bodies.append(
+            {
+                "kind": "summarize",
+                "document": document,
+                "instructions": instructions,
+                "model": model,
+            }
+        )
+    _submit_and_report(bodies, wait=wait, timeout_s=timeout_s, labels=[str(p) for p in files])
+
+
+def _submit_and_report(
+    bodies: list[dict[str, Any]],
+    *,
+    wait: bool,
+    timeout_s: float,
+    labels: list[str] | None = None,
+) -> None:
+    settings = load_settings()
+    specs = [parse_job_request({k: v for k, v in b.items() if v is not None}) for b in bodies]
+
+    async def go() -> list[Job]:
+        async with open_service(settings) as service:
+            jobs = [(await service.submit(spec))[0] for spec in specs]
+            if not wait:
+                return jobs
+            return await _wait_all(service.store, [j.id for j in jobs], timeout_s)
+
+    jobs = run(go())
+    for label, job in zip(labels or [""] * len(jobs), jobs, strict=True):
+        if not wait:
+            console.print(f"{job.id}  {label}".rstrip())
+            continue
+        if label:
+            console.rule(label)
+        _print_outcome(job)
+    if wait and any(job.status != JobStatus.SUCCEEDED for job in jobs):
+        raise typer.Exit(1)
+
+
+async def _wait_all(store: JobStore, job_ids: list[str], timeout_s: float) -> list[Job]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = [await store.get_job(job_id) for job_id in job_ids]
+        done = [j for j in jobs if j is not None]
+        if all(j.status in TERMINAL_STATUSES for j in done):
+            return done
+        if time.monotonic() > deadline:
+            raise PromptQError(f"timed out after {timeout_s:g} s; check later with `promptq get`")
+        await asyncio.sleep(0.2)
+
+
+def _print_outcome(job: Job) -> None:
+    if job.status == JobStatus.SUCCEEDED:
+        console.print(job.result or "", markup=False, highlight=False)
+    else:
+        err_console.print(f"[red]{job.status}[/red] after {job.attempts} attempt(s): {job.error}")
+
+
+@app.command()
+def get(
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+    attempts: Annotated[bool, typer.Option(help="Include the attempt history.")] = False,
+) -> None:
+    """Show one job."""
+    settings = load_settings()
+
+    async def go() -> tuple[JobOut, list[AttemptOut]]:
+        engine = create_engine(settings)
+        try:
+            store = JobStore(create_sessionmaker(engine))
+            job = await store.get_job(job_id)
+            if job is None:
+                raise InvalidRequest(f"no job with id {job_id}")
+            rows = await store.list_attempts(job_id) if attempts or as_json else []
+            return JobOut.from_row(job), [AttemptOut.from_row(a) for a in rows]
+        finally:
+            await engine.dispose()
+
+    job, history = run(go())
+    if as_json:
+        data = job.model_dump(mode="json") | {
+            "attempt_history": [a.model_dump(mode="json") for a in history]
+        }
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("id", "kind", "status", "model", "attempts", "max_attempts", "error"):
+        table.add_row(key, str(getattr(job, key)))
+    table.add_row("tokens", f"{job.usage.prompt_tokens} in / {job.usage.completion_tokens} out")
+    table.add_row("created", str(job.created_at))
+    table.add_row("finished", str(job.finished_at))
+    console.print(table)
+    for a in history:
+        code = a.status_code or ""
+        console.print(f"  attempt {a.number}: {a.outcome} {code} {a.latency_ms}ms {a.error or ''}")
+    if job.result is not None:
+        console.rule("result")
+        console.print(job.result, markup=False, highlight=False)
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
+    kind: Annotated[str | None, typer.Option(help="prompt or summarize.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+) -> None:
+    """List recent jobs, newest first."""
+    settings = load_settings()
+    if status is not None and status not in {s.value for s in JobStatus}:
+        err_console.print(f"[red]error:[/red] status must be one of {', '.join(JobStatus)}")
+        raise typer.Exit(2)
+
+    async def go() -> list[Job]:
+        engine = create_engine(settings)
+        try:
+            return await JobStore(create_sessionmaker(engine)).list_jobs(
+                status=status, kind=kind, limit=limit
+            )
+        finally:
+            await engine.dispose()
+
+    table = Table("id", "kind", "status", "model", "attempts", "tokens", "created")
+    for job in run(go()):
+        tokens = f"{job.prompt_tokens or 0}/{job.completion_tokens or 0}"
+        table.add_row(
+            job.id,
+            job.kind,
+            job.status,
+            job.model,
+            str(job.attempts),
+            tokens,
+            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the `promptq` command."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,191 @@
+"""A small async Python client for the promptq HTTP API.
+
+async with PromptQClient("http://127.0.0.1:8000") as pq:
+    job = await pq.submit_prompt("Say hello", model="llama3.2")
+    done = await pq.wait(job["id"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from promptq.errors import (
+    IdempotencyConflict,
+    InvalidRequest,
+    NotFound,
+    PromptQError,
+    ServiceUnavailable,
+)
+
+#: Statuses after which a job never changes again.
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+_BY_STATUS: dict[int, type[PromptQError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    409: IdempotencyConflict,
+    413: InvalidRequest,
+    422: InvalidRequest,
+    503: ServiceUnavailable,
+}
+
+Job = dict[str, Any]
+
+
+class PromptQClient:
+    """Submit jobs and read them back over HTTP. Jobs are returned as plain dicts."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = session
+        self._owns_session = session is None
+
+    async def __aenter__(self) -> PromptQClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session if this client opened it."""
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+
+    async def submit(self, body: dict[str, Any]) -> Job:
+        """POST a raw job request (`{"kind": ...}`) and return the job."""
+        job: Job = await self._request("POST", "/api/jobs", json=body)
+        return job
+
+    async def submit_prompt(
+        self,
+        prompt: str | list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Submit a chat completion: a user prompt string or a full `messages` list."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        body: dict[str, Any] = {"kind": "prompt", "messages": messages}
+        return await self.submit(_with_options(body, model, params, max_attempts, idempotency_key))
+
+    async def submit_summarize(
+        self,
+        document: str,
+        *,
+        instructions: str | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Submit a document to summarize."""
+        body: dict[str, Any] = {"kind": "summarize", "document": document}
+        if instructions is not None:
+            body["instructions"] = instructions
+        return await self.submit(_with_options(body, model, params, max_attempts, idempotency_key))
+
+    async def get(self, job_id: str) -> Job:
+        """One job."""
+        job: Job = await self._request("GET", f"/api/jobs/{job_id}")
+        return job
+
+    async def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's attempt history."""
+        data = await self._request("GET", f"/api/jobs/{job_id}/attempts")
+        attempts: list[dict[str, Any]] = data["attempts"]
+        return attempts
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page: `{"jobs": [...], "next_cursor": str | None}`."""
+        params = {"limit": str(limit)}
+        for key, value in (("status", status), ("kind", kind), ("cursor", cursor)):
+            if value is not None:
+                params[key] = value
+        page: dict[str, Any] = await self._request("GET", "/api/jobs", params=params)
+        return page
+
+    async def iter_jobs(
+        self, *, status: str | None = None, kind: str | None = None, page_size: int = 100
+    ) -> AsyncIterator[Job]:
+        """Every matching job, newest first, following cursors."""
+        cursor: str | None = None
+        while True:
+            page = await self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            for job in page["jobs"]:
+                yield job
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    async def wait(self, job_id: str, *, timeout_s: float = 300.0, poll_s: float = 0.2) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = await self.get(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.request(
+            method, self.base_url + path, headers=self._headers, timeout=self._timeout, **kwargs
+        ) as response:
+            try:
+                data = await response.json(content_type=None)
+            except ValueError:
+                data = None
+            if response.status >= 400:
+                error = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+                message = error.get("message") or f"HTTP {response.status} from {path}"
+                raise _BY_STATUS.get(response.status, PromptQError)(message)
+            return data
+
+
+def _with_options(
+    body: dict[str, Any],
+    model: str | None,
+    params: dict[str, Any] | None,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    options = {
+        "model": model,
+        "params": params,
+        "max_attempts": max_attempts,
+        "idempotency_key": idempotency_key,
+    }
+    return body | {k: v for k, v in options.items() if v is not None}

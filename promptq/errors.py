@@ -1,0 +1,89 @@
+"""promptq's exception tree. Every message says what went wrong and what to do about it.
+
+PromptQError
+├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
+│   └── IdempotencyConflict same idempotency_key, different request (409)
+├── NotFound                no such job (404)
+├── ServiceUnavailable      Redis or the database is unreachable (503)
+└── LLMError                a call to the model endpoint failed
+    ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
+    └── PermanentLLMError   retrying can't help: other 4xx, context length
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class PromptQError(Exception):
+    """Something promptq could not do."""
+
+    #: Machine-readable code used in `{"error": {"code", "message"}}`.
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or self.code).strip())
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0])
+
+
+class InvalidRequest(PromptQError):
+    """The request is not valid."""
+
+    code = "invalid_request"
+    http_status = 422
+
+
+class IdempotencyConflict(InvalidRequest):
+    """This idempotency_key was already used for a different request."""
+
+    code = "idempotency_conflict"
+    http_status = 409
+
+
+class NotFound(PromptQError):
+    """No such object."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class ServiceUnavailable(PromptQError):
+    """A backing service (Redis or the database) is unreachable; try again shortly."""
+
+    code = "service_unavailable"
+    http_status = 503
+
+
+class LLMError(PromptQError):
+    """The call to the model endpoint failed."""
+
+    code = "llm_error"
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class TransientLLMError(LLMError):
+    """The model endpoint failed in a way that a later attempt may not."""
+
+    code = "llm_transient"
+
+
+class PermanentLLMError(LLMError):
+    """The model endpoint rejected the request; retrying it unchanged cannot succeed."""
+
+    code = "llm_permanent"

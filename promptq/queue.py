@@ -1,0 +1,102 @@
+"""The queue client: puts job ids on the arq queue in Redis. JSON only, never pickle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import job_key_prefix
+from redis.exceptions import RedisError
+
+from promptq.errors import ServiceUnavailable
+from promptq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: The arq function every promptq job runs through.
+RUN_JOB = "run_job"
+#: arq drops a job whose key outlives this; the reconciler re-enqueues from SQL anyway.
+JOB_EXPIRES = timedelta(days=7)
+
+
+def serialize(value: dict[str, Any]) -> bytes:
+    """arq job serializer: JSON via orjson."""
+    return orjson.dumps(value)
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    """arq job deserializer: JSON via orjson."""
+    value: dict[str, Any] = orjson.loads(data)
+    return value
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """arq connection settings from our Settings."""
+    return RedisSettings.from_dsn(settings.redis_url)
+
+
+class QueueClient:
+    """Enqueues job ids. The job id doubles as arq's `_job_id`, so a re-enqueue is a no-op."""
+
+    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> QueueClient:
+        """Open a connection pool to the configured Redis."""
+        try:
+            pool = await create_pool(
+                redis_settings(settings),
+                job_serializer=serialize,
+                job_deserializer=deserialize,
+                default_queue_name=settings.queue_name,
+            )
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis at {redis_settings(settings).host}:{redis_settings(settings).port} is "
+                "unreachable; start it or set PROMPTQ_REDIS_URL"
+            ) from exc
+        return cls(pool, settings.queue_name)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self.redis.aclose()
+
+    async def ping(self) -> None:
+        """Raise ServiceUnavailable unless Redis answers."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable("Redis is unreachable") from exc
+
+    async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
+        """Put a job on the queue; False if it is already there."""
+        try:
+            job = await self.redis.enqueue_job(
+                RUN_JOB,
+                job_id,
+                _job_id=job_id,
+                _queue_name=self.queue_name,
+                _defer_by=timedelta(seconds=defer_s) if defer_s > 0 else None,
+                _expires=JOB_EXPIRES,
+            )
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                "Redis is unreachable; the job is saved and will be queued"
+            ) from exc
+        return job is not None
+
+    async def missing(self, job_ids: Sequence[str]) -> list[str]:
+        """The ids among `job_ids` that have no arq job in Redis."""
+        if not job_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(job_key_prefix + job_id)
+            found = await pipe.execute()
+        return [job_id for job_id, present in zip(job_ids, found, strict=True) if not present]

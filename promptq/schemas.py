@@ -1,0 +1,177 @@
+"""Pydantic models for what crosses an edge: HTTP bodies and job payloads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from promptq.models import Job, JobAttempt
+
+MAX_ATTEMPTS_LIMIT = 100
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI chat message. Extra OpenAI fields (name, tool_calls, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None
+
+
+class ChatParams(_Strict):
+    """Optional sampling parameters forwarded to the model."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
+
+
+class _JobCreateBase(_Strict):
+    model: str | None = Field(default=None, min_length=1, max_length=255)
+    params: ChatParams = Field(default_factory=ChatParams)
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS_LIMIT)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class PromptJobCreate(_JobCreateBase):
+    """A chat completion to run."""
+
+    kind: Literal["prompt"]
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def job_input(self) -> dict[str, Any]:
+        """The `jobs.input` JSON for this request."""
+        return {
+            "messages": [m.model_dump(exclude_none=False) for m in self.messages],
+            "params": self.params.model_dump(exclude_none=True),
+        }
+
+
+class SummarizeJobCreate(_JobCreateBase):
+    """A document to summarize."""
+
+    kind: Literal["summarize"]
+    document: str = Field(min_length=1)
+    instructions: str | None = Field(default=None, max_length=10_000)
+
+    def job_input(self) -> dict[str, Any]:
+        """The `jobs.input` JSON for this request."""
+        return {
+            "document": self.document,
+            "instructions": self.instructions,
+            "params": self.params.model_dump(exclude_none=True),
+        }
+
+
+JobCreate = Annotated[PromptJobCreate | SummarizeJobCreate, Field(discriminator="kind")]
+job_create_adapter: TypeAdapter[PromptJobCreate | SummarizeJobCreate] = TypeAdapter(JobCreate)
+
+
+class Usage(BaseModel):
+    """Token usage reported by the model."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class JobOut(BaseModel):
+    """A job as the API, the CLI and the Python client show it."""
+
+    id: str
+    kind: str
+    status: str
+    model: str
+    attempts: int
+    max_attempts: int
+    result: str | None
+    error: str | None
+    error_code: str | None
+    finish_reason: str | None
+    usage: Usage
+    input: dict[str, Any]
+    idempotency_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobOut:
+        """Build from a `jobs` row."""
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            model=job.model,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            result=job.result,
+            error=job.error,
+            error_code=job.error_code,
+            finish_reason=job.finish_reason,
+            usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
+            input=job.input,
+            idempotency_key=job.idempotency_key,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            next_attempt_at=job.next_attempt_at,
+        )
+
+
+class AttemptOut(BaseModel):
+    """One attempt as the API shows it."""
+
+    job_id: str
+    number: int
+    outcome: str
+    status_code: int | None
+    error: str | None
+    latency_ms: int | None
+    worker: str | None
+    model: str | None
+    usage: Usage
+    started_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, attempt: JobAttempt) -> AttemptOut:
+        """Build from a `job_attempts` row."""
+        return cls(
+            job_id=attempt.job_id,
+            number=attempt.number,
+            outcome=attempt.outcome,
+            status_code=attempt.status_code,
+            error=attempt.error,
+            latency_ms=attempt.latency_ms,
+            worker=attempt.worker,
+            model=attempt.model,
+            usage=Usage(
+                prompt_tokens=attempt.prompt_tokens, completion_tokens=attempt.completion_tokens
+            ),
+            started_at=attempt.started_at,
+            finished_at=attempt.finished_at,
+        )
+
+
+class JobPage(BaseModel):
+    """One page of a job listing; pass `next_cursor` back to get the next."""
+
+    jobs: list[JobOut]
+    next_cursor: str | None

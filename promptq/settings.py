@@ -1,0 +1,59 @@
+"""The one Settings object: built once per entrypoint from `PROMPTQ_*` env vars and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All of promptq's configuration. Nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTQ_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Path(".promptq")
+    #: SQLAlchemy async URL; empty means SQLite (aiosqlite) at `<data_dir>/promptq.db`.
+    database_url: str = ""
+    redis_url: str = "redis://localhost:6379/0"
+    #: Redis key prefix for everything promptq stores (queue, locks, limits).
+    queue_name: str = "promptq:queue"
+
+    llm_base_url: str = "http://localhost:11434/v1"
+    llm_api_key: SecretStr | None = None
+    default_model: str = "llama3.2"
+    llm_timeout_s: float = Field(default=120.0, gt=0)
+
+    worker_concurrency: int = Field(default=10, ge=1, le=10_000)
+    #: How often an idle worker polls Redis for new jobs.
+    worker_poll_delay_s: float = Field(default=0.05, gt=0)
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    #: Backoff: full jitter on `retry_base_s * 2**(attempt-1)`, capped at `retry_cap_s`.
+    retry_base_s: float = Field(default=1.0, ge=0)
+    retry_cap_s: float = Field(default=60.0, ge=0)
+    #: A Retry-After longer than this is clamped, so a hostile header can't park a job for days.
+    retry_after_cap_s: float = Field(default=600.0, ge=0)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    #: Largest accepted HTTP request body.
+    api_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    api_url: str = "http://127.0.0.1:8000"
+
+    log_level: str = "INFO"
+
+    @field_validator("llm_base_url", "api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL in use: the configured one, or SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'promptq.db').resolve()}"

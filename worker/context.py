@@ -1,0 +1,26 @@
+"""The typed context every job function receives (arq passes it as a dict)."""
+
+from __future__ import annotations
+
+import random
+from typing import TypedDict
+
+from promptq.queue import QueueClient
+from promptq.settings import Settings
+from promptq.store import JobStore
+from worker.llm import LLMClient
+
+
+class WorkerContext(TypedDict, total=False):
+    """What `on_startup` puts in arq's ctx, plus arq's own per-job keys."""
+
+    settings: Settings
+    store: JobStore
+    queue: QueueClient
+    llm: LLMClient
+    rng: random.Random
+    #: This worker's name in `job_attempts.worker`: host:pid.
+    worker_name: str
+    # Set by arq for each job:
+    job_id: str
+    job_try: int

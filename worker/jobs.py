@@ -1,0 +1,143 @@
+"""The job function: run one attempt of a job and record exactly what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from arq import Retry
+
+from promptq import clock
+from promptq.errors import LLMError, PermanentLLMError, TransientLLMError
+from promptq.models import AttemptOutcome, JobKind, JobStatus
+from promptq.store import AttemptResult, Claim
+from worker.context import WorkerContext
+from worker.llm import Completion
+from worker.retry import backoff_delay_s
+
+logger = logging.getLogger(__name__)
+
+SUMMARIZE_SYSTEM_PROMPT = (
+    "You summarize documents faithfully. Keep the key facts, names and numbers; "
+    "do not add anything that is not in the document."
+)
+
+
+def build_messages(claim: Claim) -> list[dict[str, Any]]:
+    """The chat messages for a job's input."""
+    if claim.kind == JobKind.PROMPT:
+        messages: list[dict[str, Any]] = claim.input["messages"]
+        return messages
+    instructions = claim.input.get("instructions") or "Summarize the following document."
+    return [
+        {"role": "system", "content": SUMMARIZE_SYSTEM_PROMPT},
+        {"role": "user", "content": f"{instructions}\n\n---\n\n{claim.input['document']}"},
+    ]
+
+
+async def run_job(ctx: WorkerContext, job_id: str) -> None:
+    """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
+    store = ctx["store"]
+    claim = await store.claim(job_id, worker=ctx["worker_name"])
+    if claim is None:
+        logger.info("job %s is not runnable (finished, cancelled or claimed); skipping", job_id)
+        return
+    started = time.monotonic()
+
+    def elapsed_ms() -> int:
+        return round((time.monotonic() - started) * 1000)
+
+    try:
+        completion = await ctx["llm"].chat(
+            claim.model, build_messages(claim), claim.input.get("params", {})
+        )
+    except asyncio.CancelledError:
+        # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
+        await store.finish_attempt(
+            claim,
+            AttemptResult(
+                outcome=AttemptOutcome.INTERRUPTED,
+                latency_ms=elapsed_ms(),
+                error="interrupted: the worker stopped during this attempt",
+            ),
+            job_status=JobStatus.QUEUED,
+        )
+        raise
+    except LLMError as exc:
+        await _record_failure(ctx, claim, exc, elapsed_ms())
+    except Exception as exc:  # a bug or an unexpected library error: retry, keep the evidence
+        logger.exception("job %s attempt %d crashed", job_id, claim.number)
+        await _record_failure(
+            ctx, claim, TransientLLMError(f"internal error: {exc!r}"), elapsed_ms()
+        )
+    else:
+        await _record_success(ctx, claim, completion, elapsed_ms())
+
+
+async def _record_success(
+    ctx: WorkerContext, claim: Claim, completion: Completion, latency_ms: int
+) -> None:
+    await ctx["store"].finish_attempt(
+        claim,
+        AttemptResult(
+            outcome=AttemptOutcome.SUCCEEDED,
+            latency_ms=latency_ms,
+            status_code=200,
+            result=completion.content,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        ),
+        job_status=JobStatus.SUCCEEDED,
+    )
+    logger.info("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
+
+
+async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, latency_ms: int) -> None:
+    permanent = isinstance(exc, PermanentLLMError)
+    result = AttemptResult(
+        outcome=AttemptOutcome.PERMANENT_ERROR if permanent else AttemptOutcome.TRANSIENT_ERROR,
+        latency_ms=latency_ms,
+        status_code=exc.status_code,
+        error=exc.message,
+        error_code=exc.code,
+    )
+    store = ctx["store"]
+    if permanent or claim.is_last:
+        await store.finish_attempt(claim, result, job_status=JobStatus.FAILED)
+        logger.warning(
+            "job %s failed on attempt %d/%d: %s",
+            claim.job_id,
+            claim.number,
+            claim.max_attempts,
+            exc.message,
+        )
+        return
+    settings = ctx["settings"]
+    delay_s = backoff_delay_s(
+        claim.charged,
+        base_s=settings.retry_base_s,
+        cap_s=settings.retry_cap_s,
+        retry_after_s=exc.retry_after_s,
+        retry_after_cap_s=settings.retry_after_cap_s,
+        rng=ctx["rng"],
+    )
+    moved = await store.finish_attempt(
+        claim,
+        result,
+        job_status=JobStatus.RETRYING,
+        next_attempt_at=clock.now() + timedelta(seconds=delay_s),
+    )
+    if not moved:
+        return  # cancelled meanwhile: don't come back
+    logger.info(
+        "job %s attempt %d failed (%s); retrying in %.2f s",
+        claim.job_id,
+        claim.number,
+        exc.message,
+        delay_s,
+    )
+    raise Retry(defer=timedelta(seconds=delay_s))
