@@ -43,6 +43,7 @@ def load_settings() -> Settings:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     return settings
 
 
@@ -130,7 +131,7 @@ def worker(
 
     settings = load_settings()
     if concurrency is not None:
-        settings = settings.model_copy(update={"worker_concurrency": concurrency})
+        settings = settings.with_overrides(worker_concurrency=concurrency)
     create_worker(settings, burst=burst).run()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,11 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A validated copy with some fields changed (model_copy would skip validation)."""
+        values = {name: getattr(self, name) for name in type(self).model_fields} | changes
+        return type(self)(_env_file=None, **values)  # type: ignore[call-arg]
 
     @property
     def resolved_database_url(self) -> str:

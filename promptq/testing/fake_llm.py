@@ -498,7 +498,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_fake_llm_app(config: FakeLLMConfig | None = None) -> web.Application:
     """Build the aiohttp application implementing the fake OpenAI-compatible API."""
     config = config if config is not None else FakeLLMConfig()
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app[FAKE_LLM_STATE] = FakeLLMState(config=config, rng=random.Random(config.seed))
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
@@ -514,7 +514,7 @@ class FakeLLM:
     """Async context manager running the fake LLM on a real (by default ephemeral) TCP port."""
 
     def __init__(
-        self, config: FakeLLMConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self, config: FakeLLMConfig | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         """Prepare (but do not start) a server for ``config`` on ``host:port``."""
         self.config = config if config is not None else FakeLLMConfig()
