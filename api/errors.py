@@ -17,6 +17,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Seconds a client should wait before retrying after a 503.
 RETRY_AFTER_S = 2
+#: Headers describing an HTTPException's own body, which the JSON error body replaces.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
 
 def error_response(
@@ -53,7 +55,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_").replace("-", "_")
-        return error_response(exc.status, code, exc.text or exc.reason, dict(exc.headers))
+        # Keep headers such as Allow, but not the exception's own text/plain body headers:
+        # json_response refuses a Content-Type header next to its content_type.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        return error_response(exc.status, code, exc.text or exc.reason, headers)
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the server log")

@@ -118,6 +118,9 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    #: While running: the attempt is presumed alive until then; after it, another worker may
+    #: take the job over and record the attempt as interrupted.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When a retrying job becomes due again.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -43,6 +43,13 @@ class Claim:
     def is_last(self) -> bool:
         """True when a transient failure of this attempt fails the job."""
         return self.charged >= self.max_attempts
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The job is running elsewhere under a live lease; look again after `retry_in_s`."""
+
+    retry_in_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,30 +174,31 @@ class JobStore:
             return list((await session.execute(query)).scalars())
 
     async def unqueued_candidates(self, *, older_than: datetime, limit: int) -> Sequence[Job]:
-        """Jobs SQL says are waiting to run, last touched before `older_than`."""
-        query = (
-            select(Job)
-            .where(Job.status.in_(CLAIMABLE), Job.updated_at < older_than)
-            .order_by(Job.id)
-            .limit(limit)
-        )
+        """Jobs that should be in Redis: waiting ones last touched before `older_than`, and
+        running ones whose lease has expired (their worker is gone)."""
+        waiting = and_(Job.status.in_(CLAIMABLE), Job.updated_at < older_than)
+        orphaned = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < clock.now())
+        query = select(Job).where(or_(waiting, orphaned)).order_by(Job.id).limit(limit)
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 
     # -- the worker's transitions ----------------------------------------------------------
 
-    async def claim(self, job_id: str, *, worker: str) -> Claim | None:
-        """Start the next attempt, or return None if the job must not run now.
+    async def claim(self, job_id: str, *, worker: str, lease_s: float) -> Claim | Busy | None:
+        """Start the next attempt under a lease of `lease_s`; None if the job must not run.
 
-        A job found `running` was orphaned by a worker that died or was stopped (arq only
-        redelivers a job once its in-progress lease is gone): its open attempt is recorded as
-        interrupted and a new attempt starts.
+        A job found `running` under a live lease is Busy. Once its lease has expired, the worker
+        running it is presumed dead: its open attempt is recorded as interrupted (and not
+        charged) and a new attempt starts.
         """
         now = clock.now()
         async with self._sessionmaker() as session, session.begin():
             job = await session.get(Job, job_id)
             if job is None or JobStatus(job.status).is_terminal:
                 return None
+            if job.status == JobStatus.RUNNING and job.lease_expires_at is not None:
+                if job.lease_expires_at > now:
+                    return Busy((job.lease_expires_at - now).total_seconds())
             if job.status == JobStatus.RUNNING:
                 await self._interrupt_open_attempts(session, job_id, now, "worker lost")
                 seen_status = JobStatus.RUNNING
@@ -216,6 +224,7 @@ class JobStore:
                     interruptions=Job.interruptions + interrupted,
                     started_at=func.coalesce(Job.started_at, now),
                     next_attempt_at=None,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
                     updated_at=now,
                 )
             )
@@ -255,7 +264,11 @@ class JobStore:
         Returns False when the job moved on without us (cancelled, or reclaimed elsewhere).
         """
         now = clock.now()
-        job_values: dict[str, Any] = {"status": job_status, "updated_at": now}
+        job_values: dict[str, Any] = {
+            "status": job_status,
+            "updated_at": now,
+            "lease_expires_at": None,
+        }
         if job_status == JobStatus.SUCCEEDED:
             job_values |= {
                 "result": result.result,

@@ -61,6 +61,7 @@ def create_worker(
         )
         typed["rng"] = random.Random()
         typed["worker_name"] = worker_name()
+        typed["lease_s"] = job_timeout_s
         ctx["_engine"], ctx["_http"] = engine, session
         logger.info(
             "worker %s: concurrency=%d db=%s llm=%s queue=%s",

@@ -19,6 +19,8 @@ class WorkerContext(TypedDict, total=False):
     queue: QueueClient
     llm: LLMClient
     rng: random.Random
+    #: How long an attempt's lease lasts: the longest an attempt may take.
+    lease_s: float
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
     # Set by arq for each job:

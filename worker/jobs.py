@@ -13,7 +13,7 @@ from arq import Retry
 from promptq import clock
 from promptq.errors import LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
-from promptq.store import AttemptResult, Claim
+from promptq.store import AttemptResult, Busy, Claim
 from worker.context import WorkerContext
 from worker.llm import Completion
 from worker.retry import backoff_delay_s
@@ -41,10 +41,13 @@ def build_messages(claim: Claim) -> list[dict[str, Any]]:
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
     store = ctx["store"]
-    claim = await store.claim(job_id, worker=ctx["worker_name"])
+    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=ctx["lease_s"])
     if claim is None:
-        logger.info("job %s is not runnable (finished, cancelled or claimed); skipping", job_id)
+        logger.info("job %s is finished or cancelled; skipping this delivery", job_id)
         return
+    if isinstance(claim, Busy):
+        # Another worker holds the lease: look again when it would have expired.
+        raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
     started = time.monotonic()
 
     def elapsed_ms() -> int:

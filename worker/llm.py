@@ -94,17 +94,19 @@ class LLMClient:
             usage = data.get("usage") or {}
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise TransientLLMError(
-                f"the model endpoint returned a malformed body: {_snippet(raw)}",
+                self._scrub(f"the model endpoint returned a malformed body: {_snippet(raw)}"),
                 status_code=status,
             ) from exc
         if not isinstance(content, str):
             raise TransientLLMError("the model returned no text content", status_code=status)
+        if not isinstance(usage, dict):
+            usage = {}  # optional metadata: a strange `usage` must not discard a good answer
         return Completion(
             content=content,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=_as_str(choice.get("finish_reason")),
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
-            model=data.get("model"),
+            model=_as_str(data.get("model")),
         )
 
     def _scrub(self, message: str) -> str:
@@ -127,3 +129,7 @@ def _snippet(raw: bytes) -> str:
 
 def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
