@@ -135,6 +135,21 @@ def worker(
     create_worker(settings, burst=burst).run()
 
 
+@app.command()
+def demo() -> None:
+    """Run the whole pipeline once on this machine and show the results."""
+    import os
+
+    from promptq.demo import run_demo
+
+    settings = load_settings()
+    logging.getLogger().setLevel(logging.WARNING)
+    explicit = "PROMPTQ_LLM_BASE_URL" in os.environ or settings.llm_base_url != (
+        Settings.model_fields["llm_base_url"].default
+    )
+    raise typer.Exit(run(run_demo(settings, llm_explicit=explicit)))
+
+
 @app.command("fake-llm")
 def fake_llm(
     host: str = "127.0.0.1",

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     def with_overrides(self, **changes: Any) -> Settings:
         """A validated copy with some fields changed (model_copy would skip validation)."""
         values = {name: getattr(self, name) for name in type(self).model_fields} | changes
-        return type(self)(_env_file=None, **values)  # type: ignore[call-arg]
+        return type(self)(_env_file=None, **values)
 
     @property
     def resolved_database_url(self) -> str:

@@ -113,7 +113,7 @@ seeds = st.integers(min_value=0, max_value=2**32)
 
 
 def ceiling(attempt: int, base_s: float, cap_s: float) -> float:
-    return min(cap_s, base_s * 2 ** (attempt - 1))
+    return min(cap_s, base_s * 2.0 ** (attempt - 1))
 
 
 @given(attempt=attempts, base_s=bases, cap_s=caps, seed=seeds)
