@@ -23,6 +23,11 @@ RUN_JOB = "run_job"
 JOB_EXPIRES = timedelta(days=7)
 
 
+def wake_channel(queue_name: str) -> str:
+    """The pub/sub channel on which an enqueue wakes idle workers of `queue_name` at once."""
+    return f"{queue_name}:wake"
+
+
 def serialize(value: dict[str, Any]) -> bytes:
     """arq job serializer: JSON via orjson."""
     return orjson.dumps(value)
@@ -45,6 +50,7 @@ class QueueClient:
     def __init__(self, redis: ArqRedis, queue_name: str) -> None:
         self.redis = redis
         self.queue_name = queue_name
+        self.wake_channel = wake_channel(queue_name)
 
     @classmethod
     async def connect(cls, settings: Settings) -> QueueClient:
@@ -75,7 +81,12 @@ class QueueClient:
             raise ServiceUnavailable("Redis is unreachable") from exc
 
     async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
-        """Put a job on the queue; False if it is already there."""
+        """Put a job on the queue and wake idle workers; False if it is already there.
+
+        The wake-up is a separate PUBLISH after arq's WATCH/MULTI enqueue transaction (which
+        arq does not let us extend). It is only a hint: a lost one costs at most a poll delay.
+        A deferred job wakes workers too, so that they re-compute when the next job falls due.
+        """
         try:
             job = await self.redis.enqueue_job(
                 RUN_JOB,
@@ -89,7 +100,13 @@ class QueueClient:
             raise ServiceUnavailable(
                 "Redis is unreachable; the job is saved and will be queued"
             ) from exc
-        return job is not None
+        if job is None:
+            return False
+        try:
+            await self.redis.publish(self.wake_channel, b"")
+        except (RedisError, OSError):
+            logger.warning("job %s queued, but idle workers were not woken (next poll)", job_id)
+        return True
 
     async def missing(self, job_ids: Sequence[str]) -> list[str]:
         """The ids among `job_ids` that have no arq job in Redis."""

@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=120.0, gt=0)
 
     worker_concurrency: int = Field(default=10, ge=1, le=10_000)
-    #: How often an idle worker polls Redis for new jobs.
-    worker_poll_delay_s: float = Field(default=0.05, gt=0)
+    #: Fallback poll interval. Enqueues and freed slots wake a worker at once, and it wakes when
+    #: a deferred job falls due; this poll only catches what a lost wake-up message missed.
+    worker_poll_delay_s: float = Field(default=0.5, gt=0)
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Backoff: full jitter on `retry_base_s * 2**(attempt-1)`, capped at `retry_cap_s`.

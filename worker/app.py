@@ -17,6 +17,7 @@ from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, ser
 from promptq.settings import Settings
 from promptq.store import JobStore
 from worker.context import WorkerContext
+from worker.fastpoll import FastPollWorker
 from worker.jobs import run_job
 from worker.llm import LLMClient
 from worker.reconcile import reconcile
@@ -39,7 +40,8 @@ def worker_name() -> str:
 def create_worker(
     settings: Settings, *, burst: bool = False, handle_signals: bool = True
 ) -> Worker:
-    """Build an arq Worker; on_startup opens its resources and on_shutdown closes them."""
+    """Build the worker (arq's, refilled at once: see worker.fastpoll); on_startup opens its
+    resources and on_shutdown closes them."""
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -79,7 +81,7 @@ def create_worker(
             await ctx["_engine"].dispose()
 
     job_timeout_s = settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
-    return Worker(
+    return FastPollWorker(
         functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=job_timeout_s)],  # type: ignore[arg-type]
         cron_jobs=[
             cron(reconcile, second=RECONCILE_SECONDS, run_at_startup=True, timeout=60),  # type: ignore[arg-type]

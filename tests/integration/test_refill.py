@@ -1,0 +1,144 @@
+"""Slot refill and wake-ups (worker.fastpoll), on SQLite and PostgreSQL.
+
+Every test runs a worker whose fallback poll is 60 s and which has no cron jobs, so nothing
+but a wake-up (an enqueue's message, a freed slot, a deferred job falling due) can make it
+poll again. Each test waits far less than 60 s, so a pass proves which path delivered the job.
+These tests check the mechanism, never the speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from promptq.models import AttemptOutcome, JobStatus
+from promptq.schemas import PromptJobCreate
+from promptq.service import JobService
+from promptq.settings import Settings
+from promptq.testing.fake_llm import FakeLLM
+from tests.conftest import wait_for, wait_terminal
+from worker.app import create_worker
+from worker.fastpoll import FastPollWorker
+
+#: Far longer than any wait below: a job that needed a poll would time the test out.
+NO_POLL_S = 60.0
+#: How long a test waits for what a wake-up should deliver (well below NO_POLL_S).
+WAIT_S = 15.0
+
+IdleWorkerFactory = Callable[..., Awaitable[FastPollWorker]]
+
+
+def prompt(content: str) -> PromptJobCreate:
+    """A prompt job request with one user message."""
+    return PromptJobCreate.model_validate(
+        {"kind": "prompt", "messages": [{"role": "user", "content": content}]}
+    )
+
+
+@pytest.fixture
+async def start_idle_worker(settings: Settings) -> AsyncIterator[IdleWorkerFactory]:
+    """Start a worker that polls only every 60 s and has no cron; returns after its first poll."""
+    running: list[tuple[FastPollWorker, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> FastPollWorker:
+        worker_settings = settings.with_overrides(worker_poll_delay_s=NO_POLL_S, **overrides)
+        worker = create_worker(worker_settings, handle_signals=False)
+        assert isinstance(worker, FastPollWorker)
+        worker.cron_jobs = []  # a cron tick would poll too, and could hide a missing wake-up
+        task = asyncio.create_task(worker.async_run())
+        running.append((worker, task))
+
+        async def first_poll_done() -> bool:
+            if task.done():
+                task.result()
+            # The first poll ends with a heartbeat, which writes the health-check key.
+            return worker._pool is not None and bool(
+                await worker.pool.exists(worker.health_check_key)
+            )
+
+        await wait_for(first_poll_done, timeout_s=10)
+        return worker
+
+    yield start
+    for worker, task in running:
+        await worker.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_enqueue_wakes_an_idle_worker(
+    service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a worker that has polled once and found nothing
+    await start_idle_worker()
+
+    # When a job is submitted
+    job, _ = await service.submit(prompt("wake up"))
+
+    # Then it runs long before the next poll would have found it
+    await wait_terminal(service.store, [job.id], timeout_s=WAIT_S)
+    done = await service.store.get_job(job.id)
+    assert done is not None and done.status == JobStatus.SUCCEEDED
+    assert fake_llm.stats.total_requests == 1
+
+
+async def test_a_freed_slot_is_refilled_without_a_poll(
+    service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given six slow jobs queued before a worker with two slots starts: its first poll takes
+    # two, and no enqueue happens after that
+    fake_llm.config.latency_ms = 100
+    jobs = [(await service.submit(prompt(f"refill {i}")))[0] for i in range(6)]
+
+    # When the worker runs
+    await start_idle_worker(worker_concurrency=2)
+
+    # Then each finished job's slot took the next one: all six ran, never more than two at once
+    await wait_terminal(service.store, [j.id for j in jobs], timeout_s=WAIT_S)
+    for job in jobs:
+        done = await service.store.get_job(job.id)
+        assert done is not None and done.status == JobStatus.SUCCEEDED
+    assert fake_llm.stats.total_requests == 6
+    assert fake_llm.stats.peak_in_flight == 2
+
+
+async def test_a_deferred_retry_runs_when_due_without_a_poll(
+    service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given an idle worker
+    await start_idle_worker()
+
+    # When a job fails once with a 500, so that its retry is deferred by the backoff
+    job, _ = await service.submit(prompt("retry me [[fake: 500, ok]]"))
+
+    # Then the retry runs once it is due, not at the next poll
+    await wait_terminal(service.store, [job.id], timeout_s=WAIT_S)
+    attempts = await service.store.list_attempts(job.id)
+    assert [(a.outcome, a.status_code) for a in attempts] == [
+        (AttemptOutcome.TRANSIENT_ERROR, 500),
+        (AttemptOutcome.SUCCEEDED, 200),
+    ]
+
+
+async def test_a_job_deferred_by_the_producer_runs_when_due_without_a_poll(
+    service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given an idle worker
+    await start_idle_worker()
+
+    # When a job is put on the queue to start a little later (as the reconciler does)
+    job, _ = await service.store.create_job(
+        kind="prompt",
+        model="fake-small",
+        input=prompt("later").job_input(),
+        max_attempts=1,
+        idempotency_key=None,
+    )
+    assert await service.queue.enqueue(job.id, defer_s=0.3)
+
+    # Then it runs once due
+    await wait_terminal(service.store, [job.id], timeout_s=WAIT_S)
+    assert fake_llm.stats.total_requests == 1
