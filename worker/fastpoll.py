@@ -152,6 +152,9 @@ class FastPollWorker(Worker):
         """
         here = {job_id for job_id, task in self.tasks.items() if not task.done()}
         candidates = [job_id for job_id in job_ids if job_id.decode() not in here]
+        if len(candidates) <= self.max_jobs - self.job_counter:
+            await super().start_jobs(candidates)  # arq checks each anyway: no prefilter needed
+            return
         while candidates and self.job_counter < self.max_jobs:
             size = max(2 * (self.max_jobs - self.job_counter), MIN_PREFILTER_BATCH)
             batch, candidates = candidates[:size], candidates[size:]

@@ -183,6 +183,8 @@ class FakeLLMStats:
     authorization_headers: set[str] = field(default_factory=set)
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
+    #: Latency the server added before answering, summed over requests (benchmarks' ideal).
+    latency_ms_total: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable snapshot (sets sorted, status keys as strings)."""
@@ -392,6 +394,7 @@ async def _run_step(
     if step.kind != "sleep" and cfg.jitter > 0 and delay_ms > 0:
         delay_ms *= 1 + cfg.jitter * state.rng.uniform(-1.0, 1.0)
     if delay_ms > 0:
+        state.stats.latency_ms_total += delay_ms
         await asyncio.sleep(delay_ms / 1000)
     kind = step.kind
     if kind == "hang" and await _hang(state):

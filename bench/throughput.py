@@ -1,0 +1,758 @@
+"""Throughput benchmark: how close promptq keeps a model to saturation, on this machine.
+
+Run `python -m bench.throughput --quick` (a few minutes) or without `--quick` (the full run).
+It needs the `bench` extra (matplotlib, psutil), Redis, and PostgreSQL for the PostgreSQL rows.
+
+Every system calls the same fake OpenAI-compatible LLM, served over real HTTP from this process:
+
+* baseline: `asyncio.gather` under a semaphore, calling the fake over aiohttp (least overhead);
+* arq: plain arq on its defaults (poll_delay 0.5 s) with `max_jobs` = the concurrency, running a
+  trivial job that calls the fake (`bench.plain_arq`, in a subprocess);
+* promptq-sqlite / promptq-postgres: jobs submitted through `JobService` (SQL row, then
+  Redis), run by a real `promptq worker` subprocess that records every result in SQL.
+
+For the queues, the worker is started and then frozen (SIGSTOP) while the whole workload is
+submitted, then thawed: the makespan runs from the thaw to the last job's finish, so it measures
+draining a full queue, and the worker's CPU time excludes its start-up and the submission.
+Efficiency is ideal / makespan, where ideal = the latency the fake injected / concurrency.
+Pickup latency (enqueue to attempt start) is measured on an idle worker, one job at a time.
+Results go to bench/results/throughput.json and .png. Numbers are for this machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import psutil
+import redis.asyncio
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from sqlalchemy import func, select
+
+from bench.plain_arq import CALL_LLM, MODEL
+from promptq import migrate
+from promptq.db import create_engine, create_sessionmaker
+from promptq.models import Job, JobAttempt, JobStatus
+from promptq.queue import QueueClient
+from promptq.schemas import PromptJobCreate
+from promptq.service import JobService
+from promptq.settings import Settings
+from promptq.store import JobStore
+from promptq.testing.fake_llm import FakeLLM
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_DIR / "bench" / "results"
+PROMPTQ = str(Path(sys.executable).with_name("promptq"))
+SYSTEMS = ("baseline", "arq", "promptq-sqlite", "promptq-postgres")
+#: The fake's RNG seed, so that every system gets the same latencies.
+SEED = 1
+#: Submissions in flight at once while a queue is being filled.
+SUBMIT_CONCURRENCY = 16
+#: How often the benchmark looks for "all done" (it times from SQL/arq timestamps, not this).
+DONE_POLL_S = 0.05
+#: How often the worker's RSS is sampled.
+RSS_SAMPLE_S = 0.2
+#: Idle pause before each pickup sample, so that the worker is waiting, not finishing a job.
+PICKUP_IDLE_S = (0.02, 0.04)
+TARGETS = {
+    "saq_efficiency": 0.97,
+    "llm_postgres_efficiency": 0.98,
+    "pickup_p50_ms": 5.0,
+    "pickup_p99_ms": 25.0,
+    "worker_cpu_ms_per_job": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A number of jobs run at a concurrency against a fake of a given latency."""
+
+    name: str
+    label: str
+    jobs: int
+    concurrency: int
+    latency_ms: float
+    jitter: float
+
+
+@dataclass
+class Run:
+    """One system on one workload."""
+
+    system: str
+    workload: str
+    jobs: int
+    concurrency: int
+    makespan_s: float
+    ideal_s: float
+    #: The machine's 1-minute load average when the run ended (other work skews the numbers).
+    load_avg_1m: float
+    efficiency: float | None
+    jobs_per_s: float
+    llm_requests: int
+    peak_in_flight: int
+    worker_cpu_ms_per_job: float | None = None
+    worker_rss_mib: float | None = None
+    #: Baseline only: CPU of this whole process (client and fake server together).
+    process_cpu_ms_per_job: float | None = None
+
+
+@dataclass
+class Pickup:
+    """Enqueue-to-start latency on an idle worker, one job at a time."""
+
+    system: str
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """The three workloads; the LLM-like and zero-latency ones are larger in the full run."""
+    llm_jobs, zero_jobs = (1_000, 1_000) if quick else (10_000, 5_000)
+    return [
+        Workload("saq", "SAQ: 1,000 jobs, c=10, 0-50 ms", 1_000, 10, 25.0, 1.0),
+        Workload("llm", f"LLM-like: {llm_jobs:,} jobs, c=100, 1 s ±30%", llm_jobs, 100, 1000, 0.3),
+        Workload("zero", f"zero latency: {zero_jobs:,} jobs, c=10", zero_jobs, 10, 0.0, 0.0),
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest-rank."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def content(workload: str, i: int) -> str:
+    """A unique prompt per job."""
+    return f"bench {workload} job {i}"
+
+
+def make_run(system: str, w: Workload, makespan_s: float, fake: FakeLLM, **extra: Any) -> Run:
+    """A Run with the derived numbers filled in from the fake's counters."""
+    ideal_s = fake.stats.latency_ms_total / 1000 / w.concurrency
+    return Run(
+        system=system,
+        workload=w.name,
+        jobs=w.jobs,
+        concurrency=w.concurrency,
+        makespan_s=makespan_s,
+        ideal_s=ideal_s,
+        load_avg_1m=os.getloadavg()[0],
+        efficiency=ideal_s / makespan_s if ideal_s > 0 else None,
+        jobs_per_s=w.jobs / makespan_s,
+        llm_requests=fake.stats.total_requests,
+        peak_in_flight=fake.stats.peak_in_flight,
+        **extra,
+    )
+
+
+def prepare_fake(fake: FakeLLM, w: Workload) -> None:
+    """Set the fake's latency for `w` and clear its counters (reseeding its RNG)."""
+    fake.config.latency_ms, fake.config.jitter, fake.config.seed = w.latency_ms, w.jitter, SEED
+    fake.reset()
+
+
+async def wait_until(
+    done: Callable[[], Awaitable[bool]], timeout_s: float, what: str, proc: WorkerProcess | None
+) -> None:
+    """Poll `done` until true; raise if it takes longer than `timeout_s` or the worker died."""
+    deadline = time.monotonic() + timeout_s
+    while not await done():
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{what}: the worker exited; see {proc.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not done after {timeout_s:.0f} s")
+        await asyncio.sleep(DONE_POLL_S)
+
+
+def run_timeout_s(w: Workload) -> float:
+    """A generous limit for one run: plain arq at its worst, plus start-up."""
+    return 120 + w.jobs * (w.latency_ms / 1000 + 0.6) / w.concurrency
+
+
+# -- the worker subprocess -----------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A worker subprocess that can be frozen, thawed, measured (CPU, RSS) and stopped."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.process = psutil.Process(self.popen.pid)
+        self.peak_rss_bytes = 0
+        self._sampler: asyncio.Task[None] | None = None
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds used so far."""
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    async def wait_ready(self, redis_client: redis.asyncio.Redis, health_key: str) -> None:
+        """Wait for the first poll (it writes arq's health-check key), then let it settle."""
+
+        async def ready() -> bool:
+            return bool(await redis_client.exists(health_key))
+
+        await wait_until(ready, 60, "worker start-up", self)
+        await asyncio.sleep(1.0)  # the startup reconciler pass and the like
+
+    def freeze(self) -> float:
+        """SIGSTOP; returns the CPU seconds used until then."""
+        cpu = self.cpu_s()
+        os.kill(self.popen.pid, signal.SIGSTOP)
+        return cpu
+
+    def thaw(self) -> float:
+        """SIGCONT and start sampling RSS; returns the wall time of the thaw."""
+        thawed_at = time.time()
+        os.kill(self.popen.pid, signal.SIGCONT)
+        self._sampler = asyncio.create_task(self._sample_rss())
+        return thawed_at
+
+    async def _sample_rss(self) -> None:
+        while True:
+            self.peak_rss_bytes = max(self.peak_rss_bytes, self.process.memory_info().rss)
+            await asyncio.sleep(RSS_SAMPLE_S)
+
+    async def stop(self) -> None:
+        """Thaw if needed, SIGTERM, and wait (SIGKILL after 15 s)."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGCONT)
+            self.popen.terminate()
+            try:
+                await asyncio.to_thread(self.popen.wait, 15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                await asyncio.to_thread(self.popen.wait)
+
+
+# -- (a) baseline --------------------------------------------------------------------------------
+
+
+async def run_baseline(w: Workload, fake: FakeLLM) -> Run:
+    """gather + semaphore over aiohttp, in this process."""
+    prepare_fake(fake, w)
+    url = fake.base_url + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    slots = asyncio.Semaphore(w.concurrency)
+    connector = aiohttp.TCPConnector(limit=w.concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one(i: int) -> None:
+            body = orjson.dumps(
+                {"model": MODEL, "messages": [{"role": "user", "content": content(w.name, i)}]}
+            )
+            async with slots, http.post(url, data=body, headers=headers) as response:
+                response.raise_for_status()
+                await response.read()
+
+        cpu0, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(w.jobs)))
+        makespan_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu0
+    return make_run("baseline", w, makespan_s, fake, process_cpu_ms_per_job=cpu_s * 1000 / w.jobs)
+
+
+# -- (b) plain arq -------------------------------------------------------------------------------
+
+
+class PlainArq:
+    """Plain arq on its defaults: a worker subprocess and a pool to enqueue with."""
+
+    QUEUE = "arq:bench"
+
+    def __init__(self, redis_url: str, tmp: Path) -> None:
+        self.redis_url, self.tmp = redis_url, tmp
+
+    async def run(
+        self, w: Workload, fake: FakeLLM, pickup_samples: int
+    ) -> tuple[Run, Pickup | None]:
+        """Fill the queue under a frozen worker, thaw it, and time the drain."""
+        pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
+        await pool.flushdb()
+        proc = WorkerProcess(
+            [
+                sys.executable,
+                "-m",
+                "bench.plain_arq",
+                "--redis-url",
+                self.redis_url,
+                "--queue",
+                self.QUEUE,
+                "--llm-url",
+                fake.base_url + "/chat/completions",
+                "--concurrency",
+                str(w.concurrency),
+            ],
+            env=dict(os.environ),
+            cwd=REPO_DIR,
+            log_path=self.tmp / f"arq-{w.name}.log",
+        )
+        try:
+            await proc.wait_ready(pool, self.QUEUE + ":health-check")
+            cpu0 = proc.freeze()
+            prepare_fake(fake, w)
+            await self._enqueue(pool, [content(w.name, i) for i in range(w.jobs)])
+            thawed_at = proc.thaw()
+
+            async def drained() -> bool:
+                return bool(await pool.zcard(self.QUEUE) == 0)
+
+            await wait_until(drained, run_timeout_s(w), f"arq {w.name}", proc)
+            cpu_s = proc.cpu_s() - cpu0
+            results = await pool.all_job_results()
+            assert len(results) == w.jobs and all(r.success for r in results), "arq jobs failed"
+            makespan_s = max(r.finish_time.timestamp() for r in results) - thawed_at
+            run = make_run(
+                "arq",
+                w,
+                makespan_s,
+                fake,
+                worker_cpu_ms_per_job=cpu_s * 1000 / w.jobs,
+                worker_rss_mib=proc.peak_rss_bytes / 2**20,
+            )
+            pickup = await self._pickup(pool, fake, pickup_samples) if pickup_samples else None
+            return run, pickup
+        finally:
+            await proc.stop()
+            await pool.aclose()
+
+    async def _enqueue(self, pool: ArqRedis, contents: list[str]) -> list[str]:
+        slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+        async def one(text: str) -> str:
+            async with slots:
+                job = await pool.enqueue_job(CALL_LLM, text, _queue_name=self.QUEUE)
+                assert job is not None
+                return job.job_id
+
+        return list(await asyncio.gather(*(one(c) for c in contents)))
+
+    async def _pickup(self, pool: ArqRedis, fake: FakeLLM, samples: int) -> Pickup:
+        fake.config.latency_ms = 0.0
+        fake.reset()
+        ids = []
+        for i in range(samples):
+            await asyncio.sleep(random.uniform(*PICKUP_IDLE_S))
+            ids += await self._enqueue(pool, [content("pickup", i)])
+            await fake.wait_for_requests(i + 1, timeout_s=10)
+
+        async def drained() -> bool:
+            return bool(await pool.zcard(self.QUEUE) == 0)
+
+        await wait_until(drained, 30, "arq pickup", None)
+        results = [r for r in await pool.all_job_results() if r.job_id in set(ids)]
+        return pickup_stats(
+            "arq", [(r.start_time - r.enqueue_time).total_seconds() * 1000 for r in results]
+        )
+
+
+def pickup_stats(system: str, latencies_ms: list[float]) -> Pickup:
+    """Summarise pickup samples."""
+    return Pickup(
+        system=system,
+        samples=len(latencies_ms),
+        p50_ms=percentile(latencies_ms, 50),
+        p99_ms=percentile(latencies_ms, 99),
+        mean_ms=statistics.fmean(latencies_ms),
+        max_ms=max(latencies_ms),
+    )
+
+
+# -- (c) promptq ---------------------------------------------------------------------------------
+
+
+class PromptQ:
+    """promptq end to end on one database backend: JobService in here, `promptq worker` there."""
+
+    QUEUE = "promptq:bench"
+
+    def __init__(self, backend: str, redis_url: str, pg_dsn: str, tmp: Path) -> None:
+        self.backend, self.redis_url, self.pg_dsn, self.tmp = backend, redis_url, pg_dsn, tmp
+        self.system = f"promptq-{backend}"
+
+    @contextlib.asynccontextmanager
+    async def _database(self, name: str) -> Any:
+        """A fresh, migrated database; yields its SQLAlchemy URL and drops it afterwards."""
+        if self.backend == "sqlite":
+            path = self.tmp / f"{name}.db"
+            yield f"sqlite+aiosqlite:///{path}"
+            return
+        db = f"promptq_bench_{uuid.uuid4().hex[:10]}"
+        conn = await asyncpg.connect(self.pg_dsn)
+        try:
+            await conn.execute(f"CREATE DATABASE {db}")
+        finally:
+            await conn.close()
+        try:
+            base = self.pg_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+            yield f"{base}/{db}"
+        finally:
+            conn = await asyncpg.connect(self.pg_dsn)
+            try:
+                await conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            finally:
+                await conn.close()
+
+    def _settings(self, database_url: str, fake: FakeLLM, concurrency: int) -> Settings:
+        return Settings(
+            _env_file=None,
+            data_dir=self.tmp,
+            database_url=database_url,
+            redis_url=self.redis_url,
+            queue_name=self.QUEUE,
+            llm_base_url=fake.base_url,
+            default_model=MODEL,
+            worker_concurrency=concurrency,
+        )
+
+    @staticmethod
+    def _env(settings: Settings) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_")}
+        for name in ("data_dir", "database_url", "redis_url", "queue_name", "llm_base_url"):
+            env[f"PROMPTQ_{name.upper()}"] = str(getattr(settings, name))
+        env["PROMPTQ_DEFAULT_MODEL"] = settings.default_model
+        return env
+
+    async def run(
+        self, w: Workload, fake: FakeLLM, pickup_samples: int
+    ) -> tuple[Run, Pickup | None]:
+        """Fill the queue under a frozen worker, thaw it, and time the drain from SQL."""
+        async with self._database(f"{self.system}-{w.name}") as database_url:
+            settings = self._settings(database_url, fake, w.concurrency)
+            await asyncio.to_thread(migrate.upgrade, settings)
+            engine = create_engine(settings)
+            queue = await QueueClient.connect(settings)
+            await queue.redis.flushdb()
+            service = JobService(settings, JobStore(create_sessionmaker(engine)), queue)
+            proc = WorkerProcess(
+                [PROMPTQ, "worker", "--concurrency", str(w.concurrency)],
+                env=self._env(settings),
+                cwd=self.tmp,
+                log_path=self.tmp / f"{self.system}-{w.name}.log",
+            )
+            try:
+                await proc.wait_ready(queue.redis, self.QUEUE + ":health-check")
+                cpu0 = proc.freeze()
+                prepare_fake(fake, w)
+                await self._submit(service, [content(w.name, i) for i in range(w.jobs)])
+                thawed_at = proc.thaw()
+                await wait_until(
+                    lambda: self._all_done(service, w.jobs),
+                    run_timeout_s(w),
+                    f"{self.system} {w.name}",
+                    proc,
+                )
+                cpu_s = proc.cpu_s() - cpu0
+                last_finish = await self._last_finish(service, w.jobs)
+                run = make_run(
+                    self.system,
+                    w,
+                    last_finish.timestamp() - thawed_at,
+                    fake,
+                    worker_cpu_ms_per_job=cpu_s * 1000 / w.jobs,
+                    worker_rss_mib=proc.peak_rss_bytes / 2**20,
+                )
+                pickup = None
+                if pickup_samples:
+                    pickup = await self._pickup(service, fake, pickup_samples)
+                return run, pickup
+            finally:
+                await proc.stop()
+                await queue.close()
+                await engine.dispose()
+
+    @staticmethod
+    async def _submit(service: JobService, contents: list[str]) -> list[str]:
+        slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+        async def one(text: str) -> str:
+            request = PromptJobCreate.model_validate(
+                {"kind": "prompt", "messages": [{"role": "user", "content": text}]}
+            )
+            async with slots:
+                job, created = await service.submit(request)
+            assert created
+            return job.id
+
+        return list(await asyncio.gather(*(one(c) for c in contents)))
+
+    @staticmethod
+    async def _count(service: JobService, *where: Any) -> int:
+        async with service.store._sessionmaker() as session:
+            result = await session.execute(select(func.count(Job.id)).where(*where))
+            return int(result.scalar_one())
+
+    async def _all_done(self, service: JobService, jobs: int) -> bool:
+        finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return await self._count(service, Job.status.in_(finished)) >= jobs
+
+    async def _last_finish(self, service: JobService, jobs: int) -> datetime:
+        succeeded = await self._count(service, Job.status == JobStatus.SUCCEEDED)
+        assert succeeded == jobs, f"only {succeeded} of {jobs} jobs succeeded"
+        async with service.store._sessionmaker() as session:
+            last: datetime | None = (
+                await session.execute(select(func.max(Job.finished_at)))
+            ).scalar_one()
+        assert last is not None
+        return last if last.tzinfo else last.replace(tzinfo=UTC)
+
+    async def _pickup(self, service: JobService, fake: FakeLLM, samples: int) -> Pickup:
+        fake.config.latency_ms = 0.0
+        fake.reset()
+        ids = []
+        for i in range(samples):
+            await asyncio.sleep(random.uniform(*PICKUP_IDLE_S))
+            ids += await self._submit(service, [content("pickup", i)])
+            await fake.wait_for_requests(i + 1, timeout_s=10)
+
+        async def done() -> bool:
+            return await self._count(service, Job.id.in_(ids), Job.finished_at.is_not(None)) == len(
+                ids
+            )
+
+        await wait_until(done, 30, f"{self.system} pickup", None)
+        query = (
+            select(JobAttempt.started_at, Job.created_at)
+            .join(Job, Job.id == JobAttempt.job_id)
+            .where(Job.id.in_(ids), JobAttempt.number == 1)
+        )
+        async with service.store._sessionmaker() as session:
+            rows = (await session.execute(query)).all()
+        return pickup_stats(
+            self.system, [(started - created).total_seconds() * 1000 for started, created in rows]
+        )
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def by_system(runs: list[Run], workload: str) -> dict[str, Run]:
+    """The runs of one workload, by system."""
+    return {r.system: r for r in runs if r.workload == workload}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """Format a number, or '-' for none."""
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) -> str:
+    """A Markdown table of every run, then one of pickup latencies."""
+    lines = [
+        "| workload | system | makespan s | ideal s | efficiency | jobs/s | vs baseline (c/a) "
+        "| vs arq (c/b) | worker CPU ms/job | worker RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in ws:
+        group = by_system(runs, w.name)
+        for system in SYSTEMS:
+            if (r := group.get(system)) is None:
+                continue
+            base, arq = group.get("baseline"), group.get("arq")
+            vs_a = r.jobs_per_s / base.jobs_per_s if base and system.startswith("promptq") else None
+            vs_b = r.jobs_per_s / arq.jobs_per_s if arq and system.startswith("promptq") else None
+            lines.append(
+                f"| {w.label} | {system} | {r.makespan_s:.2f} | {r.ideal_s:.2f} "
+                f"| {fmt(r.efficiency, '.3f')} | {r.jobs_per_s:,.0f} | {fmt(vs_a, '.2f')} "
+                f"| {fmt(vs_b, '.1f')} | {fmt(r.worker_cpu_ms_per_job, '.2f')} "
+                f"| {fmt(r.worker_rss_mib, '.0f')} |"
+            )
+    lines += [
+        "",
+        "| pickup (idle worker, one job at a time) | samples | p50 ms | p99 ms | mean ms "
+        "| max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {p.system} | {p.samples} | {p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.mean_ms:.1f} "
+        f"| {p.max_ms:.1f} |"
+        for p in pickups
+    ]
+    return "\n".join(lines)
+
+
+def chart(path: Path, ws: list[Workload], runs: list[Run], pickups: list[Pickup]) -> None:
+    """Efficiency, zero-latency throughput and pickup latency, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (eff_ax, zero_ax, pick_ax) = plt.subplots(1, 3, figsize=(16, 5))
+    colors = dict(zip(SYSTEMS, ("#999999", "#d62728", "#1f77b4", "#2ca02c"), strict=True))
+    timed = [w for w in ws if w.latency_ms > 0]
+    width = 0.8 / len(SYSTEMS)
+    for i, system in enumerate(SYSTEMS):
+        values = [getattr(by_system(runs, w.name).get(system), "efficiency", None) for w in timed]
+        xs = [j + i * width for j, v in enumerate(values) if v is not None]
+        heights = [v for v in values if v is not None]
+        eff_ax.bar(xs, heights, width, label=system, color=colors[system])
+    eff_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(timed))], [w.label for w in timed])
+    eff_ax.set_ylabel("efficiency (ideal / makespan)")
+    eff_ax.set_ylim(0, 1.05)
+    eff_ax.axhline(1.0, color="black", linewidth=0.5)
+    eff_ax.legend(loc="lower right", fontsize=8)
+    eff_ax.tick_params(axis="x", labelsize=7)
+    for w in ws:
+        if w.latency_ms == 0:
+            group = by_system(runs, w.name)
+            names = [s for s in SYSTEMS if s in group]
+            speeds = [group[s].jobs_per_s for s in names]
+            zero_ax.bar(names, speeds, color=[colors[s] for s in names])
+            zero_ax.set_title(w.label, fontsize=9)
+    zero_ax.set_ylabel("jobs/s")
+    zero_ax.tick_params(axis="x", labelsize=7)
+    names = [p.system for p in pickups]
+    xs = list(range(len(pickups)))
+    pick_ax.bar([x - 0.2 for x in xs], [p.p50_ms for p in pickups], 0.4, label="p50")
+    pick_ax.bar([x + 0.2 for x in xs], [p.p99_ms for p in pickups], 0.4, label="p99")
+    pick_ax.set_xticks(xs, names)
+    pick_ax.set_yscale("log")
+    pick_ax.set_ylabel("pickup latency, ms (log)")
+    pick_ax.legend(fontsize=8)
+    pick_ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"promptq throughput on {platform.node()} ({os.cpu_count()} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_1m_at_start": os.getloadavg()[0],
+        "versions": {p: version(p) for p in ("arq", "redis", "aiohttp", "sqlalchemy", "asyncpg")},
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+async def pg_available(dsn: str) -> bool:
+    """True if PostgreSQL answers at `dsn`."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Print a stage and how long it took."""
+    print(f"  {name} ...", end="", flush=True)
+    started = time.monotonic()
+    yield
+    print(f" {time.monotonic() - started:.1f} s", flush=True)
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every selected system on every selected workload."""
+    ws = [w for w in workloads(args.quick) if w.name in args.workloads]
+    systems = [s for s in SYSTEMS if s in args.systems]
+    if "promptq-postgres" in systems and not await pg_available(args.pg_dsn):
+        print(f"PostgreSQL is not reachable at {args.pg_dsn}: skipping promptq-postgres")
+        systems.remove("promptq-postgres")
+    pickup_samples = 40 if args.quick else 100
+    runs: list[Run] = []
+    pickups: list[Pickup] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="promptq-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        runners: dict[str, Any] = {
+            "arq": PlainArq(args.redis_url, tmp),
+            "promptq-sqlite": PromptQ("sqlite", args.redis_url, args.pg_dsn, tmp),
+            "promptq-postgres": PromptQ("postgres", args.redis_url, args.pg_dsn, tmp),
+        }
+        async with FakeLLM() as fake:
+            for w in ws:
+                print(f"{w.label}")
+                for system in systems:
+                    with stage(system):
+                        if system == "baseline":
+                            runs.append(await run_baseline(w, fake))
+                            continue
+                        samples = pickup_samples if w is ws[0] else 0
+                        run, pickup = await runners[system].run(w, fake, samples)
+                        runs.append(run)
+                        if pickup is not None:
+                            pickups.append(pickup)
+    return {
+        "meta": {
+            "quick": args.quick,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "duration_s": round(time.monotonic() - started, 1),
+            "load_avg_1m_at_end": os.getloadavg()[0],
+            "machine": machine(),
+            "method": __doc__,
+            "targets": TARGETS,
+        },
+        "workloads": [asdict(w) for w in ws],
+        "runs": [asdict(r) for r in runs],
+        "pickup": [asdict(p) for p in pickups],
+    }
+
+
+def main() -> None:
+    """Parse arguments, run, write JSON and PNG, print the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller LLM-like/zero workloads")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="flushed!")
+    parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--workloads", default="saq,llm,zero")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    args = parser.parse_args()
+    args.systems = args.systems.split(",")
+    args.workloads = args.workloads.split(",")
+    report = asyncio.run(run_all(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    ws = [Workload(**w) for w in report["workloads"]]
+    runs = [Run(**r) for r in report["runs"]]
+    pickups = [Pickup(**p) for p in report["pickup"]]
+    chart(args.out / "throughput.png", ws, runs, pickups)
+    print()
+    print(summary_table(ws, runs, pickups))
+    print(f"\nwrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()
