@@ -29,6 +29,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -332,7 +333,13 @@ class PlainArq:
             await wait_until(drained, run_timeout_s(w), f"arq {w.name}", proc)
             cpu_s = proc.cpu_s() - cpu0
             results = await pool.all_job_results()
-            assert len(results) == w.jobs and all(r.success for r in results), "arq jobs failed"
+            failed = [r for r in results if not r.success]
+            if len(results) != w.jobs or failed:
+                example = repr(failed[0].result) if failed else "-"
+                raise RuntimeError(
+                    f"arq {w.name}: {len(results)} results for {w.jobs} jobs, "
+                    f"{len(failed)} failed, e.g. {example}"
+                )
             makespan_s = max(r.finish_time.timestamp() for r in results) - thawed_at
             run = make_run(
                 "arq",
@@ -664,6 +671,29 @@ def machine() -> dict[str, Any]:
 # -- main ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def private_redis(tmp: Path) -> Iterator[str]:
+    """A redis-server of our own on a free port, so that no test run can flush it under us."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(tmp)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the private redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 async def pg_available(dsn: str) -> bool:
     """True if PostgreSQL answers at `dsn`."""
     try:
@@ -694,8 +724,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[Run] = []
     pickups: list[Pickup] = []
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="promptq-bench-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="promptq-bench-")))
+        if args.redis_url is None:
+            args.redis_url = stack.enter_context(private_redis(tmp))
         runners: dict[str, Any] = {
             "arq": PlainArq(args.redis_url, tmp),
             "promptq-sqlite": PromptQ("sqlite", args.redis_url, args.pg_dsn, tmp),
@@ -734,7 +766,9 @@ def main() -> None:
     """Parse arguments, run, write JSON and PNG, print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller LLM-like/zero workloads")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="flushed!")
+    parser.add_argument(
+        "--redis-url", help="a Redis db to use (it is flushed!); default: start a private server"
+    )
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default="saq,llm,zero")

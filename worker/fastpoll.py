@@ -61,6 +61,7 @@ class FastPollWorker(Worker):
         super().__init__(*args, **kwargs)
         self.wake_channel = wake_channel(self.queue_name)
         self._wake = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """Make the main loop poll now."""
@@ -84,7 +85,7 @@ class FastPollWorker(Worker):
             await self.on_startup(self.ctx)
 
         subscribed = asyncio.Event()
-        listener = asyncio.create_task(self._listen_for_wakeups(subscribed))
+        self._listener = asyncio.create_task(self._listen_for_wakeups(subscribed))
         try:
             # Subscribe before the first poll: a job enqueued after that poll then wakes us.
             try:
@@ -94,8 +95,17 @@ class FastPollWorker(Worker):
                 logger.warning("no wake-up subscription yet; polling every %gs", self.poll_delay_s)
             await self._poll_until_stopped()
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            await self._stop_listening()
+
+    async def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop listening for wake-ups (its connection is in the pool), then close as arq does."""
+        await self._stop_listening()
+        await super().close()
 
     async def _poll_until_stopped(self) -> None:
         while True:
@@ -119,9 +129,13 @@ class FastPollWorker(Worker):
     async def _seconds_until_next_due(self) -> float:
         """Seconds until the earliest job that is not yet due will be; inf if there is none."""
         now_ms = timestamp_ms()
-        head = await self.pool.zrangebyscore(
-            self.queue_name, min=f"({now_ms}", max="+inf", start=0, num=1, withscores=True
-        )
+        try:
+            head = await self.pool.zrangebyscore(
+                self.queue_name, min=f"({now_ms}", max="+inf", start=0, num=1, withscores=True
+            )
+        except (RedisError, OSError):
+            return math.inf  # Redis is away: the fallback poll will find out
+
         if not head:
             return math.inf
         return max(0.0, (float(head[0][1]) - now_ms) / 1000 + DUE_MARGIN_S)
