@@ -74,8 +74,10 @@ SUBMIT_CONCURRENCY = 16
 DONE_POLL_S = 0.05
 #: How often the worker's RSS is sampled.
 RSS_SAMPLE_S = 0.2
-#: Idle pause before each pickup sample, so that the worker is waiting, not finishing a job.
-PICKUP_IDLE_S = (0.02, 0.04)
+#: Idle pause before each pickup sample: at least 20 ms, so that the worker is waiting, not
+#: finishing a job; random over a whole 0.5 s poll period, so that a polling worker's samples
+#: are not phase-locked to its polls.
+PICKUP_IDLE_S = (0.02, 0.52)
 TARGETS = {
     "saq_efficiency": 0.97,
     "llm_postgres_efficiency": 0.98,

@@ -22,6 +22,7 @@ arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
 * `Worker.start_jobs()` is extended (skip ids known to be running) and then called.
 * `Worker._release_sem_dec_counter_on_complete()` is each job task's done callback.
 * `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue.
+* `Worker.close()` is repeated, gathering the job tasks with `return_exceptions=True`.
 * Attributes `_pool`, `tasks`, `job_counter`, `max_jobs`, `poll_delay_s`, `burst`,
   `max_burst_jobs`, `allow_pick_jobs`, `_jobs_started()`; the in-progress key prefix.
 """
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
 from typing import Any
 
 from arq import Worker
@@ -61,7 +63,6 @@ class FastPollWorker(Worker):
         super().__init__(*args, **kwargs)
         self.wake_channel = wake_channel(self.queue_name)
         self._wake = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """Make the main loop poll now."""
@@ -85,7 +86,7 @@ class FastPollWorker(Worker):
             await self.on_startup(self.ctx)
 
         subscribed = asyncio.Event()
-        self._listener = asyncio.create_task(self._listen_for_wakeups(subscribed))
+        listener = asyncio.create_task(self._listen_for_wakeups(subscribed))
         try:
             # Subscribe before the first poll: a job enqueued after that poll then wakes us.
             try:
@@ -95,17 +96,25 @@ class FastPollWorker(Worker):
                 logger.warning("no wake-up subscription yet; polling every %gs", self.poll_delay_s)
             await self._poll_until_stopped()
         finally:
-            await self._stop_listening()
-
-    async def _stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop listening for wake-ups (its connection is in the pool), then close as arq does."""
-        await self._stop_listening()
-        await super().close()
+        """arq's close, except that a job task that ends cancelled does not abort it.
+
+        arq gathers the job tasks without `return_exceptions`: a task cancelled while in its
+        shielded finish re-raises CancelledError there, and `on_shutdown` never runs.
+        """
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
 
     async def _poll_until_stopped(self) -> None:
         while True:
@@ -141,10 +150,13 @@ class FastPollWorker(Worker):
         return max(0.0, (float(head[0][1]) - now_ms) / 1000 + DUE_MARGIN_S)
 
     async def _listen_for_wakeups(self, subscribed: asyncio.Event) -> None:
-        """Set the wake-up event on every message; re-subscribe (and poll) after a failure."""
-        while True:
+        """Set the wake-up event on every message; re-subscribe (and poll) after a failure.
+
+        `main` cancels this when it ends, which is before arq's `close()` closes the pool.
+        """
+        while self._pool is not None:  # arq's close() drops the pool
             try:
-                async with self.pool.pubsub() as pubsub:
+                async with self._pool.pubsub() as pubsub:
                     await pubsub.subscribe(self.wake_channel)
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":

@@ -64,9 +64,11 @@ async def start_idle_worker(settings: Settings) -> AsyncIterator[IdleWorkerFacto
 
     yield start
     for worker, task in running:
-        await worker.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        try:
+            await worker.close()
+        finally:  # never leave a worker running into the next test
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_enqueue_wakes_an_idle_worker(
