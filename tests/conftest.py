@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import redis
 
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
-from promptq.models import JobStatus, TERMINAL_STATUSES
+from promptq.models import TERMINAL_STATUSES, JobStatus
 from promptq.queue import QueueClient
 from promptq.service import JobService
 from promptq.settings import Settings
@@ -28,10 +29,15 @@ from promptq.store import JobStore
 from promptq.testing.fake_llm import FakeLLM
 from tests import services
 
-PG_ADMIN_DSN = os.environ.get("PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_TEMPLATE = "promptq_test_template"
+PG_ADMIN_DSN = os.environ.get(
+    "PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+#: Checkouts of this repository that run their suites at the same time on one machine must not
+#: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
+_CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
+PG_TEMPLATE = f"promptq_test_template_{_CHECKOUT_SLOT}"
 #: Redis logical database the tests use; flushed before every test.
-REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", "13"))
+REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", str(_CHECKOUT_SLOT)))
 REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -136,7 +142,9 @@ async def fake_llm() -> AsyncIterator[FakeLLM]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str, redis_url: str, fake_llm: FakeLLM) -> Settings:
     """Settings pointing at this test's database, Redis db and fake LLM."""
-    return base_settings(tmp_path, database_url, redis_url=redis_url, llm_base_url=fake_llm.base_url)
+    return base_settings(
+        tmp_path, database_url, redis_url=redis_url, llm_base_url=fake_llm.base_url
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from worker.retry import is_transient_status, parse_retry_after_s
 
 logger = logging.getLogger(__name__)
 
+#: `jobs.finish_reason` is a VARCHAR(32); longer (non-standard) values are cut.
+MAX_FINISH_REASON_CHARS = 32
 #: Longest slice of an error body kept in an error message.
 MAX_ERROR_BODY_CHARS = 500
 
@@ -103,7 +105,7 @@ class LLMClient:
             usage = {}  # optional metadata: a strange `usage` must not discard a good answer
         return Completion(
             content=content,
-            finish_reason=_as_str(choice.get("finish_reason")),
+            finish_reason=_as_str(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS),
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
             model=_as_str(data.get("model")),
@@ -131,5 +133,5 @@ def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _as_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+def _as_str(value: Any, max_chars: int | None = None) -> str | None:
+    return value[:max_chars] if isinstance(value, str) else None
