@@ -169,8 +169,9 @@ class PromptQClient:
             except ValueError:
                 data = None
             if response.status >= 400:
-                error = (data or {}).get("error", {}) if isinstance(data, dict) else {}
-                message = error.get("message") or f"HTTP {response.status} from {path}"
+                error = data.get("error") if isinstance(data, dict) else None
+                message = error.get("message") if isinstance(error, dict) else None
+                message = message or f"HTTP {response.status} from {path}"
                 raise _BY_STATUS.get(response.status, PromptQError)(message)
             return data
 

@@ -26,9 +26,27 @@ from promptq.settings import Settings
 logger = logging.getLogger(__name__)
 
 NAMES = [
-    "Alice", "Bob", "Charlie", "David", "Emma", "Frank", "Grace", "Hannah", "Ian", "Jessica",
-    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel", "Tiffany",
-]  # fmt: skip
+    "Alice",
+    "Bob",
+    "Charlie",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Hannah",
+    "Ian",
+    "Jessica",
+    "Kevin",
+    "Linda",
+    "Michael",
+    "Nancy",
+    "Olivia",
+    "Peter",
+    "Quincy",
+    "Rachel",
+    "Samuel",
+    "Tiffany",
+]
 
 DOCUMENTS = {
     "lighthouse.txt": (
@@ -138,7 +156,12 @@ async def _submit_and_watch(client: PromptQClient) -> int:
         labels[job["id"]] = f"summarize {filename}"
 
     done: dict[str, dict[str, Any]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("running jobs", total=len(labels))
         while len(done) < len(labels):

@@ -17,8 +17,13 @@ from promptq.store import JobStore
 logger = logging.getLogger(__name__)
 
 
+#: Deepest JSON nesting accepted in a request (orjson can't write beyond 254 levels).
+MAX_JSON_DEPTH = 64
+
+
 def parse_job_request(payload: Any) -> PromptJobCreate | SummarizeJobCreate:
     """Validate a job request body, turning pydantic's errors into one InvalidRequest."""
+    check_storable(payload)
     try:
         return job_create_adapter.validate_python(payload)
     except ValidationError as exc:
@@ -32,6 +37,30 @@ def describe_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
+
+
+def check_storable(value: Any) -> None:
+    """Refuse what would be accepted but then break: NUL characters and very deep nesting.
+
+    PostgreSQL cannot store U+0000 in text or JSONB, and a body nested deeper than orjson can
+    write would be saved but never readable.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidRequest("strings may not contain NUL (\\u0000) characters")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the request nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        else:
+            stack.extend((child, depth + 1) for child in item)
 
 
 class JobService:

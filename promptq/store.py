@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -99,7 +99,7 @@ class JobStore:
         if idempotency_key is not None:
             existing = await self._by_idempotency_key(idempotency_key)
             if existing is not None:
-                return self._check_same(existing, kind, model, input), False
+                return self._check_same(existing, kind, model, input, max_attempts), False
         now = clock.now()
         job = Job(
             id=clock.new_id(),
@@ -124,7 +124,7 @@ class JobStore:
             existing = await self._by_idempotency_key(idempotency_key)
             if existing is None:
                 raise
-            return self._check_same(existing, kind, model, input), False
+            return self._check_same(existing, kind, model, input, max_attempts), False
         return job, True
 
     async def _by_idempotency_key(self, key: str) -> Job | None:
@@ -133,8 +133,15 @@ class JobStore:
             return result.scalar_one_or_none()
 
     @staticmethod
-    def _check_same(job: Job, kind: str, model: str, input: dict[str, Any]) -> Job:
-        if (job.kind, job.model, job.input) != (kind, model, input):
+    def _check_same(
+        job: Job, kind: str, model: str, input: dict[str, Any], max_attempts: int
+    ) -> Job:
+        if (job.kind, job.model, job.input, job.max_attempts) != (
+            kind,
+            model,
+            input,
+            max_attempts,
+        ):
             raise IdempotencyConflict(
                 f"idempotency_key {job.idempotency_key!r} was already used by job {job.id} "
                 "for a different request; use a new key for a new request"
@@ -196,9 +203,9 @@ class JobStore:
             job = await session.get(Job, job_id)
             if job is None or JobStatus(job.status).is_terminal:
                 return None
-            if job.status == JobStatus.RUNNING and job.lease_expires_at is not None:
-                if job.lease_expires_at > now:
-                    return Busy((job.lease_expires_at - now).total_seconds())
+            lease = job.lease_expires_at
+            if job.status == JobStatus.RUNNING and lease is not None and lease > now:
+                return Busy((lease - now).total_seconds())
             if job.status == JobStatus.RUNNING:
                 await self._interrupt_open_attempts(session, job_id, now, "worker lost")
                 seen_status = JobStatus.RUNNING
@@ -264,6 +271,7 @@ class JobStore:
         Returns False when the job moved on without us (cancelled, or reclaimed elsewhere).
         """
         now = clock.now()
+        result = _storable(result)
         job_values: dict[str, Any] = {
             "status": job_status,
             "updated_at": now,
@@ -327,3 +335,15 @@ class JobStore:
             )
             .values(outcome=AttemptOutcome.INTERRUPTED, finished_at=now, error=reason)
         )
+
+
+def _storable(result: AttemptResult) -> AttemptResult:
+    """Replace NUL characters (which PostgreSQL cannot store) in model output and errors."""
+    texts = (result.result, result.error)
+    if not any(t and "\x00" in t for t in texts):
+        return result
+    return replace(
+        result,
+        result=result.result.replace("\x00", "\ufffd") if result.result else result.result,
+        error=result.error.replace("\x00", "\ufffd") if result.error else result.error,
+    )

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import update
 
 from promptq import clock
-
 from promptq.errors import IdempotencyConflict
 from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
@@ -99,6 +98,8 @@ async def test_idempotency_key_returns_the_same_job_and_rejects_a_different_requ
     assert len(await service.store.list_jobs(limit=100)) == 1
     with pytest.raises(IdempotencyConflict, match="k-1"):
         await service.submit(request("different", idempotency_key="k-1"))
+    with pytest.raises(IdempotencyConflict, match="k-1"):
+        await service.submit(request("same", idempotency_key="k-1", max_attempts=2))
 
 
 async def test_reconciler_requeues_jobs_that_redis_lost(
@@ -141,3 +142,15 @@ async def _age(service: JobService, job_id: str) -> None:
 
 async def _expire_lease(service: JobService, job_id: str) -> None:
     await _set(service, job_id, lease_expires_at=clock.now() - timedelta(seconds=1))
+
+
+async def test_nul_characters_in_model_output_are_stored_replaced(service: JobService) -> None:
+    # PostgreSQL can't store U+0000; a model that emits one must not lose the whole result.
+    job, _ = await service.submit(request("nul"))
+    claim = await service.store.claim(job.id, worker="w", lease_s=60)
+    assert isinstance(claim, Claim)
+    done = AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="a\x00b")
+    assert await service.store.finish_attempt(claim, done, job_status=JobStatus.SUCCEEDED)
+
+    row = await service.store.get_job(job.id)
+    assert row.result == "a\ufffdb"
