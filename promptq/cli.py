@@ -137,17 +137,24 @@ def worker(
 
 @app.command()
 def demo() -> None:
-    """Run the whole pipeline once on this machine and show the results."""
-    import os
-
+    """Run the whole pipeline once on embedded defaults and show the results."""
     from promptq.demo import run_demo
 
     settings = load_settings()
     logging.getLogger().setLevel(logging.WARNING)
-    explicit = "PROMPTQ_LLM_BASE_URL" in os.environ or settings.llm_base_url != (
-        Settings.model_fields["llm_base_url"].default
-    )
+    explicit = "llm_base_url" in settings.model_fields_set
     raise typer.Exit(run(run_demo(settings, llm_explicit=explicit)))
+
+
+@app.command()
+def up() -> None:
+    """Start Redis (if needed), the API and a worker on embedded defaults, and keep serving."""
+    from promptq.demo import serve_forever
+
+    settings = load_settings()
+    explicit = "llm_base_url" in settings.model_fields_set
+    with suppress(KeyboardInterrupt):
+        raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))
 
 
 @app.command("fake-llm")

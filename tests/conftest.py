@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,42 @@ from tests import services
 PG_ADMIN_DSN = os.environ.get(
     "PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-#: Checkouts of this repository that run their suites at the same time on one machine must not
-#: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
-_CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
-PG_TEMPLATE = f"promptq_test_template_{_CHECKOUT_SLOT}"
-#: Redis logical database the tests use; flushed before every test.
-REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", str(_CHECKOUT_SLOT)))
-REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+#: Filled in by pytest_configure: the Redis db and PostgreSQL template this run owns. Test
+#: runs of several checkouts on one machine at once must not share them (each test flushes its
+#: Redis db), so a run claims a free slot in Redis (db 0) and releases it when it ends.
+REDIS_TEST_DB = 0
+REDIS_TEST_URL = ""
+PG_TEMPLATE = ""
+_SLOT_KEY = "promptq:test-slot:{}"
+#: A claim outlives any sane test run, and vanishes by itself if the run is killed.
+_SLOT_TTL_S = 3 * 3600
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Claim a Redis db (1-15) for this test run."""
+    global REDIS_TEST_DB, REDIS_TEST_URL, PG_TEMPLATE
+    services.ensure_redis()
+    admin = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    forced = os.environ.get("PROMPTQ_TEST_REDIS_DB")
+    candidates = [int(forced)] if forced else list(range(15, 0, -1))
+    for slot in candidates:
+        if forced or admin.set(_SLOT_KEY.format(slot), os.getpid(), nx=True, ex=_SLOT_TTL_S):
+            REDIS_TEST_DB = slot
+            break
+    else:
+        raise pytest.UsageError("all 15 Redis test slots are taken by other test runs")
+    admin.close()
+    REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    PG_TEMPLATE = f"promptq_test_template_{REDIS_TEST_DB}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Release this run's Redis slot."""
+    if REDIS_TEST_URL and not os.environ.get("PROMPTQ_TEST_REDIS_DB"):
+        admin = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        if admin.get(_SLOT_KEY.format(REDIS_TEST_DB)) == str(os.getpid()).encode():
+            admin.delete(_SLOT_KEY.format(REDIS_TEST_DB))
+        admin.close()
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
