@@ -57,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("all 15 Redis test slots are taken by other test runs")
     admin.close()
     REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
-    PG_TEMPLATE = f"promptq_test_template_{REDIS_TEST_DB}"
+    PG_TEMPLATE = f"promptq_test_template_{REDIS_TEST_DB}_{os.getpid()}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -119,7 +119,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> str:
+def pg_template() -> Iterator[str]:
     """A migrated PostgreSQL template database that each test clones."""
     if not services.ensure_postgres():
         pytest.skip("PostgreSQL is not available on 127.0.0.1:5432")
@@ -130,7 +130,8 @@ def pg_template() -> str:
         )
     )
     migrate.upgrade(base_settings(Path("/tmp"), pg_url(PG_TEMPLATE)))
-    return PG_TEMPLATE
+    yield PG_TEMPLATE
+    asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {PG_TEMPLATE} WITH (FORCE)"))
 
 
 @pytest.fixture(params=DB_BACKENDS)
