@@ -179,9 +179,27 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
 
     yield start
     for worker, task in running:
-        await worker.close()
+        await stop_worker(worker)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def stop_worker(worker: Any) -> None:
+    """arq's Worker.close(), made safe against a job task it cancels ending as cancelled.
+
+    close() cancels the running job tasks, then gathers them: a task that ends cancelled
+    re-raises CancelledError out of close(), skipping the rest of its clean-up (Redis pool,
+    on_shutdown). That is the job's cancellation, not ours, so finish the clean-up here.
+    """
+    try:
+        await worker.close()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this fixture itself is being cancelled
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
+        await worker.close()
 
 
 async def wait_for(
