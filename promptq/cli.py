@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import InvalidRequest, PromptQError
-from promptq.models import TERMINAL_STATUSES, Job, JobStatus
+from promptq.errors import InvalidRequest, NotFound, PromptQError
+from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
@@ -28,8 +29,10 @@ from promptq.store import JobStore
 app = typer.Typer(help="promptq: a persistent job queue for LLM work.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 submit_app = typer.Typer(help="Submit jobs.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(submit_app, name="submit")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,7 +54,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning promptq errors into a clear message and exit code."""
     try:
         return asyncio.run(coro)
-    except InvalidRequest as exc:
+    except (InvalidRequest, NotFound) as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
     except PromptQError as exc:
@@ -97,6 +100,84 @@ def db_downgrade(revision: str) -> None:
     settings = load_settings()
     migrate.downgrade(settings, revision)
     console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+
+
+@asynccontextmanager
+async def open_keys(settings: Settings) -> Any:
+    """A KeyStore on its own engine, closed on exit."""
+    from promptq.keys import KeyStore
+    from promptq.migrate import ensure_current
+
+    engine = create_engine(settings)
+    try:
+        await ensure_current(engine)
+        yield KeyStore(create_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name, e.g. the team or service.")],
+    admin: Annotated[bool, typer.Option(help="May see and read every job.")] = False,
+) -> None:
+    """Create a key and print it: the only time it is shown (only its hash is stored)."""
+    settings = load_settings()
+
+    async def go() -> tuple[ApiKey, str]:
+        async with open_keys(settings) as keys:
+            created: tuple[ApiKey, str] = await keys.create(name, admin=admin)
+            return created
+
+    row, key = run(go())
+    # The key alone on stdout, so `KEY=$(promptq keys create --name x)` works.
+    print(key)
+    role = "admin key" if row.is_admin else "key"
+    err_console.print(
+        f"created {role} [bold]{row.name}[/bold] (id {row.id}, prefix {row.prefix}). "
+        "Save it now: it cannot be shown again."
+    )
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys: name, id, prefix, admin, created, revoked (never the keys themselves)."""
+    settings = load_settings()
+
+    async def go() -> list[ApiKey]:
+        async with open_keys(settings) as keys:
+            rows: list[ApiKey] = await keys.list()
+            return rows
+
+    table = Table("name", "id", "prefix", "admin", "created", "revoked")
+    for row in run(go()):
+        table.add_row(
+            row.name,
+            row.id,
+            row.prefix + "…",
+            "yes" if row.is_admin else "no",
+            _when(row.created_at),
+            _when(row.revoked_at) if row.revoked_at else "",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_id: str) -> None:
+    """Revoke a key by name or id; running APIs refuse it within PROMPTQ_API_KEY_CACHE_S."""
+    settings = load_settings()
+
+    async def go() -> ApiKey:
+        async with open_keys(settings) as keys:
+            row: ApiKey = await keys.revoke(name_or_id)
+            return row
+
+    row = run(go())
+    console.print(f"key {row.name} ({row.prefix}…) revoked at {_when(row.revoked_at)}")
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else ""
 
 
 @app.command()

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 NAMES = [
     "Alice", "Bob", "Charlie", "David", "Emma", "Frank", "Grace", "Hannah", "Ian", "Jessica",
-    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel", "Tiffany",
+    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel",
+    "Tiffany",
 ]  # fmt: skip
 
 DOCUMENTS = {
@@ -98,7 +99,10 @@ async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
     await migrate.upgrade_async(settings)
     async with AsyncExitStack() as stack:
         settings = await stack.enter_async_context(_llm(settings, llm_explicit))
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        # The demo's API listens on 127.0.0.1 for its own client only: no keys needed.
+        runner = web.AppRunner(
+            create_app(settings.with_overrides(auth_disabled=True)), access_log=None
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -138,7 +142,12 @@ async def _submit_and_watch(client: PromptQClient) -> int:
         labels[job["id"]] = f"summarize {filename}"
 
     done: dict[str, dict[str, Any]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("running jobs", total=len(labels))
         while len(done) < len(labels):
