@@ -135,12 +135,15 @@ def keys_create(
     role = "admin key" if row.is_admin else "key"
     err_console.print(
         f"created {role} [bold]{row.name}[/bold] (id {row.id}, prefix {row.prefix}). "
-        "Save it now: it cannot be shown again."
+        "Save it now: it cannot be shown again.",
+        soft_wrap=True,
     )
 
 
 @keys_app.command("list")
-def keys_list() -> None:
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the keys as JSON.")] = False,
+) -> None:
     """List keys: name, id, prefix, admin, created, revoked (never the keys themselves)."""
     settings = load_settings()
 
@@ -149,17 +152,28 @@ def keys_list() -> None:
             rows: list[ApiKey] = await keys.list()
             return rows
 
-    table = Table("name", "id", "prefix", "admin", "created", "revoked")
-    for row in run(go()):
-        table.add_row(
-            row.name,
-            row.id,
-            row.prefix + "…",
-            "yes" if row.is_admin else "no",
-            _when(row.created_at),
-            _when(row.revoked_at) if row.revoked_at else "",
-        )
-    console.print(table)
+    keys = run(go())
+    if as_json:
+        print(json.dumps([_key_json(row) for row in keys], indent=2))
+        return
+    rows = [
+        {
+            "name": row.name,
+            "id": row.id,
+            "prefix": row.prefix,
+            "admin": row.is_admin,
+            "created": _when(row.created_at),
+            "revoked": _when(row.revoked_at),
+        }
+        for row in keys
+    ]
+    # Plain aligned columns: ids are never truncated, so they can be pasted into `keys revoke`.
+    header = {"name": "NAME", "id": "ID", "prefix": "PREFIX", "admin": "ADMIN"}
+    header |= {"created": "CREATED", "revoked": "REVOKED"}
+    table = [header] + [r | {"admin": "yes" if r["admin"] else "no"} for r in rows]
+    widths = {column: max(len(str(line[column])) for line in table) for column in header}
+    for line in table:
+        print("  ".join(str(line[c]).ljust(widths[c]) for c in header).rstrip())
 
 
 @keys_app.command("revoke")
@@ -176,8 +190,19 @@ def keys_revoke(name_or_id: str) -> None:
     console.print(f"key {row.name} ({row.prefix}…) revoked at {_when(row.revoked_at)}")
 
 
+def _key_json(row: ApiKey) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "id": row.id,
+        "prefix": row.prefix,
+        "admin": row.is_admin,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
 def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else ""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
 
 
 @app.command()
