@@ -54,6 +54,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
     else:
         app[AUTHENTICATOR] = Authenticator(KeyStore(sessionmaker), ttl_s=settings.api_key_cache_s)
+        logger.info(
+            "api: API keys required; a checked key is trusted for %g s", settings.api_key_cache_s
+        )
     logger.info(
         "api: db=%s redis=%s",
         redact_url(settings.resolved_database_url),

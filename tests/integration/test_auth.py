@@ -354,8 +354,11 @@ async def test_auth_disabled_lets_everyone_in_and_says_so_loudly(
         assert response.status == 200
 
 
-def test_auth_is_on_by_default() -> None:
+def test_auth_is_on_unless_disabled_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMPTQ_AUTH_DISABLED", raising=False)
     assert Settings(_env_file=None).auth_disabled is False  # type: ignore[call-arg]
+    monkeypatch.setenv("PROMPTQ_AUTH_DISABLED", "true")
+    assert Settings(_env_file=None).auth_disabled is True  # type: ignore[call-arg]
 
 
 async def test_python_client_sends_its_key(api: Client, make_key: KeyFactory) -> None:
