@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
+from api.auth import principal
 from api.state import SERVICE
 from promptq.errors import InvalidRequest, NotFound
 from promptq.models import JobKind, JobStatus
@@ -52,7 +53,7 @@ class BadJSON(InvalidRequest):
 async def create_job(request: web.Request) -> web.Response:
     """Submit a prompt or summarize job; 202 with the job (the existing one for a reused key)."""
     spec = parse_job_request(await read_json(request))
-    job, created = await request.app[SERVICE].submit(spec)
+    job, created = await request.app[SERVICE].submit(spec, owner_key_id=principal(request).key_id)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -70,7 +71,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     if cursor is not None:
         _job_id(cursor, what="cursor")
     jobs = await request.app[SERVICE].store.list_jobs(
-        status=status, kind=kind, limit=limit + 1, before_id=cursor
+        status=status,
+        kind=kind,
+        limit=limit + 1,
+        before_id=cursor,
+        owned_by=principal(request).owner_filter,
     )
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
@@ -81,8 +86,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """One job with its result, error, usage and attempt count."""
     job_id = _job_id(request.match_info["id"])
-    job = await request.app[SERVICE].store.get_job(job_id)
-    if job is None:
+    job = await request.app[SERVICE].store.get_job(job_id, owned_by=principal(request).owner_filter)
+    if job is None:  # also when it exists but is not the caller's: never say which
         raise NotFound(f"no job with id {job_id}")
     return json_response(JobOut.from_row(job))
 
@@ -92,9 +97,10 @@ async def list_attempts(request: web.Request) -> web.Response:
     """Every attempt of a job, oldest first."""
     job_id = _job_id(request.match_info["id"])
     store = request.app[SERVICE].store
-    if await store.get_job(job_id) is None:
+    owned_by = principal(request).owner_filter
+    if await store.get_job(job_id, owned_by=owned_by) is None:
         raise NotFound(f"no job with id {job_id}")
-    attempts = await store.list_attempts(job_id)
+    attempts = await store.list_attempts(job_id, owned_by=owned_by)
     return json_response(
         {
             "job_id": job_id,

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import InvalidRequest, PromptQError
-from promptq.models import TERMINAL_STATUSES, Job, JobStatus
+from promptq.errors import InvalidRequest, NotFound, PromptQError
+from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
@@ -28,8 +29,10 @@ from promptq.store import JobStore
 app = typer.Typer(help="promptq: a persistent job queue for LLM work.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 submit_app = typer.Typer(help="Submit jobs.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(submit_app, name="submit")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,7 +54,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning promptq errors into a clear message and exit code."""
     try:
         return asyncio.run(coro)
-    except InvalidRequest as exc:
+    except (InvalidRequest, NotFound) as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
     except PromptQError as exc:
@@ -97,6 +100,109 @@ def db_downgrade(revision: str) -> None:
     settings = load_settings()
     migrate.downgrade(settings, revision)
     console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+
+
+@asynccontextmanager
+async def open_keys(settings: Settings) -> Any:
+    """A KeyStore on its own engine, closed on exit."""
+    from promptq.keys import KeyStore
+    from promptq.migrate import ensure_current
+
+    engine = create_engine(settings)
+    try:
+        await ensure_current(engine)
+        yield KeyStore(create_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name, e.g. the team or service.")],
+    admin: Annotated[bool, typer.Option(help="May see and read every job.")] = False,
+) -> None:
+    """Create a key and print it: the only time it is shown (only its hash is stored)."""
+    settings = load_settings()
+
+    async def go() -> tuple[ApiKey, str]:
+        async with open_keys(settings) as keys:
+            created: tuple[ApiKey, str] = await keys.create(name, admin=admin)
+            return created
+
+    row, key = run(go())
+    # The key alone on stdout, so `KEY=$(promptq keys create --name x)` works.
+    print(key)
+    role = "admin key" if row.is_admin else "key"
+    err_console.print(
+        f"created {role} [bold]{row.name}[/bold] (id {row.id}, prefix {row.prefix}). "
+        "Save it now: it cannot be shown again.",
+        soft_wrap=True,
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the keys as JSON.")] = False,
+) -> None:
+    """List keys: name, id, prefix, admin, created, revoked (never the keys themselves)."""
+    settings = load_settings()
+
+    async def go() -> list[ApiKey]:
+        async with open_keys(settings) as keys:
+            rows: list[ApiKey] = await keys.list()
+            return rows
+
+    keys = run(go())
+    if as_json:
+        print(json.dumps([_key_json(row) for row in keys], indent=2))
+        return
+    rows = [
+        {
+            "name": row.name,
+            "id": row.id,
+            "prefix": row.prefix,
+            "admin": row.is_admin,
+            "created": _when(row.created_at),
+            "revoked": _when(row.revoked_at),
+        }
+        for row in keys
+    ]
+    # Plain aligned columns: ids are never truncated, so they can be pasted into `keys revoke`.
+    header = {"name": "NAME", "id": "ID", "prefix": "PREFIX", "admin": "ADMIN"}
+    header |= {"created": "CREATED", "revoked": "REVOKED"}
+    table = [header] + [r | {"admin": "yes" if r["admin"] else "no"} for r in rows]
+    widths = {column: max(len(str(line[column])) for line in table) for column in header}
+    for line in table:
+        print("  ".join(str(line[c]).ljust(widths[c]) for c in header).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_id: str) -> None:
+    """Revoke a key by name or id; running APIs refuse it within PROMPTQ_API_KEY_CACHE_S."""
+    settings = load_settings()
+
+    async def go() -> ApiKey:
+        async with open_keys(settings) as keys:
+            row: ApiKey = await keys.revoke(name_or_id)
+            return row
+
+    row = run(go())
+    console.print(f"key {row.name} ({row.prefix}…) revoked at {_when(row.revoked_at)}")
+
+
+def _key_json(row: ApiKey) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "id": row.id,
+        "prefix": row.prefix,
+        "admin": row.is_admin,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """A small async Python client for the promptq HTTP API.
 
-async with PromptQClient("http://127.0.0.1:8000") as pq:
+async with PromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
     job = await pq.submit_prompt("Say hello", model="llama3.2")
     done = await pq.wait(job["id"])
 """
@@ -21,6 +21,7 @@ from promptq.errors import (
     NotFound,
     PromptQError,
     ServiceUnavailable,
+    Unauthorized,
 )
 
 #: Statuses after which a job never changes again.
@@ -28,6 +29,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 _BY_STATUS: dict[int, type[PromptQError]] = {
     400: InvalidRequest,
+    401: Unauthorized,
     404: NotFound,
     409: IdempotencyConflict,
     413: InvalidRequest,

@@ -144,8 +144,10 @@ async def local_stack(
 
 async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
     """Run the demo; returns the process exit code."""
+    # The demo's API listens on an ephemeral 127.0.0.1 port for its own client: no keys needed.
+    demo_settings = settings.with_overrides(auth_disabled=True, api_host="127.0.0.1")
     async with (
-        local_stack(settings, llm_explicit=llm_explicit) as (_, api_url),
+        local_stack(demo_settings, llm_explicit=llm_explicit) as (_, api_url),
         PromptQClient(api_url) as client,
     ):
         return await _submit_and_watch(client)

@@ -3,7 +3,8 @@
 PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
 │   └── IdempotencyConflict same idempotency_key, different request (409)
-├── NotFound                no such job (404)
+├── Unauthorized            missing, invalid or revoked API key (401)
+├── NotFound                no such job, or not yours (404)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
@@ -43,6 +44,13 @@ class IdempotencyConflict(InvalidRequest):
 
     code = "idempotency_conflict"
     http_status = 409
+
+
+class Unauthorized(PromptQError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    code = "unauthorized"
+    http_status = 401
 
 
 class NotFound(PromptQError):

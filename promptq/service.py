@@ -71,8 +71,15 @@ class JobService:
         self.store = store
         self.queue = queue
 
-    async def submit(self, request: PromptJobCreate | SummarizeJobCreate) -> tuple[Job, bool]:
+    async def submit(
+        self,
+        request: PromptJobCreate | SummarizeJobCreate,
+        *,
+        owner_key_id: str | None = None,
+    ) -> tuple[Job, bool]:
         """Write the job row first, then enqueue it. Returns (job, created).
+
+        `owner_key_id` is the API key the job belongs to (None: the local operator's).
 
         A job that is saved but cannot be queued (Redis down) stays `queued` in SQL, and the
         workers' reconciler enqueues it once Redis is back: nothing accepted is lost.
@@ -83,6 +90,7 @@ class JobService:
             input=request.job_input(),
             max_attempts=request.max_attempts or self.settings.max_attempts,
             idempotency_key=request.idempotency_key,
+            owner_key_id=owner_key_id,
         )
         if created or job.status == JobStatus.QUEUED:
             try:

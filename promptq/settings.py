@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     #: Largest accepted HTTP request body.
     api_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     api_url: str = "http://127.0.0.1:8000"
+    #: Serve the API without API keys: every caller is an admin. Local development only.
+    auth_disabled: bool = False
+    #: How long the API trusts a key it has looked up; a revoked key works at most this long.
+    api_key_cache_s: float = Field(default=30.0, ge=0)
 
     log_level: str = "INFO"
 

@@ -91,13 +91,15 @@ class JobStore:
         input: dict[str, Any],
         max_attempts: int,
         idempotency_key: str | None,
+        owner_key_id: str | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
 
+        Idempotency keys are per owner: the same key from two owners makes two jobs.
         Returns (job, created). A reused key with a different request raises IdempotencyConflict.
         """
         if idempotency_key is not None:
-            existing = await self._by_idempotency_key(idempotency_key)
+            existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is not None:
                 return self._check_same(existing, kind, model, input, max_attempts), False
         now = clock.now()
@@ -111,6 +113,7 @@ class JobStore:
             interruptions=0,
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
+            owner_key_id=owner_key_id,
             created_at=now,
             updated_at=now,
         )
@@ -121,15 +124,20 @@ class JobStore:
             # Lost a race with a concurrent request carrying the same key.
             if idempotency_key is None:
                 raise
-            existing = await self._by_idempotency_key(idempotency_key)
+            existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is None:
                 raise
             return self._check_same(existing, kind, model, input, max_attempts), False
         return job, True
 
-    async def _by_idempotency_key(self, key: str) -> Job | None:
+    async def _by_idempotency_key(self, key: str, owner_key_id: str | None) -> Job | None:
+        owner = (
+            Job.owner_key_id.is_(None)
+            if owner_key_id is None
+            else (Job.owner_key_id == owner_key_id)
+        )
         async with self._sessionmaker() as session:
-            result = await session.execute(select(Job).where(Job.idempotency_key == key))
+            result = await session.execute(select(Job).where(Job.idempotency_key == key, owner))
             return result.scalar_one_or_none()
 
     @staticmethod
@@ -150,10 +158,13 @@ class JobStore:
 
     # -- readers ---------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        """The job, or None."""
+    async def get_job(self, job_id: str, *, owned_by: str | None = None) -> Job | None:
+        """The job, or None; with `owned_by`, None too unless that key id owns it."""
+        query = select(Job).where(Job.id == job_id)
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
-            return await session.get(Job, job_id)
+            return (await session.execute(query)).scalar_one_or_none()
 
     async def list_jobs(
         self,
@@ -162,9 +173,15 @@ class JobStore:
         kind: str | None = None,
         limit: int = 50,
         before_id: str | None = None,
+        owned_by: str | None = None,
     ) -> list[Job]:
-        """Newest first; pass the last id seen as `before_id` for the next page."""
+        """Newest first; pass the last id seen as `before_id` for the next page.
+
+        With `owned_by`, only the jobs that key id owns.
+        """
         query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
         if status is not None:
             query = query.where(Job.status == status)
         if kind is not None:
@@ -174,9 +191,11 @@ class JobStore:
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 
-    async def list_attempts(self, job_id: str) -> list[JobAttempt]:
-        """Every attempt of a job, in order."""
+    async def list_attempts(self, job_id: str, *, owned_by: str | None = None) -> list[JobAttempt]:
+        """Every attempt of a job, in order; with `owned_by`, none unless that key id owns it."""
         query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.number)
+        if owned_by is not None:
+            query = query.join(Job, Job.id == JobAttempt.job_id).where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 

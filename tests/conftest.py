@@ -20,6 +20,7 @@ import redis
 
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
+from promptq.keys import KeyStore
 from promptq.models import TERMINAL_STATUSES, JobStatus
 from promptq.queue import QueueClient
 from promptq.service import JobService
@@ -67,6 +68,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         if admin.get(_SLOT_KEY.format(REDIS_TEST_DB)) == str(os.getpid()).encode():
             admin.delete(_SLOT_KEY.format(REDIS_TEST_DB))
         admin.close()
+
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -188,6 +190,27 @@ async def service(settings: Settings) -> AsyncIterator[JobService]:
         await engine.dispose()
 
 
+KeyFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def make_key(settings: Settings) -> AsyncIterator[KeyFactory]:
+    """Create API keys in this test's database: `await make_key("name", admin=True)` -> key."""
+    engine = create_engine(settings)
+    keys = KeyStore(create_sessionmaker(engine))
+
+    async def make(name: str, *, admin: bool = False) -> str:
+        return (await keys.create(name, admin=admin))[1]
+
+    yield make
+    await engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header for an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 WorkerFactory = Callable[..., Awaitable[Any]]
 
 
@@ -212,9 +235,27 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
 
     yield start
     for worker, task in running:
-        await worker.close()
+        await stop_worker(worker)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def stop_worker(worker: Any) -> None:
+    """arq's Worker.close(), made safe against a job task it cancels ending as cancelled.
+
+    close() cancels the running job tasks, then gathers them: a task that ends cancelled
+    re-raises CancelledError out of close(), skipping the rest of its clean-up (Redis pool,
+    on_shutdown). That is the job's cancellation, not ours, so finish the clean-up here.
+    """
+    try:
+        await worker.close()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this fixture itself is being cancelled
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
+        await worker.close()
 
 
 async def wait_for(
@@ -222,6 +263,7 @@ async def wait_for(
 ) -> None:
     """Wait until `predicate()` is true; fail the test after `timeout_s`."""
     async with asyncio.timeout(timeout_s):
+        # Polling on purpose: the condition lives in a database or another process.
         while not await predicate():
             await asyncio.sleep(interval_s)
 

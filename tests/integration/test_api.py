@@ -25,20 +25,24 @@ from api.app import create_app
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import WorkerFactory, wait_terminal
+from tests.conftest import KeyFactory, WorkerFactory, bearer, wait_terminal
 
 Client = TestClient[web.Request, web.Application]
 ApiFactory = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
-async def make_api(settings: Settings) -> AsyncIterator[ApiFactory]:
-    """Start the real API app on an ephemeral port (optionally with settings overrides)."""
+async def make_api(settings: Settings, make_key: KeyFactory) -> AsyncIterator[ApiFactory]:
+    """Start the real API app on an ephemeral port (optionally with settings overrides).
+
+    Its client sends an admin API key (tests/integration/test_auth.py covers keys and tenants).
+    """
     clients: list[Client] = []
+    key = await make_key("test-api-admin", admin=True)
 
     async def make(**overrides: Any) -> Client:
         app_settings = settings.with_overrides(**overrides) if overrides else settings
-        client: Client = TestClient(TestServer(create_app(app_settings)))
+        client: Client = TestClient(TestServer(create_app(app_settings)), headers=bearer(key))
         await client.start_server()
         clients.append(client)
         return client
