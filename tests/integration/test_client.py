@@ -22,7 +22,7 @@ from promptq.errors import IdempotencyConflict, InvalidRequest, NotFound, Prompt
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import WorkerFactory
+from tests.conftest import KeyFactory, WorkerFactory
 
 
 @pytest.fixture
@@ -33,9 +33,15 @@ async def server(settings: Settings) -> AsyncIterator[TestServer]:
 
 
 @pytest.fixture
-async def pq(server: TestServer) -> AsyncIterator[PromptQClient]:
+async def admin_key(make_key: KeyFactory) -> str:
+    """An admin API key in this test's database."""
+    return await make_key("client-tests", admin=True)
+
+
+@pytest.fixture
+async def pq(server: TestServer, admin_key: str) -> AsyncIterator[PromptQClient]:
     """A client for the running API (it opens and closes its own HTTP session)."""
-    async with PromptQClient(str(server.make_url("/")), timeout_s=10) as client:
+    async with PromptQClient(str(server.make_url("/")), api_key=admin_key, timeout_s=10) as client:
         yield client
 
 
@@ -196,23 +202,24 @@ async def test_errors_raise_the_mapped_exceptions(pq: PromptQClient) -> None:
 
 
 async def test_other_http_errors_raise_mapped_exceptions(
-    pq: PromptQClient, make_small_server: str
+    pq: PromptQClient, make_small_server: str, admin_key: str
 ) -> None:
     # Given an API with a 2 KiB body limit, when a bigger job is submitted, then InvalidRequest
-    async with PromptQClient(make_small_server) as small:
+    async with PromptQClient(make_small_server, api_key=admin_key) as small:
         with pytest.raises(InvalidRequest, match="2048"):
             await small.submit_summarize("x" * 3000)
 
     # Given a base URL under which nothing is routed, then the route's 404 is NotFound too
-    async with PromptQClient(pq.base_url + "/nothing-here") as broken:
+    async with PromptQClient(pq.base_url + "/nothing-here", api_key=admin_key) as broken:
         with pytest.raises(NotFound, match="Not Found"):
             await broken.get(str(uuid.uuid4()))
 
 
-async def test_a_shared_session_is_left_open(server: TestServer) -> None:
+async def test_a_shared_session_is_left_open(server: TestServer, admin_key: str) -> None:
     # Given a session the caller owns, when the client is closed, then the session stays open
     async with aiohttp.ClientSession() as session:
-        async with PromptQClient(str(server.make_url("/")), session=session) as pq:
+        url = str(server.make_url("/"))
+        async with PromptQClient(url, api_key=admin_key, session=session) as pq:
             job = await pq.submit_prompt("shared session")
             assert (await pq.get(job["id"]))["id"] == job["id"]
         assert not session.closed
