@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ from promptq.testing.fake_llm import FakeLLM
 from tests import services
 
 PG_ADMIN_DSN = os.environ.get("PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_TEMPLATE = "promptq_test_template"
+#: Checkouts of this repository that run their suites at the same time on one machine must not
+#: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
+_CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
+PG_TEMPLATE = f"promptq_test_template_{_CHECKOUT_SLOT}"
 #: Redis logical database the tests use; flushed before every test.
-REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", "13"))
+REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", str(_CHECKOUT_SLOT)))
 REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
