@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 NAMES = [
     "Alice", "Bob", "Charlie", "David", "Emma", "Frank", "Grace", "Hannah", "Ian", "Jessica",
-    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel", "Tiffany",
+    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel",
+    "Tiffany",
 ]  # fmt: skip
 
 DOCUMENTS = {
@@ -138,7 +139,12 @@ async def _submit_and_watch(client: PromptQClient) -> int:
         labels[job["id"]] = f"summarize {filename}"
 
     done: dict[str, dict[str, Any]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("running jobs", total=len(labels))
         while len(done) < len(labels):

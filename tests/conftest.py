@@ -21,7 +21,7 @@ import redis
 
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
-from promptq.models import JobStatus, TERMINAL_STATUSES
+from promptq.models import TERMINAL_STATUSES, JobStatus
 from promptq.queue import QueueClient
 from promptq.service import JobService
 from promptq.settings import Settings
@@ -29,7 +29,9 @@ from promptq.store import JobStore
 from promptq.testing.fake_llm import FakeLLM
 from tests import services
 
-PG_ADMIN_DSN = os.environ.get("PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 #: Checkouts of this repository that run their suites at the same time on one machine must not
 #: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
 _CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
@@ -140,7 +142,9 @@ async def fake_llm() -> AsyncIterator[FakeLLM]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str, redis_url: str, fake_llm: FakeLLM) -> Settings:
     """Settings pointing at this test's database, Redis db and fake LLM."""
-    return base_settings(tmp_path, database_url, redis_url=redis_url, llm_base_url=fake_llm.base_url)
+    return base_settings(
+        tmp_path, database_url, redis_url=redis_url, llm_base_url=fake_llm.base_url
+    )
 
 
 @pytest.fixture
@@ -189,7 +193,7 @@ async def wait_for(
 ) -> None:
     """Wait until `predicate()` is true; fail the test after `timeout_s`."""
     async with asyncio.timeout(timeout_s):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110 - polling another process's state
             await asyncio.sleep(interval_s)
 
 

@@ -92,7 +92,9 @@ class Procs:
 
     def logs(self) -> str:
         """Every log, for failure messages."""
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.running)
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.running
+        )
 
 
 @pytest.fixture

@@ -114,7 +114,6 @@ async def test_cli_reports_bad_input_clearly(procs: Procs) -> None:
     assert bad_temperature.returncode == 2
 
 
-
 async def test_demo_runs_end_to_end_on_the_builtin_model(procs: Procs) -> None:
     # No LLM configured and (on CI) no Ollama: the demo must fall back to the built-in model.
     procs.settings = procs.settings.with_overrides(llm_base_url="http://localhost:11434/v1")

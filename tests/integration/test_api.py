@@ -354,7 +354,12 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
         422,
         "",
     ),
-    ("summarize empty document", json.dumps({"kind": "summarize", "document": ""}).encode(), 422, ""),
+    (
+        "summarize empty document",
+        json.dumps({"kind": "summarize", "document": ""}).encode(),
+        422,
+        "",
+    ),
     ("summarize no document", json.dumps({"kind": "summarize"}).encode(), 422, ""),
     (
         "summarize with messages",
@@ -482,8 +487,9 @@ json_values = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=15,
 )
 

@@ -208,5 +208,5 @@ async def test_redelivery_of_a_finished_job_changes_nothing(
 
 async def _wait_queue_empty(service: JobService) -> None:
     async with asyncio.timeout(10):
-        while await service.queue.redis.zcard(service.queue.queue_name):
+        while await service.queue.redis.zcard(service.queue.queue_name):  # noqa: ASYNC110 - polling another process's state
             await asyncio.sleep(0.02)

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import update
 
 from promptq import clock
-
 from promptq.errors import IdempotencyConflict
 from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
