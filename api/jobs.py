@@ -1,4 +1,4 @@
-"""Routes under /api/jobs: submit, read, list, and attempt history."""
+"""Routes under /api/jobs: submit, read, list, attempt history, and retry."""
 
 from __future__ import annotations
 
@@ -130,6 +130,15 @@ async def list_attempts(request: web.Request) -> web.Response:
             "job_id": job_id,
             "attempts": [AttemptOut.from_row(a).model_dump(mode="json") for a in attempts],
         }
+    )
+
+
+@routes.post("/api/jobs/{id}/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    """Run a failed or cancelled job again with a fresh attempt budget; 409 for other jobs."""
+    job = await request.app[SERVICE].retry_one(_job_id(request.match_info["id"]))
+    return json_response(
+        JobOut.from_row(job), status=202, headers={"Location": f"/api/jobs/{job.id}"}
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import RedisError
 
 from promptq.errors import ServiceUnavailable
@@ -93,10 +94,40 @@ class QueueClient:
 
     async def missing(self, job_ids: Sequence[str]) -> list[str]:
         """The ids among `job_ids` that have no arq job in Redis."""
+        states = await self.states(job_ids)
+        return [job_id for job_id in job_ids if not states[job_id].queued]
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, RedisState]:
+        """What Redis holds for each job: its arq job, and arq's in-progress marker."""
         if not job_ids:
-            return []
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.exists(job_key_prefix + job_id)
+                pipe.exists(in_progress_key_prefix + job_id)
             found = await pipe.execute()
-        return [job_id for job_id, present in zip(job_ids, found, strict=True) if not present]
+        return {
+            job_id: RedisState(queued=bool(found[2 * i]), in_progress=bool(found[2 * i + 1]))
+            for i, job_id in enumerate(job_ids)
+        }
+
+    async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
+        """Delete arq's in-progress markers, so the jobs can be picked up again at once."""
+        if job_ids:
+            await self.redis.delete(*(in_progress_key_prefix + job_id for job_id in job_ids))
+
+    async def try_lock(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        """Take `<queue>:<name>` for ttl_s unless someone holds it; True if we took it."""
+        key = f"{self.queue_name}:{name}"
+        taken = await self.redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000)))
+        return bool(taken)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """A job as Redis sees it."""
+
+    #: arq holds the job (its key exists; it waits in, or runs from, the queue).
+    queued: bool
+    #: arq's in-progress marker is set: no worker will pick the job up until it expires.
+    in_progress: bool
