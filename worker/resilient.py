@@ -11,7 +11,9 @@ Three arq methods are wrapped, each for one reason:
 * `_poll_iteration`: a Redis error (including one re-raised from a finished job's task)
   backs off instead of ending the worker;
 * `start_jobs`: a Redis error between taking a job slot and starting the job gives the slot
-  back (arq would leak it, and after a few outages the worker would take no more jobs).
+  back (arq would leak it, and after a few outages the worker would take no more jobs); and a
+  job this worker already runs is not started a second time (after a lapsed lease the
+  reconciler makes it available again), which arq would mishandle.
 `close` also tolerates Redis being down, so on_shutdown still runs, and a second SIGTERM or
 SIGINT during the grace period cancels the in-flight jobs at once.
 """
@@ -77,6 +79,9 @@ class ResilientWorker(Worker):
         for job_id in job_ids:
             if self.job_counter >= self.max_jobs:
                 return
+            running = self.tasks.get(job_id.decode())
+            if running is not None and not running.done():
+                continue  # arq keys its tasks by job id: one job can't run twice in one worker
             taken = self.job_counter
             try:
                 await super().start_jobs([job_id])
