@@ -35,9 +35,10 @@ PG_ADMIN_DSN = os.environ.get(
 #: Checkouts of this repository that run their suites at the same time on one machine must not
 #: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
 _CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
-PG_TEMPLATE = f"promptq_test_template_{_CHECKOUT_SLOT}"
-#: Redis logical database the tests use; flushed before every test.
+#: Redis logical database the tests use; flushed before every test. PROMPTQ_TEST_REDIS_DB
+#: picks another slot (Redis db and PostgreSQL template both) when two checkouts collide.
 REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", str(_CHECKOUT_SLOT)))
+PG_TEMPLATE = f"promptq_test_template_{REDIS_TEST_DB}"
 REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

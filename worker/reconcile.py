@@ -65,10 +65,11 @@ class Reconciler:
         acted = len(set(fenced) | set(lost))
         if acted:
             logger.warning(
-                "reconciler: %d orphaned job(s) taken back, %d re-enqueued, %d unblocked",
-                len(orphans),
+                "reconciler: re-enqueued %d job(s) Redis had lost; unblocked %d held by a stale "
+                "in-progress marker (%d running job(s) had lost their worker)",
                 len(lost),
                 len(fenced),
+                len(orphans),
             )
         return acted
 
