@@ -26,8 +26,10 @@ from worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
-#: A job this fresh may be between its INSERT and its enqueue; leave it alone.
-GRACE = timedelta(seconds=10)
+#: A job this fresh may be between its INSERT and its enqueue, or between arq's pick-up and
+#: our claim; leave it alone. (Acting early would be harmless, only noisy: an enqueue of a
+#: queued job is a no-op, and a second start of a job is refused by the claim.)
+GRACE = timedelta(seconds=5)
 #: Jobs examined per pass; a backlog is scanned over successive passes.
 BATCH_SIZE = 1000
 #: The Redis lock (under the queue name) that lets one worker per interval reconcile.

@@ -25,6 +25,7 @@ def prompt(content: str) -> PromptJobCreate:
     )
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQL: see integration
 async def test_retry_by_id_and_by_status(procs: Procs, service: JobService) -> None:
     first, _ = await service.submit(prompt("first [[fake: 400, ok]]"))
     second, _ = await service.submit(prompt("second [[fake: 401, ok]]"))
