@@ -104,12 +104,14 @@ class QueueClient:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.exists(job_key_prefix + job_id)
-                pipe.exists(in_progress_key_prefix + job_id)
+                pipe.pttl(in_progress_key_prefix + job_id)
             found = await pipe.execute()
-        return {
-            job_id: RedisState(queued=bool(found[2 * i]), in_progress=bool(found[2 * i + 1]))
-            for i, job_id in enumerate(job_ids)
-        }
+        states = {}
+        for i, job_id in enumerate(job_ids):
+            ttl_ms = found[2 * i + 1]  # -2: no marker; -1: a marker without expiry
+            marker_ttl_s = None if ttl_ms == -2 else (float("inf") if ttl_ms < 0 else ttl_ms / 1000)
+            states[job_id] = RedisState(queued=bool(found[2 * i]), marker_ttl_s=marker_ttl_s)
+        return states
 
     async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
         """Delete arq's in-progress markers, so the jobs can be picked up again at once."""
@@ -129,5 +131,6 @@ class RedisState:
 
     #: arq holds the job (its key exists; it waits in, or runs from, the queue).
     queued: bool
-    #: arq's in-progress marker is set: no worker will pick the job up until it expires.
-    in_progress: bool
+    #: Time left on arq's in-progress marker, None without one. While the marker is set, no
+    #: worker picks the job up; arq sets it for the job timeout + 10 s.
+    marker_ttl_s: float | None

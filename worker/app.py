@@ -30,6 +30,18 @@ logger = logging.getLogger(__name__)
 ARQ_MAX_TRIES = 1_000_000
 #: Extra time arq allows a job beyond the LLM timeout, for the SQL writes around the call.
 JOB_TIMEOUT_MARGIN_S = 30.0
+#: arq keeps a job's in-progress marker this much longer than the job timeout.
+ARQ_MARKER_MARGIN_S = 10.0
+
+
+def job_timeout_s(settings: Settings) -> float:
+    """How long arq lets one attempt run."""
+    return settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
+
+
+def marker_ttl_s(settings: Settings) -> float:
+    """The TTL arq gives a job's in-progress marker (its worst job timeout + 10 s)."""
+    return job_timeout_s(settings) + ARQ_MARKER_MARGIN_S
 
 
 def worker_name() -> str:
@@ -68,7 +80,7 @@ def create_worker(
         typed["worker_name"] = worker_name()
         typed["leases"] = LeaseKeeper(typed["store"], lease_s=settings.lease_s)
         typed["leases"].start()
-        reconciler = Reconciler(typed["store"], typed["queue"])
+        reconciler = Reconciler(typed["store"], typed["queue"], marker_ttl_s=marker_ttl_s(settings))
         ctx["_reconciler"] = asyncio.create_task(
             reconciler.run_forever(
                 interval_s=settings.reconcile_interval_s, owner=typed["worker_name"]
@@ -97,15 +109,15 @@ def create_worker(
         if "_engine" in ctx:
             await ctx["_engine"].dispose()
 
-    job_timeout_s = settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
+    timeout_s = job_timeout_s(settings)
     worker: Worker = ResilientWorker(
-        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=job_timeout_s)],  # type: ignore[arg-type]
+        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=timeout_s)],  # type: ignore[arg-type]
         queue_name=settings.queue_name,
         redis_settings=redis_settings(settings),
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=settings.worker_concurrency,
-        job_timeout=job_timeout_s,
+        job_timeout=timeout_s,
         keep_result=0,
         poll_delay=settings.worker_poll_delay_s,
         max_tries=ARQ_MAX_TRIES,

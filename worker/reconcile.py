@@ -22,7 +22,6 @@ from datetime import timedelta
 from promptq import clock
 from promptq.queue import QueueClient
 from promptq.store import JobStore
-from worker.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +31,9 @@ logger = logging.getLogger(__name__)
 GRACE = timedelta(seconds=5)
 #: Jobs examined per pass; a backlog is scanned over successive passes.
 BATCH_SIZE = 1000
+#: arq's in-progress marker of a job being picked up right now is younger than this; only an
+#: older marker of a job SQL says nobody runs is stale.
+MARKER_GRACE = timedelta(seconds=2)
 #: The Redis lock (under the queue name) that lets one worker per interval reconcile.
 LOCK_NAME = "reconciler-lock"
 
@@ -39,9 +41,18 @@ LOCK_NAME = "reconciler-lock"
 class Reconciler:
     """Makes Redis agree with SQL; keeps its place in the scan of waiting jobs between passes."""
 
-    def __init__(self, store: JobStore, queue: QueueClient, *, batch_size: int = BATCH_SIZE):
+    def __init__(
+        self,
+        store: JobStore,
+        queue: QueueClient,
+        *,
+        marker_ttl_s: float,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
         self.store = store
         self.queue = queue
+        #: The TTL arq gives its in-progress markers: time left on one tells its age.
+        self.marker_ttl_s = marker_ttl_s
         self.batch_size = batch_size
         #: The last waiting job id examined; None starts the scan from the oldest job.
         self.cursor: str | None = None
@@ -57,7 +68,14 @@ class Reconciler:
         due_at = dict(waiting)
         states = await self.queue.states([*orphans, *due_at])
 
-        fenced = [job_id for job_id, state in states.items() if state.in_progress]
+        # A marker is stale if it is older than MARKER_GRACE: younger, a worker may be between
+        # arq's pick-up and our claim, and deleting it would start the job a second time.
+        stale_below_s = self.marker_ttl_s - MARKER_GRACE.total_seconds()
+        fenced = [
+            job_id
+            for job_id, state in states.items()
+            if state.marker_ttl_s is not None and state.marker_ttl_s <= stale_below_s
+        ]
         await self.queue.clear_in_progress(fenced)
         lost = [job_id for job_id, state in states.items() if not state.queued]
         for job_id in lost:
@@ -84,8 +102,3 @@ class Reconciler:
             except Exception:  # Redis or the database is away; try again next interval
                 logger.warning("reconciler pass failed", exc_info=True)
             await asyncio.sleep(interval_s)
-
-
-async def reconcile(ctx: WorkerContext) -> int:
-    """One reconciler pass over the worker's store and queue (from the oldest waiting job)."""
-    return await Reconciler(ctx["store"], ctx["queue"]).run_once()

@@ -94,8 +94,9 @@ async def test_sigkilled_workers_jobs_resume_quickly_and_finish_exactly_once(
         ]
         assert len(orphans) >= 3, f"killing {name} orphaned nothing"
         assert all(a.outcome == AttemptOutcome.INTERRUPTED for a in orphans)
-        delays = [next_start[(a.job_id, a.number + 1)] - killed_at for a in orphans]
-        assert max(delays) <= RESUME_WITHIN, (name, sorted(delays)[-3:])
+        delays = {a.job_id: next_start[(a.job_id, a.number + 1)] - killed_at for a in orphans}
+        late = {job_id: delay for job_id, delay in delays.items() if delay > RESUME_WITHIN}
+        assert not late, f"orphans of {name} resumed late: {late}"
     results = [(await chaos_service.store.get_job(j.id)).result for j in jobs]  # type: ignore[union-attr]
     assert len(set(results)) == JOBS  # no answer landed on another job
 

@@ -19,9 +19,11 @@ from promptq.errors import JobNotRetryable, NotFound
 from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
 from promptq.service import JobService
+from promptq.settings import Settings
 from promptq.store import DEADLINE_EXCEEDED, Claim
 from promptq.testing.fake_llm import FakeLLM, expected_reply
 from tests.conftest import WorkerFactory, wait_for, wait_terminal
+from worker.app import marker_ttl_s
 from worker.reconcile import GRACE, Reconciler
 
 
@@ -144,7 +146,7 @@ async def test_reconciler_scans_the_whole_backlog_across_passes(service: JobServ
     for job in jobs:
         await set_columns(service, job.id, updated_at=clock.now() - 2 * GRACE)
     await service.queue.redis.flushdb()
-    reconciler = Reconciler(service.store, service.queue, batch_size=3)
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=45, batch_size=3)
 
     passes = [await reconciler.run_once() for _ in range(4)]
 
@@ -157,25 +159,33 @@ async def test_reconciler_unblocks_a_waiting_job_behind_a_stale_marker(
 ) -> None:
     # A worker died between arq's pick-up and our claim: arq's marker fences the job off.
     job, _ = await service.submit(prompt("fenced"))
-    marker = in_progress_key_prefix + job.id
-    await service.queue.redis.psetex(marker, 60_000, b"1")
     await set_columns(service, job.id, updated_at=clock.now() - 2 * GRACE)
+    marker = in_progress_key_prefix + job.id
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=45)
 
-    assert await Reconciler(service.store, service.queue).run_once() == 1
+    # A marker set a moment ago: a worker may be about to claim the job. Leave it.
+    await service.queue.redis.psetex(marker, 45_000, b"1")
+    assert await reconciler.run_once() == 0
+    assert await service.queue.redis.exists(marker)
+    # A marker set 10 s ago with no claim since: nobody runs the job.
+    await service.queue.redis.psetex(marker, 35_000, b"1")
+    assert await reconciler.run_once() == 1
     assert not await service.queue.redis.exists(marker)
     await start_worker()
-    await wait_terminal(service.store, [job.id], timeout_s=5)
+    await wait_terminal(service.store, [job.id], timeout_s=15)
     assert (await job_row(service, job.id)).status == JobStatus.SUCCEEDED
 
 
 async def test_an_orphan_is_taken_back_while_every_slot_is_busy(
-    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM, settings: Settings
 ) -> None:
     # Given an orphan (its worker died mid-attempt, arq's marker still set) and a backlog
     # that keeps the only worker's slots busy for a while,
     orphan, _ = await service.submit(prompt("orphan"))
     assert isinstance(await service.store.claim(orphan.id, worker="dead", lease_s=1), Claim)
-    await service.queue.redis.psetex(in_progress_key_prefix + orphan.id, 60_000, b"1")
+    marker_age_ms = 10_000  # as if the dead worker had picked the job up 10 s ago
+    marker_ttl_ms = round(marker_ttl_s(settings) * 1000) - marker_age_ms
+    await service.queue.redis.psetex(in_progress_key_prefix + orphan.id, marker_ttl_ms, b"1")
     await set_columns(service, orphan.id, lease_expires_at=clock.now() - timedelta(seconds=1))
     backlog = [(await service.submit(prompt(f"busy {i}")))[0] for i in range(10)]
     fake_llm.config.latency_ms = 600
@@ -183,7 +193,7 @@ async def test_an_orphan_is_taken_back_while_every_slot_is_busy(
     # when a worker starts, then the orphan runs again long before the backlog is through
     # (an arq cron job would have waited behind it).
     await start_worker(worker_concurrency=2, reconcile_interval_s=0.3)
-    await wait_terminal(service.store, [orphan.id], timeout_s=5)
+    await wait_terminal(service.store, [orphan.id], timeout_s=10)
     untouched = [j for j in backlog if (await job_row(service, j.id)).attempts == 0]
     assert len(untouched) >= 3
     assert await outcomes(service, orphan.id) == [
@@ -258,7 +268,7 @@ async def test_deadline_fails_a_job_instead_of_retrying_past_it(
     content = "rate limited [[fake: 429:retry_after=5, ok]]"
     job, _ = await service.submit(prompt(content, deadline_s=2))
     await start_worker()
-    await wait_terminal(service.store, [job.id], timeout_s=5)
+    await wait_terminal(service.store, [job.id], timeout_s=15)
 
     row = await job_row(service, job.id)
     assert row.status == JobStatus.FAILED and row.error_code == DEADLINE_EXCEEDED
@@ -273,7 +283,7 @@ async def test_deadline_cuts_an_attempt_short(
 ) -> None:
     job, _ = await service.submit(prompt("never answers [[fake: hang]]", deadline_s=1))
     await start_worker()  # the LLM timeout is 5 s; the deadline comes first
-    await wait_terminal(service.store, [job.id], timeout_s=4)
+    await wait_terminal(service.store, [job.id], timeout_s=15)
 
     row = await job_row(service, job.id)
     assert row.status == JobStatus.FAILED and row.error_code == DEADLINE_EXCEEDED
