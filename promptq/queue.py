@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -105,13 +105,24 @@ class QueueClient:
             for job_id in job_ids:
                 pipe.exists(job_key_prefix + job_id)
                 pipe.pttl(in_progress_key_prefix + job_id)
+                pipe.zscore(self.queue_name, job_id)
             found = await pipe.execute()
         states = {}
         for i, job_id in enumerate(job_ids):
-            ttl_ms = found[2 * i + 1]  # -2: no marker; -1: a marker without expiry
+            exists, ttl_ms, score_ms = found[3 * i : 3 * i + 3]
+            # PTTL: -2 means no marker, -1 a marker without expiry.
             marker_ttl_s = None if ttl_ms == -2 else (float("inf") if ttl_ms < 0 else ttl_ms / 1000)
-            states[job_id] = RedisState(queued=bool(found[2 * i]), marker_ttl_s=marker_ttl_s)
+            states[job_id] = RedisState(
+                queued=bool(exists),
+                marker_ttl_s=marker_ttl_s,
+                due_at_ms=None if score_ms is None else float(score_ms),
+            )
         return states
+
+    async def reschedule(self, due_at_ms: Mapping[str, float]) -> None:
+        """Move queued jobs' arq due times (their score in the queue) to the given ones."""
+        if due_at_ms:
+            await self.redis.zadd(self.queue_name, dict(due_at_ms), xx=True)
 
     async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
         """Delete arq's in-progress markers, so the jobs can be picked up again at once."""
@@ -134,3 +145,5 @@ class RedisState:
     #: Time left on arq's in-progress marker, None without one. While the marker is set, no
     #: worker picks the job up; arq sets it for the job timeout + 10 s.
     marker_ttl_s: float | None
+    #: When arq will hand the job out (its score in the queue, Unix ms), None if not queued.
+    due_at_ms: float | None

@@ -6,7 +6,9 @@ Each pass looks at
   instead of after arq's in-progress TTL (the job timeout + 10 s);
 * queued/retrying jobs missing from Redis (a restart, FLUSHALL): they are enqueued again;
 * queued/retrying jobs that Redis holds behind an in-progress marker although nothing runs
-  them (a worker died between arq's pick-up and our claim): the marker is deleted.
+  them (a worker died between arq's pick-up and our claim): the marker is deleted;
+* any of these whose arq due time lies well past when SQL says it is due (two workers'
+  `Retry` on one job add up their delays in arq's score): the due time is moved back.
 
 It runs as a background task of every worker, not as an arq cron job: a cron job waits in the
 queue behind the whole backlog for a free slot, which is when it is needed most. A Redis lock
@@ -34,6 +36,8 @@ BATCH_SIZE = 1000
 #: arq's in-progress marker of a job being picked up right now is younger than this; only an
 #: older marker of a job SQL says nobody runs is stale.
 MARKER_GRACE = timedelta(seconds=2)
+#: A job whose arq due time is this much later than SQL's is brought forward.
+LATE_BY_MS = 2000.0
 #: The Redis lock (under the queue name) that lets one worker per interval reconcile.
 LOCK_NAME = "reconciler-lock"
 
@@ -81,14 +85,22 @@ class Reconciler:
         for job_id in lost:
             due = due_at.get(job_id)
             await self.queue.enqueue(job_id, defer_s=(due - now).total_seconds() if due else 0)
+        late = {}
+        for job_id, state in states.items():
+            due_ms = max(due_at.get(job_id) or now, now).timestamp() * 1000
+            if state.due_at_ms is not None and state.due_at_ms > due_ms + LATE_BY_MS:
+                late[job_id] = due_ms
+        await self.queue.reschedule(late)
 
-        acted = len(set(fenced) | set(lost))
+        acted = len(set(fenced) | set(lost) | set(late))
         if acted:
             logger.warning(
                 "reconciler: re-enqueued %d job(s) Redis had lost; unblocked %d held by a stale "
-                "in-progress marker (%d running job(s) had lost their worker)",
+                "in-progress marker and brought forward %d (%d running job(s) had lost their "
+                "worker)",
                 len(lost),
                 len(fenced),
+                len(late),
                 len(orphans),
             )
         return acted

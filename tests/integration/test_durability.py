@@ -176,6 +176,24 @@ async def test_reconciler_unblocks_a_waiting_job_behind_a_stale_marker(
     assert (await job_row(service, job.id)).status == JobStatus.SUCCEEDED
 
 
+async def test_reconciler_brings_forward_a_job_that_arq_would_hand_out_too_late(
+    service: JobService, start_worker: WorkerFactory
+) -> None:
+    # Two Retry(defer) on one arq job add up in its score: it would wait far too long.
+    job, _ = await service.submit(prompt("pushed back"))
+    await set_columns(service, job.id, updated_at=clock.now() - 2 * GRACE)
+    far_ms = (clock.now() + timedelta(minutes=10)).timestamp() * 1000
+    await service.queue.redis.zadd(service.queue.queue_name, {job.id: far_ms})
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=45)
+
+    assert await reconciler.run_once() == 1
+    due_at_ms = (await service.queue.states([job.id]))[job.id].due_at_ms
+    assert due_at_ms is not None and due_at_ms < far_ms
+    assert await reconciler.run_once() == 0
+    await start_worker()
+    await wait_terminal(service.store, [job.id], timeout_s=15)
+
+
 async def test_an_orphan_is_taken_back_while_every_slot_is_busy(
     service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM, settings: Settings
 ) -> None:
