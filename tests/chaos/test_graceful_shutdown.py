@@ -122,3 +122,26 @@ async def test_with_a_short_grace_in_flight_jobs_are_handed_back_uncharged(
         outcomes = [a.outcome for a in await chaos_service.store.list_attempts(job.id)]
         assert outcomes == [AttemptOutcome.INTERRUPTED, AttemptOutcome.SUCCEEDED]
         assert fake_llm.stats.requests_by_prompt[content] == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_second_signal_stops_at_once(
+    chaos_service: JobService, chaos_procs: Procs, fake_llm: FakeLLM
+) -> None:
+    slow = [f"impatient {i} [[fake: sleep:30000, ok]]" for i in range(IN_FLIGHT)]
+    jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
+    worker = chaos_procs.start(
+        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "60", name="worker"
+    )
+
+    await sigterm_when_busy(chaos_service, chaos_procs, worker)
+    worker.send_signal(signal.SIGINT)  # Ctrl-C again: don't wait out the grace period
+    sent = time.monotonic()
+    assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
+    assert time.monotonic() - sent < 8
+
+    for job in jobs:
+        row = await chaos_service.store.get_job(job.id)
+        assert row is not None
+        assert (row.status, row.attempts, row.interruptions) == (JobStatus.QUEUED, 1, 1)

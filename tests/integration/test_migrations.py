@@ -189,3 +189,31 @@ def test_cli_db_upgrade(settings: Settings, empty_database_url: str, tmp_path: P
     assert_at_head(settings)
     ensure_current(settings)
     migrate.check(settings)
+
+
+def test_0002_gives_existing_jobs_their_max_attempts_as_budget(settings: Settings) -> None:
+    migrate.upgrade(settings, "0001")
+
+    async def run(statement: str) -> list[Any]:
+        engine = create_engine(settings)
+        try:
+            async with engine.begin() as connection:
+                result = await connection.execute(text(statement))
+                return list(result.all()) if result.returns_rows else []
+        finally:
+            await engine.dispose()
+
+    asyncio.run(
+        run(
+            "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, "
+            "max_attempts, created_at, updated_at) VALUES ('j-1', 'prompt', 'failed', 'm', "
+            "'{}', 3, 1, 2, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        )
+    )
+    migrate.upgrade(settings)
+
+    rows = asyncio.run(
+        run("SELECT max_attempts, attempt_budget, deadline_s, deadline_at FROM jobs")
+    )
+    assert [tuple(row) for row in rows] == [(2, 2, None, None)]
+    migrate.check(settings)
