@@ -48,6 +48,8 @@ class ResilientWorker(Worker):
         super().__init__(*args, **kwargs)
         self._failures = 0
         self._stopping = False
+        #: Slots given back so far (arq gives one back as each job task ends).
+        self._slots_released = 0
 
     async def main(self) -> None:
         """Connect (retrying for as long as it takes), then run arq's main loop."""
@@ -76,19 +78,26 @@ class ResilientWorker(Worker):
             self._failures = 0
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's start_jobs, one id at a time, skipping ids this worker already runs."""
         for job_id in job_ids:
             if self.job_counter >= self.max_jobs:
                 return
             running = self.tasks.get(job_id.decode())
             if running is not None and not running.done():
                 continue  # arq keys its tasks by job id: one job can't run twice in one worker
-            taken = self.job_counter
+            counter, released = self.job_counter, self._slots_released
             try:
                 await super().start_jobs([job_id])
             except BaseException:
-                if self.job_counter > taken:  # arq took the slot but started no job
+                # Jobs that ended meanwhile gave their slots back; anything beyond that is the
+                # slot arq took for this job before failing to start it.
+                if self.job_counter - counter + self._slots_released - released > 0:
                     self._release_sem_dec_counter_on_complete()
                 raise
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        self._slots_released += 1
+        super()._release_sem_dec_counter_on_complete()
 
     async def _back_off(self, exc: BaseException) -> None:
         self._failures += 1

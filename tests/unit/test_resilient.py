@@ -74,3 +74,22 @@ async def test_a_job_this_worker_runs_is_not_started_twice(worker: ResilientWork
 
     assert worker.pool.calls == 0 and worker.job_counter == 0
     running.cancel()
+
+
+async def test_a_slot_is_given_back_even_if_other_jobs_ended_meanwhile(
+    worker: ResilientWorker,
+) -> None:
+    worker.job_counter = 2  # two jobs running, holding two permits
+    for _ in range(2):
+        await worker.sem.acquire()
+
+    def end_a_job_then_fail(*args: Any, **kwargs: Any) -> Any:
+        worker._release_sem_dec_counter_on_complete()  # a running job ends meanwhile
+        raise RedisConnectionError("Connection refused")
+
+    worker.pool.pipeline = end_a_job_then_fail  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        await worker.start_jobs([b"job-3"])
+
+    assert worker.job_counter == 1  # the job still running
+    assert worker.sem._value == worker.max_jobs + 1 - 1
