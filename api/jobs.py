@@ -1,4 +1,4 @@
-"""Routes under /api/jobs: submit, read, list, and attempt history."""
+"""Routes under /api/jobs: submit, read, list, attempt history, and retry."""
 
 from __future__ import annotations
 
@@ -106,6 +106,19 @@ async def list_attempts(request: web.Request) -> web.Response:
             "job_id": job_id,
             "attempts": [AttemptOut.from_row(a).model_dump(mode="json") for a in attempts],
         }
+    )
+
+
+@routes.post("/api/jobs/{id}/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    """Run a failed or cancelled job again with a fresh attempt budget; 409 for other jobs."""
+    job_id = _job_id(request.match_info["id"])
+    service = request.app[SERVICE]
+    if await service.store.get_job(job_id, owned_by=principal(request).owner_filter) is None:
+        raise NotFound(f"no job with id {job_id}")
+    job = await service.retry_one(job_id)
+    return json_response(
+        JobOut.from_row(job), status=202, headers={"Location": f"/api/jobs/{job.id}"}
     )
 
 

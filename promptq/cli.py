@@ -24,7 +24,7 @@ from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
 from promptq.settings import Settings
-from promptq.store import JobStore
+from promptq.store import IDS_PER_STATEMENT, RETRYABLE, JobStore
 
 app = typer.Typer(help="promptq: a persistent job queue for LLM work.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
@@ -231,13 +231,30 @@ def worker(
         int | None, typer.Option(min=1, help="Jobs run at once [env PROMPTQ_WORKER_CONCURRENCY].")
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    grace_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, seconds in-flight jobs may finish [env PROMPTQ_WORKER_GRACE_S].",
+        ),
+    ] = None,
 ) -> None:
-    """Run a worker daemon until Ctrl-C / SIGTERM (in-flight jobs go back to the queue)."""
+    """Run a worker daemon until Ctrl-C / SIGTERM.
+
+    On the first signal it stops taking jobs and lets in-flight ones finish for up to
+    --grace-s; what is still running then goes back to the queue, recorded as interrupted
+    (not charged against max_attempts). A second signal skips the wait.
+    """
     from worker.app import create_worker
 
     settings = load_settings()
+    overrides: dict[str, Any] = {}
     if concurrency is not None:
-        settings = settings.with_overrides(worker_concurrency=concurrency)
+        overrides["worker_concurrency"] = concurrency
+    if grace_s is not None:
+        overrides["worker_grace_s"] = grace_s
+    if overrides:
+        settings = settings.with_overrides(**overrides)
     create_worker(settings, burst=burst).run()
 
 
@@ -287,6 +304,9 @@ def submit_prompt(
     model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Fail the job if not done this many seconds from now.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
     timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
 ) -> None:
@@ -294,7 +314,13 @@ def submit_prompt(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
-    body = {"kind": "prompt", "messages": messages, "model": model, "max_attempts": max_attempts}
+    body = {
+        "kind": "prompt",
+        "messages": messages,
+        "model": model,
+        "max_attempts": max_attempts,
+        "deadline_s": deadline_s,
+    }
     _submit_and_report([body], wait=wait, timeout_s=timeout_s)
 
 
@@ -450,6 +476,55 @@ def list_jobs(
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)
+
+
+@app.command()
+def retry(
+    job_ids: Annotated[
+        list[str] | None, typer.Argument(help="Jobs to run again.", show_default=False)
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Instead of ids: every job in this status (failed/cancelled)."),
+    ] = None,
+) -> None:
+    """Run failed or cancelled jobs again, each with a fresh attempt budget.
+
+    Their earlier attempts are kept; new attempts continue the numbering.
+    """
+    settings = load_settings()
+    if bool(job_ids) == (status is not None):
+        err_console.print("[red]error:[/red] give job ids or --status, not both or neither")
+        raise typer.Exit(2)
+    if status is not None and status not in RETRYABLE:
+        err_console.print(f"[red]error:[/red] --status must be one of {', '.join(RETRYABLE)}")
+        raise typer.Exit(2)
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with open_service(settings) as service:
+            if status is None:
+                ids = list(dict.fromkeys(job_ids or []))
+                requeued = await service.retry(ids)
+                return requeued, [i for i in ids if i not in set(requeued)]
+            requeued = []
+            after_id: str | None = None
+            while page := await service.store.ids_with_status(
+                status, after_id=after_id, limit=IDS_PER_STATEMENT
+            ):
+                requeued += await service.retry(page)
+                after_id = page[-1]
+            return requeued, []
+
+    requeued, skipped = run(go())
+    for job_id in requeued:
+        console.print(f"re-queued {job_id}")
+    for job_id in skipped:
+        err_console.print(
+            f"[yellow]not re-queued[/yellow] {job_id}: no such failed or cancelled job"
+        )
+    console.print(f"{len(requeued)} job(s) re-queued")
+    if skipped:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ PromptQError
 │   └── IdempotencyConflict same idempotency_key, different request (409)
 ├── Unauthorized            missing, invalid or revoked API key (401)
 ├── NotFound                no such job, or not yours (404)
+├── JobNotRetryable         only failed or cancelled jobs can be retried (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
@@ -58,6 +59,13 @@ class NotFound(PromptQError):
 
     code = "not_found"
     http_status = 404
+
+
+class JobNotRetryable(PromptQError):
+    """Only failed or cancelled jobs can be retried."""
+
+    code = "not_retryable"
+    http_status = 409
 
 
 class ServiceUnavailable(PromptQError):

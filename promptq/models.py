@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -134,7 +135,10 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: Attempts cut short by a worker stopping or dying; they don't count against max_attempts.
     interruptions: Mapped[int] = mapped_column(Integer, default=0)
+    #: Cap on charged attempts (attempts - interruptions). A retry raises it by attempt_budget.
     max_attempts: Mapped[int] = mapped_column(Integer)
+    #: Charged attempts each run gets: the request's max_attempts.
+    attempt_budget: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     #: The API key that created the job; NULL when made by the CLI or with auth disabled.
@@ -144,6 +148,10 @@ class Job(Base):
     #: While running: the attempt is presumed alive until then; after it, another worker may
     #: take the job over and record the attempt as interrupted.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The request's overall wall-clock budget, counted from creation (or from a retry).
+    deadline_s: Mapped[float | None] = mapped_column(Float)
+    #: Past this, the job fails instead of starting or scheduling another attempt.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When a retrying job becomes due again.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

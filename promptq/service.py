@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -91,12 +92,27 @@ class JobService:
             max_attempts=request.max_attempts or self.settings.max_attempts,
             idempotency_key=request.idempotency_key,
             owner_key_id=owner_key_id,
+            deadline_s=request.deadline_s,
         )
         if created or job.status == JobStatus.QUEUED:
-            try:
-                await self.queue.enqueue(job.id)
-            except ServiceUnavailable:
-                logger.warning(
-                    "job %s saved but not queued (Redis down); the reconciler will", job.id
-                )
+            await self._enqueue(job.id)
         return job, created
+
+    async def retry(self, job_ids: Sequence[str]) -> list[str]:
+        """Re-queue failed or cancelled jobs with a fresh attempt budget; the ids re-queued."""
+        requeued = await self.store.requeue(job_ids)
+        for job_id in requeued:
+            await self._enqueue(job_id)
+        return requeued
+
+    async def retry_one(self, job_id: str) -> Job:
+        """Re-queue one failed or cancelled job; NotFound or JobNotRetryable otherwise."""
+        job = await self.store.requeue_one(job_id)
+        await self._enqueue(job.id)
+        return job
+
+    async def _enqueue(self, job_id: str) -> None:
+        try:
+            await self.queue.enqueue(job_id)
+        except ServiceUnavailable:
+            logger.warning("job %s saved but not queued (Redis down); the reconciler will", job_id)

@@ -54,20 +54,31 @@ class LLMClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def chat(
-        self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
     ) -> Completion:
-        """One chat completion. Raises TransientLLMError or PermanentLLMError."""
+        """One chat completion. Raises TransientLLMError or PermanentLLMError.
+
+        `timeout_s` shortens the client's timeout for this call (a job's deadline is near).
+        """
         body = orjson.dumps({**params, "model": model, "messages": messages, "stream": False})
+        timeout = self._timeout
+        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
+            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=self._timeout
+                self._url, data=body, headers=self._headers, timeout=timeout
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
                     raise self._http_error(response.status, raw, response.headers)
         except TimeoutError as exc:
             raise TransientLLMError(
-                f"the model endpoint did not answer within {self._timeout.total:g} s"
+                f"the model endpoint did not answer within {timeout.total:g} s"
             ) from exc
         except aiohttp.ClientError as exc:
             raise TransientLLMError(

@@ -234,7 +234,6 @@ def test_0002_keeps_every_job_and_attempt_both_ways(settings: Settings) -> None:
     migrate.upgrade(settings, "0002")
     assert execute(settings, counts)[0] == [(1, 1)]
     assert execute(settings, "SELECT owner_key_id, idempotency_key FROM jobs")[0] == [(None, "k1")]
-    migrate.check(settings)
 
     # When it is downgraded again, then both rows still survive
     migrate.downgrade(settings, "0001")
@@ -242,7 +241,7 @@ def test_0002_keeps_every_job_and_attempt_both_ways(settings: Settings) -> None:
 
 
 def test_idempotency_keys_are_unique_per_owner_null_owner_included(settings: Settings) -> None:
-    migrate.upgrade(settings)
+    migrate.upgrade(settings, "0002")  # where the per-owner constraint comes in
     execute(
         settings,
         "INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, created_at) VALUES"
@@ -267,3 +266,31 @@ def test_idempotency_keys_are_unique_per_owner_null_owner_included(settings: Set
     for job_id, owner in (("4", "a"), ("5", "b"), ("6", None)):
         with pytest.raises(IntegrityError):
             insert(job_id, owner)
+
+
+def test_0003_gives_existing_jobs_their_max_attempts_as_budget(settings: Settings) -> None:
+    migrate.upgrade(settings, "0001")
+
+    async def run(statement: str) -> list[Any]:
+        engine = create_engine(settings)
+        try:
+            async with engine.begin() as connection:
+                result = await connection.execute(text(statement))
+                return list(result.all()) if result.returns_rows else []
+        finally:
+            await engine.dispose()
+
+    asyncio.run(
+        run(
+            "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, "
+            "max_attempts, created_at, updated_at) VALUES ('j-1', 'prompt', 'failed', 'm', "
+            "'{}', 3, 1, 2, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        )
+    )
+    migrate.upgrade(settings)
+
+    rows = asyncio.run(
+        run("SELECT max_attempts, attempt_budget, deadline_s, deadline_at FROM jobs")
+    )
+    assert [tuple(row) for row in rows] == [(2, 2, None, None)]
+    migrate.check(settings)

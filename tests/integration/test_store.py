@@ -16,8 +16,7 @@ from promptq.service import JobService
 from promptq.store import AttemptResult, Busy, Claim
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import WorkerFactory, wait_terminal
-from worker.context import WorkerContext
-from worker.reconcile import GRACE, reconcile
+from worker.reconcile import GRACE, Reconciler
 
 
 def request(content: str = "hello", **extra: object) -> PromptJobCreate:
@@ -107,18 +106,18 @@ async def test_reconciler_requeues_jobs_that_redis_lost(
 ) -> None:
     jobs = [(await service.submit(request(f"lost {i}")))[0] for i in range(5)]
 
-    ctx: WorkerContext = {"store": service.store, "queue": service.queue}
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=45)
     orphan, _ = await service.submit(request("orphan"))
     assert isinstance(await service.store.claim(orphan.id, worker="gone", lease_s=60), Claim)
     await service.queue.redis.flushdb()
     jobs.append(orphan)
     assert sorted(await service.queue.missing([j.id for j in jobs])) == sorted(j.id for j in jobs)
-    assert await reconcile(ctx) == 0  # fresh rows and live leases are left alone
+    assert await reconciler.run_once() == 0  # fresh rows and live leases are left alone
     for job in jobs[:-1]:  # age the waiting rows past the grace period
         await _age(service, job.id)
     await _expire_lease(service, orphan.id)  # and let the orphan's worker be presumed dead
-    assert await reconcile(ctx) == 6
-    assert await reconcile(ctx) == 0  # idempotent: now they are all in Redis
+    assert await reconciler.run_once() == 6
+    assert await reconciler.run_once() == 0  # idempotent: now they are all in Redis
 
     await start_worker()
     await wait_terminal(service.store, [j.id for j in jobs])
