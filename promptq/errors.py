@@ -3,7 +3,9 @@
 PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
 │   └── IdempotencyConflict same idempotency_key, different request (409)
-├── NotFound                no such job (404)
+├── Unauthorized            missing, invalid or revoked API key (401)
+├── NotFound                no such job, or not yours (404)
+├── JobNotRetryable         only failed or cancelled jobs can be retried (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
@@ -45,11 +47,25 @@ class IdempotencyConflict(InvalidRequest):
     http_status = 409
 
 
+class Unauthorized(PromptQError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
 class NotFound(PromptQError):
     """No such object."""
 
     code = "not_found"
     http_status = 404
+
+
+class JobNotRetryable(PromptQError):
+    """Only failed or cancelled jobs can be retried."""
+
+    code = "not_retryable"
+    http_status = 409
 
 
 class ServiceUnavailable(PromptQError):

@@ -1,4 +1,4 @@
-"""An arq Worker that refills a freed slot at once and wakes on enqueue, instead of on a poll.
+"""promptq's worker: a ResilientWorker that refills a freed slot at once and wakes on enqueue.
 
 arq's main loop sleeps `poll_delay` between polls, so a slot that frees up, or a job that
 arrives, waits for the next poll. `FastPollWorker` waits on an `asyncio.Event` instead. The
@@ -11,18 +11,24 @@ event is set when one of these happens:
 Between events it still polls every `poll_delay` (the fallback for a lost message), and never
 sleeps past the moment the next deferred job (a `Retry(defer=...)`) falls due.
 
+`FastPollWorker` extends `worker.resilient.ResilientWorker`, so it keeps that class's Redis-outage
+survival (connect and poll with backoff, slot-leak and double-start guards, `close` that
+tolerates Redis being down and does not abort on a job's CancelledError, second-signal stop).
+Everything added here survives a Redis restart too: the wake-up listener re-subscribes (and
+wakes the loop, in case it missed a message), and the next-due lookup and the burst-mode exit
+check treat a Redis error as "don't know yet" and let the loop back off and poll again.
+
 A wake-up is only a hint: jobs are still claimed by arq's own WATCH/MULTI `start_jobs`, so
 delivery stays at-least-once and a duplicate or lost message changes nothing but timing.
 
 arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
 
-* `Worker.main()` is replaced; its start-up (create the pool, `ctx["redis"]`, `on_startup`)
-  and its burst-mode exit are repeated here.
+* `Worker.main()` is replaced; its start-up (the pool, via ResilientWorker's retrying
+  `_connect`; `ctx["redis"]`, `on_startup`) and its burst-mode exit are repeated here.
 * `Worker._poll_iteration()` runs one poll (claim, clean up finished tasks, heartbeat, cron).
 * `Worker.start_jobs()` is extended (skip ids known to be running) and then called.
 * `Worker._release_sem_dec_counter_on_complete()` is each job task's done callback.
 * `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue.
-* `Worker.close()` is repeated, gathering the job tasks with `return_exceptions=True`.
 * Attributes `_pool`, `tasks`, `job_counter`, `max_jobs`, `poll_delay_s`, `burst`,
   `max_burst_jobs`, `allow_pick_jobs`, `_jobs_started()`; the in-progress key prefix.
 """
@@ -33,16 +39,15 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
 from typing import Any
 
-from arq import Worker
-from arq.connections import create_pool, log_redis_info
+from arq.connections import log_redis_info
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from promptq.queue import wake_channel
+from worker.resilient import REDIS_DOWN, ResilientWorker
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +61,8 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 RESUBSCRIBE_DELAY_S = 1.0
 
 
-class FastPollWorker(Worker):
-    """arq's Worker, woken by freed slots and wake-up messages; `poll_delay` is a fallback."""
+class FastPollWorker(ResilientWorker):
+    """ResilientWorker, woken by freed slots and wake-up messages; `poll_delay` is a fallback."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,17 +75,13 @@ class FastPollWorker(Worker):
 
     async def main(self) -> None:
         """Start up as arq does, then poll whenever woken (or every `poll_delay_s`)."""
-        if self._pool is None:
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
+        await self._connect()  # retries for as long as Redis is away
         names = ", ".join(self.functions)
         logger.info("Starting worker for %d functions: %s", len(self.functions), names)
-        await log_redis_info(self.pool, logger.info)
+        try:
+            await log_redis_info(self.pool, logger.info)
+        except REDIS_DOWN as exc:  # Redis went away again just now: the poll loop will wait
+            logger.warning("could not read Redis info (%r)", exc)
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
@@ -99,23 +100,6 @@ class FastPollWorker(Worker):
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
-    async def close(self) -> None:
-        """arq's close, except that a job task that ends cancelled does not abort it.
-
-        arq gathers the job tasks without `return_exceptions`: a task cancelled while in its
-        shielded finish re-raises CancelledError there, and `on_shutdown` never runs.
-        """
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
-            return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        await self.pool.delete(self.health_check_key)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose(close_connection_pool=True)
-        self._pool = None
-
     async def _poll_until_stopped(self) -> None:
         while True:
             self._wake.clear()  # before polling: a wake-up during the poll means poll again
@@ -133,7 +117,10 @@ class FastPollWorker(Worker):
     async def _burst_is_over(self) -> bool:
         if 0 <= self.max_burst_jobs <= self._jobs_started():
             return True
-        return bool(await self.pool.zcard(self.queue_name) == 0)
+        try:
+            return bool(await self.pool.zcard(self.queue_name) == 0)
+        except (RedisError, OSError):
+            return False  # Redis is away: we can't tell; the loop polls (and backs off) again
 
     async def _seconds_until_next_due(self) -> float:
         """Seconds until the earliest job that is not yet due will be; inf if there is none."""
@@ -152,7 +139,7 @@ class FastPollWorker(Worker):
     async def _listen_for_wakeups(self, subscribed: asyncio.Event) -> None:
         """Set the wake-up event on every message; re-subscribe (and poll) after a failure.
 
-        `main` cancels this when it ends, which is before arq's `close()` closes the pool.
+        `main` cancels this when it ends, which is before `close()` closes the pool.
         """
         while self._pool is not None:  # arq's close() drops the pool
             try:
@@ -165,13 +152,16 @@ class FastPollWorker(Worker):
             except (RedisError, OSError) as exc:
                 logger.warning("wake-up subscription lost (%r); polling until it is back", exc)
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+            except Exception:  # never let the listener die: without it we only poll
+                logger.exception("wake-up listener failed; re-subscribing")
+                await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: refill it now
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's claim, skipping ids known to be running here (free) or elsewhere (one trip).
+        """ResilientWorker's claim, skipping ids running here (free) or elsewhere (one trip).
 
         Running jobs stay at the head of arq's queue, and arq checks each one with a WATCH
         round trip: on every refill that would cost ~3 round trips per running job.
@@ -179,7 +169,7 @@ class FastPollWorker(Worker):
         here = {job_id for job_id, task in self.tasks.items() if not task.done()}
         candidates = [job_id for job_id in job_ids if job_id.decode() not in here]
         if len(candidates) <= self.max_jobs - self.job_counter:
-            await super().start_jobs(candidates)  # arq checks each anyway: no prefilter needed
+            await super().start_jobs(candidates)  # they are checked anyway: no prefilter needed
             return
         while candidates and self.job_counter < self.max_jobs:
             size = max(2 * (self.max_jobs - self.job_counter), MIN_PREFILTER_BATCH)

@@ -13,7 +13,7 @@ from arq import Retry
 from promptq import clock
 from promptq.errors import LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
-from promptq.store import AttemptResult, Busy, Claim
+from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadline_message
 from worker.context import WorkerContext
 from worker.llm import Completion
 from worker.retry import backoff_delay_s
@@ -40,14 +40,23 @@ def build_messages(claim: Claim) -> list[dict[str, Any]]:
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
-    store = ctx["store"]
-    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=ctx["lease_s"])
+    store, leases = ctx["store"], ctx["leases"]
+    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
     if claim is None:
         logger.info("job %s is finished or cancelled; skipping this delivery", job_id)
         return
     if isinstance(claim, Busy):
         # Another worker holds the lease: look again when it would have expired.
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
+    leases.hold(claim)
+    try:
+        await _attempt(ctx, claim)
+    finally:
+        leases.release(claim)
+
+
+async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
+    store = ctx["store"]
     started = time.monotonic()
 
     def elapsed_ms() -> int:
@@ -55,7 +64,10 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
 
     try:
         completion = await ctx["llm"].chat(
-            claim.model, build_messages(claim), claim.input.get("params", {})
+            claim.model,
+            build_messages(claim),
+            claim.input.get("params", {}),
+            timeout_s=_seconds_left(claim),
         )
     except asyncio.CancelledError:
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
@@ -72,12 +84,19 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
     except LLMError as exc:
         await _record_failure(ctx, claim, exc, elapsed_ms())
     except Exception as exc:  # a bug or an unexpected library error: retry, keep the evidence
-        logger.exception("job %s attempt %d crashed", job_id, claim.number)
+        logger.exception("job %s attempt %d crashed", claim.job_id, claim.number)
         await _record_failure(
             ctx, claim, TransientLLMError(f"internal error: {exc!r}"), elapsed_ms()
         )
     else:
         await _record_success(ctx, claim, completion, elapsed_ms())
+
+
+def _seconds_left(claim: Claim) -> float | None:
+    """Time until the job's deadline, if it has one."""
+    if claim.deadline_at is None:
+        return None
+    return (claim.deadline_at - clock.now()).total_seconds()
 
 
 async def _record_success(
@@ -128,11 +147,19 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         retry_after_cap_s=settings.retry_after_cap_s,
         rng=ctx["rng"],
     )
+    next_attempt_at = clock.now() + timedelta(seconds=delay_s)
+    if claim.deadline_at is not None and next_attempt_at >= claim.deadline_at:
+        # The next attempt could not start before the deadline: fail now, keep the real error.
+        job_error = (
+            f"{deadline_message(claim.deadline_s, claim.charged)}; last error: {exc.message}"
+        )
+        await store.finish_attempt(
+            claim, result, job_status=JobStatus.FAILED, job_error=(job_error, DEADLINE_EXCEEDED)
+        )
+        logger.warning("job %s failed: %s", claim.job_id, job_error)
+        return
     moved = await store.finish_attempt(
-        claim,
-        result,
-        job_status=JobStatus.RETRYING,
-        next_attempt_at=clock.now() + timedelta(seconds=delay_s),
+        claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
     )
     if not moved:
         return  # cancelled meanwhile: don't come back

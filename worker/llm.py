@@ -14,6 +14,8 @@ from worker.retry import is_transient_status, parse_retry_after_s
 
 logger = logging.getLogger(__name__)
 
+#: `jobs.finish_reason` is a VARCHAR(32); longer (non-standard) values are cut.
+MAX_FINISH_REASON_CHARS = 32
 #: Longest slice of an error body kept in an error message.
 MAX_ERROR_BODY_CHARS = 500
 
@@ -52,20 +54,31 @@ class LLMClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def chat(
-        self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
     ) -> Completion:
-        """One chat completion. Raises TransientLLMError or PermanentLLMError."""
+        """One chat completion. Raises TransientLLMError or PermanentLLMError.
+
+        `timeout_s` shortens the client's timeout for this call (a job's deadline is near).
+        """
         body = orjson.dumps({**params, "model": model, "messages": messages, "stream": False})
+        timeout = self._timeout
+        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
+            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=self._timeout
+                self._url, data=body, headers=self._headers, timeout=timeout
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
                     raise self._http_error(response.status, raw, response.headers)
         except TimeoutError as exc:
             raise TransientLLMError(
-                f"the model endpoint did not answer within {self._timeout.total:g} s"
+                f"the model endpoint did not answer within {timeout.total:g} s"
             ) from exc
         except aiohttp.ClientError as exc:
             raise TransientLLMError(
@@ -103,7 +116,7 @@ class LLMClient:
             usage = {}  # optional metadata: a strange `usage` must not discard a good answer
         return Completion(
             content=content,
-            finish_reason=_as_str(choice.get("finish_reason")),
+            finish_reason=_as_str(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS),
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
             model=_as_str(data.get("model")),
@@ -131,5 +144,5 @@ def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _as_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+def _as_str(value: Any, max_chars: int | None = None) -> str | None:
+    return value[:max_chars] if isinstance(value, str) else None
