@@ -35,8 +35,8 @@ ARQ_MARKER_MARGIN_S = 10.0
 
 
 def job_timeout_s(settings: Settings) -> float:
-    """How long arq lets one attempt run."""
-    return settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
+    """How long arq lets one attempt run: the call, and recording it through a DB outage."""
+    return settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S + settings.db_retry_s
 
 
 def marker_ttl_s(settings: Settings) -> float:
