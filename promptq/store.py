@@ -73,6 +73,11 @@ class JobStore:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._sessionmaker = sessionmaker
 
+    @property
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory, for stores of related tables (promptq.checkpoints)."""
+        return self._sessionmaker
+
     async def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""
         try:

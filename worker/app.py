@@ -11,6 +11,7 @@ from typing import Any, cast
 import aiohttp
 from arq import Worker, cron, func
 
+from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
@@ -52,6 +53,7 @@ def create_worker(
         typed = cast(WorkerContext, ctx)
         typed["settings"] = settings
         typed["store"] = JobStore(create_sessionmaker(engine))
+        typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
         typed["llm"] = LLMClient(
             session,
@@ -79,8 +81,11 @@ def create_worker(
             await ctx["_engine"].dispose()
 
     job_timeout_s = settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
+    # A summarize attempt makes many calls and renews its lease as it goes, so arq's timeout
+    # (a backstop: every call has its own) must allow for the longest of them.
+    run_timeout_s = max(job_timeout_s, settings.summary_timeout_s)
     return Worker(
-        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=job_timeout_s)],  # type: ignore[arg-type]
+        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=run_timeout_s)],  # type: ignore[arg-type]
         cron_jobs=[
             cron(reconcile, second=RECONCILE_SECONDS, run_at_startup=True, timeout=60),  # type: ignore[arg-type]
         ],
@@ -89,7 +94,7 @@ def create_worker(
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=settings.worker_concurrency,
-        job_timeout=job_timeout_s,
+        job_timeout=run_timeout_s,
         keep_result=0,
         poll_delay=settings.worker_poll_delay_s,
         max_tries=ARQ_MAX_TRIES,

@@ -5,37 +5,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from arq import Retry
 
-from promptq import clock
-from promptq.errors import LLMError, PermanentLLMError, TransientLLMError
+from promptq import clock, events
+from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
 from promptq.store import AttemptResult, Busy, Claim
 from worker.context import WorkerContext
 from worker.llm import Completion
+from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
+from worker.summarize import summarize
 
 logger = logging.getLogger(__name__)
 
-SUMMARIZE_SYSTEM_PROMPT = (
-    "You summarize documents faithfully. Keep the key facts, names and numbers; "
-    "do not add anything that is not in the document."
-)
-
 
 def build_messages(claim: Claim) -> list[dict[str, Any]]:
-    """The chat messages for a job's input."""
+    """The chat messages for a job's input (a summarize job's single-call form)."""
     if claim.kind == JobKind.PROMPT:
         messages: list[dict[str, Any]] = claim.input["messages"]
         return messages
-    instructions = claim.input.get("instructions") or "Summarize the following document."
-    return [
-        {"role": "system", "content": SUMMARIZE_SYSTEM_PROMPT},
-        {"role": "user", "content": f"{instructions}\n\n---\n\n{claim.input['document']}"},
-    ]
+    request = SummaryRequest.from_input(claim.input)
+    return list(single_messages(request, request.document))
+
+
+async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
+    """Do the job's LLM work: one call for a prompt job, map-reduce for a summarize job."""
+    if claim.kind == JobKind.SUMMARIZE:
+        return await summarize(ctx, claim)
+    return await ctx["llm"].chat(claim.model, build_messages(claim), claim.input.get("params", {}))
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
@@ -54,9 +56,23 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
         return round((time.monotonic() - started) * 1000)
 
     try:
-        completion = await ctx["llm"].chat(
-            claim.model, build_messages(claim), claim.input.get("params", {})
-        )
+        await _run_attempt(ctx, claim, elapsed_ms)
+    except Retry:
+        await _announce(ctx, job_id)
+        raise
+    await _announce(ctx, job_id)
+
+
+async def _announce(ctx: WorkerContext, job_id: str) -> None:
+    """Tell stream listeners the job's status changed (they read the new one from SQL)."""
+    queue = ctx["queue"]
+    await events.publish(queue.redis, queue.queue_name, job_id, {"type": "status"})
+
+
+async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
+    store = ctx["store"]
+    try:
+        completion = await complete(ctx, claim)
     except asyncio.CancelledError:
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
         await store.finish_attempt(
@@ -69,10 +85,12 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
             job_status=JobStatus.QUEUED,
         )
         raise
+    except ClaimLost as exc:
+        logger.warning("job %s attempt %d stopped: %s", claim.job_id, claim.number, exc.message)
     except LLMError as exc:
         await _record_failure(ctx, claim, exc, elapsed_ms())
     except Exception as exc:  # a bug or an unexpected library error: retry, keep the evidence
-        logger.exception("job %s attempt %d crashed", job_id, claim.number)
+        logger.exception("job %s attempt %d crashed", claim.job_id, claim.number)
         await _record_failure(
             ctx, claim, TransientLLMError(f"internal error: {exc!r}"), elapsed_ms()
         )

@@ -31,7 +31,7 @@ from promptq.settings import Settings
 from tests import services
 from tests.conftest import _pg_admin, base_settings, pg_url
 
-PROMPTQ_TABLES = {"jobs", "job_attempts"}
+PROMPTQ_TABLES = {"jobs", "job_attempts", "job_chunks"}
 CLI = Path(sys.executable).parent / "promptq"
 
 
@@ -105,7 +105,11 @@ def assert_at_head(settings: Settings) -> None:
     assert state["tables"] >= PROMPTQ_TABLES
     assert state["tables"] - PROMPTQ_TABLES <= {"alembic_version"}
     assert {"ix_jobs_status_id", "ix_jobs_kind_id"} <= state["indexes"]
-    assert {"uq_jobs_idempotency_key", "uq_job_attempts_job_id"} <= state["uniques"]
+    assert {
+        "uq_jobs_idempotency_key",
+        "uq_job_attempts_job_id",
+        "uq_job_chunks_job_id",
+    } <= state["uniques"]
 
 
 def test_metadata_covers_exactly_the_promptq_tables() -> None:

@@ -1,0 +1,380 @@
+"""Summarize jobs of any length.
+
+A document that fits the model's window is summarized in one call, as it always was. A longer
+one is cut into chunks by tokens (promptq.chunking) and each chunk is summarized by a map call,
+at most `summary_fanout` at a time. Groups of summaries that fit the window are then merged by
+reduce calls, level after level, until one call makes the final summary; a job that would need
+more than `summary_max_depth` levels fails instead of looping.
+
+Every summary is checkpointed in `job_chunks` as soon as its call returns, so a retry, a crash
+or a redeploy redoes only the calls that had not finished. A failed call ends the attempt once
+the calls already in flight have finished and been saved; the job's usual retry policy then
+schedules the next attempt, which reuses everything saved.
+
+Silent truncation: some servers (Ollama's OpenAI-compatible API) cut a prompt that does not fit
+their context and still answer 200. The only evidence is the `prompt_tokens` they report, so each
+call compares it with the local estimate. A call that evidently lost part of its prompt is thrown
+away, the job's chunk scale shrinks, and the attempt fails transiently. (Ollama's native
+`/api/chat` can refuse instead, with `"truncate": false`; promptq speaks the OpenAI API.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from promptq import events
+from promptq.checkpoints import ChunkKey
+from promptq.chunking import (
+    MIN_CHUNK_TOKENS,
+    TOKENS_PER_WORD,
+    input_budget,
+    messages_tokens,
+    output_tokens,
+    pack,
+    split_text,
+    text_hash,
+    token_counter,
+)
+from promptq.errors import (
+    ClaimLost,
+    LLMError,
+    PermanentLLMError,
+    PromptTruncated,
+    SummaryFailed,
+)
+from promptq.models import ChunkStatus
+from promptq.store import Claim
+from worker.context import WorkerContext
+from worker.llm import Completion
+from worker.prompts import (
+    Messages,
+    SummaryRequest,
+    combine_messages,
+    final_messages,
+    map_messages,
+    single_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Prompts estimated below this many tokens are not checked for truncation: tokenizers disagree
+#: most on short texts, and no chat model has a context window this small.
+MIN_CHECKED_PROMPT_TOKENS = 1024
+#: After a truncation the chunk scale is multiplied by 0.9 x the fraction of the prompt the
+#: model evidently kept, bounded to [MIN_SHRINK, MAX_SHRINK].
+SHRINK_HEADROOM = 0.9
+MAX_SHRINK = 0.5
+MIN_SHRINK = 0.1
+#: Map and intermediate summaries are asked to stay this far under their token reserve.
+WORDS_MARGIN = 0.8
+
+_SINGLE, _MAP, _COMBINE, _FINAL = "single", "map", "combine", "final"
+
+
+def truncation_ratio(
+    *, estimated_tokens: int, reported_tokens: int | None, min_ratio: float
+) -> float | None:
+    """reported / estimated when the prompt was evidently cut (below `min_ratio`), else None."""
+    if min_ratio <= 0 or reported_tokens is None or estimated_tokens < MIN_CHECKED_PROMPT_TOKENS:
+        return None
+    ratio = reported_tokens / estimated_tokens
+    return ratio if ratio < min_ratio else None
+
+
+def shrink_factor(kept_ratio: float | None) -> float:
+    """How much smaller the next attempt's chunks are, given how much of a prompt survived."""
+    if kept_ratio is None:
+        return MAX_SHRINK
+    return max(MIN_SHRINK, min(MAX_SHRINK, SHRINK_HEADROOM * kept_ratio))
+
+
+def is_context_overflow(exc: LLMError) -> bool:
+    """True for a 400 saying the prompt exceeds the model's context: smaller chunks fix it."""
+    return (
+        isinstance(exc, PermanentLLMError)
+        and exc.status_code == 400
+        and "context" in exc.message.lower()
+    )
+
+
+async def summarize(ctx: WorkerContext, claim: Claim) -> Completion:
+    """Run one attempt of a summarize job; the Completion carries the final summary and the
+    job's total usage. Raises LLMError subclasses like a single call would, or ClaimLost."""
+    scale = await ctx["checkpoints"].chunk_scale(claim.job_id)
+    return await _while_leased(ctx, claim, Summarizer(ctx, claim, scale).run())
+
+
+async def _while_leased(ctx: WorkerContext, claim: Claim, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, renewing the job's lease every third of it; ClaimLost once it is lost."""
+    lease_s = ctx["lease_s"]
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=lease_s / 3)
+            if done:
+                return task.result()
+            if not await ctx["checkpoints"].renew_lease(claim, lease_s):
+                raise ClaimLost(f"job {claim.job_id} was cancelled or taken over")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Summarizer:
+    """One attempt at one summarize job."""
+
+    def __init__(self, ctx: WorkerContext, claim: Claim, scale: float) -> None:
+        settings = ctx["settings"]
+        self.ctx = ctx
+        self.claim = claim
+        self.request = SummaryRequest.from_input(claim.input)
+        self.counter = token_counter(settings.chars_per_token)
+        self.window_tokens = self.request.context_window or settings.context_window_tokens
+        self.output_tokens = output_tokens(
+            window_tokens=self.window_tokens,
+            max_tokens=self.request.params.get("max_tokens"),
+            target_words=self.request.target_words,
+        )
+        self.words = max(20, math.floor(self.output_tokens / TOKENS_PER_WORD * WORDS_MARGIN))
+        self.scale = scale
+        self.fanout = settings.summary_fanout
+        self.max_depth = settings.summary_max_depth
+        self.overlap_tokens = settings.summary_overlap_tokens
+        self.min_ratio = settings.truncation_ratio
+        self.stream_final = settings.summary_stream_final
+        self.final: Completion | None = None
+
+    async def run(self) -> Completion:
+        """Summarize the document: one call if it fits, else map and reduce level by level."""
+        budget = self._budget_tokens()
+        document = self.request.document
+        if self.counter(document, self.claim.model) <= budget:
+            (summary,) = await self._level(0, [document], _SINGLE)
+            return await self._result(summary)
+        chunks = await asyncio.to_thread(
+            split_text,
+            document,
+            max_tokens=budget,
+            overlap_tokens=self.overlap_tokens,
+            model=self.claim.model,
+            counter=self.counter,
+            markdown=self.request.markdown,
+        )
+        logger.info(
+            "job %s: %d chunks of at most %d tokens", self.claim.job_id, len(chunks), budget
+        )
+        summaries = await self._level(0, [c.text for c in chunks], _MAP)
+        level = 1
+        while True:
+            groups = pack(
+                summaries, max_tokens=budget, model=self.claim.model, counter=self.counter
+            )
+            final = len(groups) == 1
+            if not final and level >= self.max_depth:
+                raise SummaryFailed(
+                    f"after {self.max_depth} levels of reduce calls {len(groups)} summaries "
+                    "still do not fit one call; raise PROMPTQ_SUMMARY_MAX_DEPTH or the job's "
+                    "context_window, or ask for a shorter target_words"
+                )
+            summaries = await self._level(level, groups, _FINAL if final else _COMBINE)
+            if final:
+                return await self._result(summaries[0])
+            level += 1
+
+    def _budget_tokens(self) -> int:
+        """Tokens of text one call may carry at the job's current scale."""
+        overhead = max(
+            messages_tokens(messages, self.claim.model, self.counter)
+            for messages in (
+                single_messages(self.request, ""),
+                map_messages(self.request, "", index=99_999, total=99_999, words=self.words),
+                combine_messages(self.request, "", words=self.words),
+                final_messages(self.request, ""),
+            )
+        )
+        budget = input_budget(
+            window_tokens=self.window_tokens,
+            output_tokens=self.output_tokens,
+            overhead_tokens=overhead,
+            scale=self.scale,
+        )
+        if budget < MIN_CHUNK_TOKENS:
+            shrunk = f" shrunk to {self.scale:.0%} by truncated prompts" if self.scale < 1 else ""
+            raise SummaryFailed(
+                f"a context window of {self.window_tokens} tokens{shrunk} leaves {budget} tokens "
+                f"per chunk (the prompt takes {overhead}, the answer {self.output_tokens}); the "
+                "model's real window is smaller than that: set the job's context_window or "
+                "PROMPTQ_CONTEXT_WINDOW_TOKENS to match it"
+            )
+        return budget
+
+    async def _level(self, level: int, texts: list[str], kind: str) -> list[str]:
+        """Summarize each text of one level (reusing saved summaries); all or an LLMError."""
+        hashes = [text_hash(text) for text in texts]
+        saved = await self.ctx["checkpoints"].plan(self.claim, level, hashes)
+        results: list[str | None] = [
+            saved[i].summary if i in saved else None for i in range(len(texts))
+        ]
+        failures: list[tuple[int, LLMError, float | None]] = []
+        semaphore = asyncio.Semaphore(self.fanout)
+        await self._progress(level, results)
+
+        async def run_one(index: int) -> None:
+            async with semaphore:
+                if failures:
+                    return  # stop starting calls once one failed; those in flight finish
+                key = ChunkKey(self.claim.job_id, level, index, hashes[index])
+                results[index] = await self._call(key, texts[index], kind, len(texts), failures)
+                if results[index] is not None:
+                    await self._progress(level, results)
+
+        tasks = [asyncio.create_task(run_one(i)) for i, r in enumerate(results) if r is None]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if failures:
+            raise await self._attempt_error(level, results, failures)
+        return [r for r in results if r is not None]
+
+    async def _call(
+        self,
+        key: ChunkKey,
+        text: str,
+        kind: str,
+        total: int,
+        failures: list[tuple[int, LLMError, float | None]],
+    ) -> str | None:
+        """One checkpointed LLM call; None (and an entry in `failures`) when it failed."""
+        store = self.ctx["checkpoints"]
+        if not await store.start(key):
+            saved = await store.saved(key)
+            if saved is None:
+                raise ClaimLost(f"job {key.job_id} was re-planned by another attempt")
+            return saved.summary
+        messages = self._messages(kind, text, key.index, total)
+        try:
+            completion = await self._complete(messages, final=kind in (_SINGLE, _FINAL))
+        except LLMError as exc:
+            if is_context_overflow(exc):
+                exc = PromptTruncated(exc.message, status_code=exc.status_code)
+            failures.append((key.index, exc, None))
+            status = ChunkStatus.TRUNCATED if isinstance(exc, PromptTruncated) else None
+            await store.fail(key, status=status or ChunkStatus.FAILED, error=exc.message)
+            return None
+        estimated = messages_tokens(messages, self.claim.model, self.counter)
+        ratio = truncation_ratio(
+            estimated_tokens=estimated,
+            reported_tokens=completion.prompt_tokens,
+            min_ratio=self.min_ratio,
+        )
+        if ratio is not None:
+            error = PromptTruncated(
+                f"the model reported {completion.prompt_tokens} prompt tokens for a prompt of "
+                f"about {estimated}: it silently cut the prompt, so its real context window is "
+                f"smaller than the {self.window_tokens} tokens assumed"
+            )
+            failures.append((key.index, error, ratio))
+            await store.fail(
+                key,
+                status=ChunkStatus.TRUNCATED,
+                error=error.message,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+            )
+            return None
+        await store.finish(
+            key,
+            completion.content,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        )
+        if kind in (_SINGLE, _FINAL):
+            self.final = completion
+        return completion.content
+
+    def _messages(self, kind: str, text: str, index: int, total: int) -> Messages:
+        if kind == _SINGLE:
+            return single_messages(self.request, text)
+        if kind == _MAP:
+            return map_messages(self.request, text, index=index, total=total, words=self.words)
+        if kind == _COMBINE:
+            return combine_messages(self.request, text, words=self.words)
+        return final_messages(self.request, text)
+
+    async def _complete(self, messages: Messages, *, final: bool) -> Completion:
+        llm, model = self.ctx["llm"], self.claim.model
+        if final:
+            # The user's own parameters, as a one-call summary always had them.
+            params = self.request.params
+            if self.stream_final:
+                return await llm.chat_stream(model, list(messages), params, self._delta)
+            return await llm.chat(model, list(messages), params)
+        params = self.request.params | {"max_tokens": self.output_tokens}
+        return await llm.chat(model, list(messages), params)
+
+    async def _delta(self, text: str) -> None:
+        await self._publish({"type": "token", "text": text})
+
+    async def _progress(self, level: int, results: list[str | None]) -> None:
+        done = sum(r is not None for r in results)
+        await self._publish(
+            {"type": "progress", "level": level, "chunks_done": done, "chunks_total": len(results)}
+        )
+
+    async def _publish(self, event: dict[str, Any]) -> None:
+        queue = self.ctx["queue"]
+        await events.publish(queue.redis, queue.queue_name, self.claim.job_id, event)
+
+    async def _attempt_error(
+        self,
+        level: int,
+        results: list[str | None],
+        failures: list[tuple[int, LLMError, float | None]],
+    ) -> LLMError:
+        """The error that ends this attempt, saying what was saved for the next one."""
+        done, total = sum(r is not None for r in results), len(results)
+        saved = f"{done} of {total} summaries at level {level} are saved for the next attempt"
+        for index, exc, _ in failures:
+            if isinstance(exc, PermanentLLMError):
+                message = f"level {level} call {index}: {exc.message}"
+                return type(exc)(message, status_code=exc.status_code)
+        truncated = [(i, e, r) for i, e, r in failures if isinstance(e, PromptTruncated)]
+        if truncated:
+            ratios = [r for _, _, r in truncated if r is not None]
+            factor = shrink_factor(min(ratios) if ratios else None)
+            await self.ctx["checkpoints"].set_chunk_scale(self.claim, self.scale * factor)
+            index, exc, _ = truncated[0]
+            return PromptTruncated(
+                f"level {level} call {index}: {exc.message}; the next attempt cuts chunks "
+                f"{factor:.0%} as large; {saved}",
+                status_code=exc.status_code,
+            )
+        index, exc, _ = failures[0]
+        retry_after = [e.retry_after_s for _, e, _ in failures if e.retry_after_s is not None]
+        return type(exc)(
+            f"level {level} call {index}: {exc.message}; {saved}",
+            status_code=exc.status_code,
+            retry_after_s=max(retry_after) if retry_after else None,
+        )
+
+    async def _result(self, summary: str) -> Completion:
+        """The job's answer: the final summary, with the usage of every call the job made."""
+        prompt_tokens, completion_tokens = await self.ctx["checkpoints"].usage(self.claim.job_id)
+        final = self.final
+        return Completion(
+            content=summary,
+            finish_reason=final.finish_reason if final else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            model=final.model if final else None,
+        )
