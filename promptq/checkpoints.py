@@ -63,6 +63,7 @@ class ChunkStore:
 
         Rows of this level that are not in the plan, and every row above it, become superseded
         until a later plan names them again; so progress always describes the current plan.
+        Truncated rows keep their status as evidence (progress never counts them).
         Raises ClaimLost when the attempt no longer owns the job.
         """
         now = clock.now()
@@ -73,7 +74,7 @@ class ChunkStore:
                 .where(
                     JobChunk.job_id == claim.job_id,
                     JobChunk.level >= level,
-                    JobChunk.status != ChunkStatus.SUPERSEDED,
+                    JobChunk.status.not_in([ChunkStatus.SUPERSEDED, ChunkStatus.TRUNCATED]),
                 )
                 .values(status=ChunkStatus.SUPERSEDED, updated_at=now)
             )
@@ -178,6 +179,29 @@ class ChunkStore:
                 )
             )
 
+    async def discard_truncated(
+        self, job_id: str, level: int, *, min_prompt_tokens: int, error: str
+    ) -> int:
+        """Throw away the summaries of a level whose calls reported at least min_prompt_tokens
+        (the size at which the model was seen cutting prompts); returns how many."""
+        async with self._sessionmaker() as session, session.begin():
+            result = await session.execute(
+                update(JobChunk)
+                .where(
+                    JobChunk.job_id == job_id,
+                    JobChunk.level == level,
+                    JobChunk.status == ChunkStatus.DONE,
+                    JobChunk.prompt_tokens >= min_prompt_tokens,
+                )
+                .values(
+                    status=ChunkStatus.TRUNCATED,
+                    summary=None,
+                    error=error,
+                    updated_at=clock.now(),
+                )
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
     async def saved(self, key: ChunkKey) -> SavedSummary | None:
         """The stored summary of one call, if there is one."""
         query = select(JobChunk).where(*_matches(key), JobChunk.summary.is_not(None))
@@ -235,7 +259,10 @@ class ChunkStore:
         done = func.sum(case((JobChunk.status == ChunkStatus.DONE, 1), else_=0))
         query = (
             select(JobChunk.job_id, JobChunk.level, func.count(), done)
-            .where(JobChunk.job_id.in_(ids), JobChunk.status != ChunkStatus.SUPERSEDED)
+            .where(
+                JobChunk.job_id.in_(ids),
+                JobChunk.status.not_in([ChunkStatus.SUPERSEDED, ChunkStatus.TRUNCATED]),
+            )
             .group_by(JobChunk.job_id, JobChunk.level)
         )
         async with self._sessionmaker() as session:

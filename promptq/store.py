@@ -67,6 +67,19 @@ class AttemptResult:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """The fields of a job that change while it runs: cheap to poll (no input, no result)."""
+
+    id: str
+    kind: str
+    status: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    error_code: str | None
+
+
 class JobStore:
     """Reads and conditional writes of `jobs` and `job_attempts`."""
 
@@ -171,6 +184,17 @@ class JobStore:
             query = query.where(Job.id < before_id)
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
+
+    async def get_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """The current state of each job that exists, by id, without its input or result."""
+        if not job_ids:
+            return {}
+        query = select(
+            Job.id, Job.kind, Job.status, Job.attempts, Job.max_attempts, Job.error, Job.error_code
+        ).where(Job.id.in_(list(job_ids)))
+        async with self._sessionmaker() as session:
+            rows = await session.execute(query)
+            return {row.id: JobState(*row) for row in rows}
 
     async def list_attempts(self, job_id: str) -> list[JobAttempt]:
         """Every attempt of a job, in order."""

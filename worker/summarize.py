@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from promptq import events
@@ -75,6 +76,17 @@ MIN_SHRINK = 0.1
 WORDS_MARGIN = 0.8
 
 _SINGLE, _MAP, _COMBINE, _FINAL = "single", "map", "combine", "final"
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A call of this attempt that produced no summary."""
+
+    index: int
+    error: LLMError
+    #: For an evidently truncated prompt: the fraction the model read, and what it reported.
+    kept_ratio: float | None = None
+    reported_tokens: int | None = None
 
 
 def truncation_ratio(
@@ -222,7 +234,7 @@ class Summarizer:
         results: list[str | None] = [
             saved[i].summary if i in saved else None for i in range(len(texts))
         ]
-        failures: list[tuple[int, LLMError, float | None]] = []
+        failures: list[_Failure] = []
         semaphore = asyncio.Semaphore(self.fanout)
         await self._progress(level, results)
 
@@ -252,7 +264,7 @@ class Summarizer:
         text: str,
         kind: str,
         total: int,
-        failures: list[tuple[int, LLMError, float | None]],
+        failures: list[_Failure],
     ) -> str | None:
         """One checkpointed LLM call; None (and an entry in `failures`) when it failed."""
         store = self.ctx["checkpoints"]
@@ -267,7 +279,7 @@ class Summarizer:
         except LLMError as exc:
             if is_context_overflow(exc):
                 exc = PromptTruncated(exc.message, status_code=exc.status_code)
-            failures.append((key.index, exc, None))
+            failures.append(_Failure(key.index, exc))
             status = ChunkStatus.TRUNCATED if isinstance(exc, PromptTruncated) else None
             await store.fail(key, status=status or ChunkStatus.FAILED, error=exc.message)
             return None
@@ -283,7 +295,7 @@ class Summarizer:
                 f"about {estimated}: it silently cut the prompt, so its real context window is "
                 f"smaller than the {self.window_tokens} tokens assumed"
             )
-            failures.append((key.index, error, ratio))
+            failures.append(_Failure(key.index, error, ratio, completion.prompt_tokens))
             await store.fail(
                 key,
                 status=ChunkStatus.TRUNCATED,
@@ -339,32 +351,52 @@ class Summarizer:
         self,
         level: int,
         results: list[str | None],
-        failures: list[tuple[int, LLMError, float | None]],
+        failures: list[_Failure],
     ) -> LLMError:
         """The error that ends this attempt, saying what was saved for the next one."""
         done, total = sum(r is not None for r in results), len(results)
         saved = f"{done} of {total} summaries at level {level} are saved for the next attempt"
-        for index, exc, _ in failures:
+        for failure in failures:
+            exc = failure.error
             if isinstance(exc, PermanentLLMError):
-                message = f"level {level} call {index}: {exc.message}"
+                message = f"level {level} call {failure.index}: {exc.message}"
                 return type(exc)(message, status_code=exc.status_code)
-        truncated = [(i, e, r) for i, e, r in failures if isinstance(e, PromptTruncated)]
+        truncated = [f for f in failures if isinstance(f.error, PromptTruncated)]
         if truncated:
-            ratios = [r for _, _, r in truncated if r is not None]
-            factor = shrink_factor(min(ratios) if ratios else None)
-            await self.ctx["checkpoints"].set_chunk_scale(self.claim, self.scale * factor)
-            index, exc, _ = truncated[0]
-            return PromptTruncated(
-                f"level {level} call {index}: {exc.message}; the next attempt cuts chunks "
-                f"{factor:.0%} as large; {saved}",
-                status_code=exc.status_code,
-            )
-        index, exc, _ = failures[0]
-        retry_after = [e.retry_after_s for _, e, _ in failures if e.retry_after_s is not None]
-        return type(exc)(
-            f"level {level} call {index}: {exc.message}; {saved}",
-            status_code=exc.status_code,
+            return await self._truncation_error(level, truncated, saved)
+        first = failures[0]
+        retry_after = [f.error.retry_after_s for f in failures if f.error.retry_after_s]
+        return type(first.error)(
+            f"level {level} call {first.index}: {first.error.message}; {saved}",
+            status_code=first.error.status_code,
             retry_after_s=max(retry_after) if retry_after else None,
+        )
+
+    async def _truncation_error(
+        self, level: int, truncated: list[_Failure], saved: str
+    ) -> PromptTruncated:
+        """Shrink the job's chunks for the next attempt and explain why.
+
+        A model that cut one prompt at N tokens cut every prompt that reached N, even those
+        within the tolerance: their summaries are thrown away too.
+        """
+        checkpoints = self.ctx["checkpoints"]
+        reported = [f.reported_tokens for f in truncated if f.reported_tokens is not None]
+        if reported:
+            await checkpoints.discard_truncated(
+                self.claim.job_id,
+                level,
+                min_prompt_tokens=min(reported),
+                error=f"the model read at most {min(reported)} prompt tokens of longer prompts",
+            )
+        ratios = [f.kept_ratio for f in truncated if f.kept_ratio is not None]
+        factor = shrink_factor(min(ratios) if ratios else None)
+        await checkpoints.set_chunk_scale(self.claim, self.scale * factor)
+        first = truncated[0]
+        return PromptTruncated(
+            f"level {level} call {first.index}: {first.error.message}; the next attempt cuts "
+            f"chunks {factor:.0%} as large; {saved}",
+            status_code=first.error.status_code,
         )
 
     async def _result(self, summary: str) -> Completion:
