@@ -289,7 +289,8 @@ def _submit_and_report(
             console.print(f"{job.id}  {label}".rstrip())
             continue
         if label:
-            console.rule(label)
+            # Not a rule: a rule cuts long paths to the terminal's width.
+            console.print(f"== {label}", style="bold", soft_wrap=True, highlight=False)
         _print_outcome(job)
     if wait and any(job.status != JobStatus.SUCCEEDED for job in jobs):
         raise typer.Exit(1)
@@ -309,7 +310,7 @@ async def _wait_all(store: JobStore, job_ids: list[str], timeout_s: float) -> li
 
 def _print_outcome(job: Job) -> None:
     if job.status == JobStatus.SUCCEEDED:
-        console.print(job.result or "", markup=False, highlight=False)
+        console.print(job.result or "", markup=False, highlight=False, soft_wrap=True)
     else:
         err_console.print(f"[red]{job.status}[/red] after {job.attempts} attempt(s): {job.error}")
 

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: How often --wait re-reads the jobs.
 POLL_S = 0.2
+#: Longest label beside a progress bar; longer paths keep their end (the file name).
+LABEL_CHARS = 36
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -50,11 +52,11 @@ def collect_paths(arguments: list[str]) -> list[Path]:
                 raise InvalidRequest(f"{argument}: matches no .txt, .md, .html or .pdf files")
             found.extend(files)
         else:
-            raise InvalidRequest(f"{argument}: no such file or folder")
-    unique: dict[Path, None] = {}
+            raise InvalidRequest(f"cannot read {argument}: no such file or folder")
+    unique: dict[Path, Path] = {}
     for path in found:
-        unique.setdefault(path.resolve(), None)
-    return list(unique)
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def load_documents(paths: list[Path], *, max_bytes: int) -> list[Document]:
@@ -92,7 +94,7 @@ async def wait_with_progress(
     with Progress(*columns, console=console) as progress:
         overall = progress.add_task("all files", total=len(job_ids), state="")
         bars: dict[str, TaskID] = {
-            job_id: progress.add_task(label, total=None, state="queued")
+            job_id: progress.add_task(_short(label), total=None, state="queued")
             for job_id, label in zip(job_ids, labels, strict=True)
         }
         while True:
@@ -121,3 +123,7 @@ async def wait_with_progress(
             await asyncio.sleep(POLL_S)
     jobs = [await service.store.get_job(job_id) for job_id in job_ids]
     return [job for job in jobs if job is not None]
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else "…" + label[-(LABEL_CHARS - 1) :]
