@@ -254,6 +254,23 @@ async def test_silent_truncation_shrinks_the_chunks_and_is_never_kept(
     assert {r.text_hash for r in final_plan}.isdisjoint(first_plan)
 
 
+async def test_a_context_length_error_shrinks_the_chunks_instead_of_failing_the_job(
+    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a model that refuses the first prompt as too long for its context (a 400)
+    request = summarize("The ferry timetable changed twice. [[fake: context, ok]]")
+
+    # When a worker summarizes it
+    job = await run_to_end(service, start_worker, request)
+
+    # Then the 400 counted as truncation, not as a permanent failure: smaller chunks next time
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    first, _ = await service.store.list_attempts(job.id)
+    assert (first.outcome, first.status_code) == (AttemptOutcome.TRANSIENT_ERROR, 400)
+    assert first.error is not None and "maximum context length" in first.error
+    assert job.chunk_scale == pytest.approx(0.5)
+
+
 async def test_a_document_that_needs_more_levels_than_allowed_fails_clearly(
     service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
 ) -> None:

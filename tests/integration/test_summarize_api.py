@@ -205,7 +205,7 @@ async def test_the_stream_tells_status_progress_and_tokens_and_ends_with_the_res
     make_api: ApiFactory, service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
 ) -> None:
     # Given a long document queued for summarizing, and a model that streams slowly
-    fake_llm.config.latency_ms = 5
+    fake_llm.config.latency_ms = 20
     fake_llm.config.stream_chunk_delay_ms = 2
     api = await make_api()
     body = {"kind": "summarize", "document": generate_document(3_000), "context_window": 1024}
