@@ -119,10 +119,10 @@ async def summarize(ctx: WorkerContext, claim: Claim) -> Completion:
     """Run one attempt of a summarize job; the Completion carries the final summary and the
     job's total usage. Raises LLMError subclasses like a single call would, or ClaimLost."""
     scale = await ctx["checkpoints"].chunk_scale(claim.job_id)
-    return await _while_leased(ctx, claim, Summarizer(ctx, claim, scale).run())
+    return await run_leased(ctx, claim, Summarizer(ctx, claim, scale).run())
 
 
-async def _while_leased(ctx: WorkerContext, claim: Claim, work: Coroutine[Any, Any, T]) -> T:
+async def run_leased(ctx: WorkerContext, claim: Claim, work: Coroutine[Any, Any, T]) -> T:
     """Run `work`, renewing the job's lease every third of it; ClaimLost once it is lost."""
     lease_s = ctx["lease_s"]
     task = asyncio.ensure_future(work)

@@ -193,3 +193,53 @@ def test_cli_db_upgrade(settings: Settings, empty_database_url: str, tmp_path: P
     assert_at_head(settings)
     ensure_current(settings)
     migrate.check(settings)
+
+
+def test_downgrading_job_chunks_keeps_jobs_and_attempts(settings: Settings) -> None:
+    # Given a database at head holding a job, its attempt and a chunk checkpoint
+    migrate.upgrade(settings)
+    run_sql(settings, *JOB_ROWS, CHUNK_ROW, "UPDATE jobs SET chunk_scale = 0.5")
+
+    # When 0003 is undone, then only what it added goes: on SQLite a batch-mode copy of `jobs`
+    # would have deleted every attempt through the ON DELETE CASCADE foreign key
+    migrate.downgrade(settings, "0001")
+    assert "job_chunks" not in describe(settings)["tables"]
+    assert run_sql(settings, "SELECT count(*) FROM jobs") == [(1,)]
+    assert run_sql(settings, "SELECT count(*) FROM job_attempts") == [(1,)]
+
+    # And redoing it gives an empty job_chunks and an unset chunk_scale
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert run_sql(settings, "SELECT count(*) FROM job_chunks") == [(0,)]
+    assert run_sql(settings, "SELECT chunk_scale FROM jobs") == [(None,)]
+
+
+JOB_ROWS = [
+    "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, max_attempts, "
+    "created_at, updated_at) VALUES ('j1', 'summarize', 'running', 'm', '{}', 1, 0, 5, "
+    "'2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00')",
+    "INSERT INTO job_attempts (job_id, number, started_at, outcome) "
+    "VALUES ('j1', 1, '2026-01-01 00:00:00+00', 'running')",
+]
+CHUNK_ROW = (
+    "INSERT INTO job_chunks (job_id, level, chunk_index, text_hash, attempts, status, "
+    "updated_at) VALUES ('j1', 0, 0, 'h', 1, 'done', '2026-01-01 00:00:00+00')"
+)
+
+
+def run_sql(settings: Settings, *statements: str) -> list[Any]:
+    """Execute statements in one transaction; return the last one's rows, if it has any."""
+
+    async def go() -> list[Any]:
+        engine = create_engine(settings)
+        try:
+            async with engine.begin() as connection:
+                rows: list[Any] = []
+                for statement in statements:
+                    result = await connection.execute(text(statement))
+                    rows = [tuple(r) for r in result] if result.returns_rows else []
+                return rows
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())

@@ -9,10 +9,12 @@ read only in part is ever kept.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from sqlalchemy import update
 
 from promptq.checkpoints import ChunkKey
 from promptq.chunking import text_hash
@@ -25,7 +27,9 @@ from promptq.store import AttemptResult, Claim
 from promptq.testing.fake_llm import FakeLLM, expected_reply
 from tests.conftest import WorkerFactory, wait_for, wait_terminal
 from tests.summaries import generate_document, requests_by_text
+from worker.context import WorkerContext
 from worker.prompts import DIVIDER, SummaryRequest, single_messages
+from worker.summarize import run_leased
 
 MAP_PREFIX = "Below is part "
 
@@ -372,3 +376,39 @@ async def test_chunk_checkpoint_writes_are_idempotent(service: JobService) -> No
     )
     with pytest.raises(ClaimLost):
         await service.checkpoints.plan(claim, 0, ["c" * 64])
+
+
+async def test_a_long_attempt_keeps_its_lease_and_stops_once_the_job_is_taken_from_it(
+    service: JobService, settings: Settings
+) -> None:
+    # Given a claimed summarize job whose lease lasts 0.3 s
+    job, _ = await service.submit(summarize("x " * 10))
+    claim = await service.store.claim(job.id, worker="test", lease_s=0.3)
+    assert isinstance(claim, Claim)
+    ctx = cast(
+        WorkerContext, {"checkpoints": service.checkpoints, "lease_s": 0.3, "settings": settings}
+    )
+    first_lease = (await service.store.get_job(job.id)).lease_expires_at  # type: ignore[union-attr]
+
+    # When work outlasts the lease several times over, then the lease keeps moving forward
+    await run_leased(ctx, claim, asyncio.sleep(0.8))
+    renewed = await service.store.get_job(job.id)
+    assert renewed is not None and renewed.lease_expires_at > first_lease
+    assert renewed.status == JobStatus.RUNNING
+
+    # And when the job is cancelled meanwhile, the work is stopped with ClaimLost
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(
+            update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED)
+        )
+    stopped = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+
+    with pytest.raises(ClaimLost):
+        await run_leased(ctx, claim, forever())
+    assert stopped.is_set()
