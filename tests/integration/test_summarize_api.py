@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
+from promptq.client import PromptQClient
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM
@@ -208,10 +209,11 @@ async def test_the_stream_tells_status_progress_and_tokens_and_ends_with_the_res
     fake_llm.config.latency_ms = 20
     fake_llm.config.stream_chunk_delay_ms = 2
     api = await make_api()
-    body = {"kind": "summarize", "document": generate_document(3_000), "context_window": 1024}
-    async with api.post("/api/jobs", json=body) as response:
-        job = await response.json()
-    assert response.status == 202
+    async with PromptQClient(str(api.make_url(""))) as client:
+        job = await client.submit_summarize(
+            generate_document(3_000), context_window=1024, style="paragraph"
+        )
+    assert (job["input"]["context_window"], job["input"]["style"]) == (1024, "paragraph")
 
     # When a client follows the job's stream while a worker runs it
     async with asyncio.timeout(30), api.get(f"/api/jobs/{job['id']}/stream") as response:
