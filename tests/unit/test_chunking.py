@@ -20,7 +20,7 @@ from promptq.chunking import (
 )
 from promptq.errors import PermanentLLMError, TransientLLMError
 from tests.summaries import generate_document
-from worker.summarize import is_context_overflow, shrink_factor, truncation_ratio
+from worker.truncation import is_context_overflow, shrink_factor, truncation_ratio
 
 COUNT = token_counter(4.0)
 
