@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from api import jobs, stream, uploads
+from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.state import SERVICE, SETTINGS
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ServiceUnavailable
+from promptq.keys import KeyStore
 from promptq.migrate import ensure_current
 from promptq.queue import QueueClient
 from promptq.service import JobService
@@ -24,7 +26,8 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     """Build the API app. The engine and Redis pool live exactly as long as the app."""
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.api_max_body_bytes
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=settings.api_max_body_bytes,
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
@@ -44,7 +47,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await engine.dispose()
         raise
-    app[SERVICE] = JobService(settings, JobStore(create_sessionmaker(engine)), queue)
+    sessionmaker = create_sessionmaker(engine)
+    app[SERVICE] = JobService(settings, JobStore(sessionmaker), queue)
+    if settings.auth_disabled:
+        logger.warning(
+            "AUTH IS DISABLED (PROMPTQ_AUTH_DISABLED=true): anyone who can reach this API can "
+            "submit jobs and read every job. Use this for local development only."
+        )
+    else:
+        app[AUTHENTICATOR] = Authenticator(KeyStore(sessionmaker), ttl_s=settings.api_key_cache_s)
+        logger.info(
+            "api: API keys required; a checked key is trusted for %g s", settings.api_key_cache_s
+        )
     logger.info(
         "api: db=%s redis=%s",
         redact_url(settings.resolved_database_url),

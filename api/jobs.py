@@ -1,4 +1,4 @@
-"""Routes under /api/jobs: submit, read, list, and attempt history."""
+"""Routes under /api/jobs: submit, read, list, attempt history, and retry."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
+from api.auth import principal
 from api.state import SERVICE
 from promptq.errors import InvalidRequest, NotFound
 from promptq.models import JobKind, JobStatus
@@ -20,8 +21,6 @@ routes = web.RouteTableDef()
 #: Largest page `GET /api/jobs` returns.
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
-#: Deepest nesting accepted in a request body (job responses add a few levels of their own).
-MAX_JSON_DEPTH = 64
 
 
 def json_response(body: BaseModel | dict[str, Any], status: int = 200, **kw: Any) -> web.Response:
@@ -33,42 +32,14 @@ def json_response(body: BaseModel | dict[str, Any], status: int = 200, **kw: Any
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a 400 that says why not."""
+    """The request body as JSON, or an InvalidRequest (400 or 422) that says why not."""
     raw = await request.read()
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        value = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadJSON(f"the request body is not valid JSON: {exc}") from None
-    # Cheap byte counts first: only a body that might break a rule is walked.
-    if b"\\u0000" in raw or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
-        _check_storable(value)
-    return value
-
-
-def _check_storable(value: Any) -> None:
-    """Refuse what would be stored but then break: NUL characters and very deep nesting.
-
-    PostgreSQL cannot store U+0000 in text or JSONB (the insert fails), and orjson cannot write
-    a response nested more than 254 levels deep (the job would be saved but never readable).
-    """
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise InvalidRequest("strings may not contain NUL (\\u0000) characters")
-            continue
-        if not isinstance(item, dict | list):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(item, dict):
-            stack.extend((key, depth) for key in item)
-            stack.extend((child, depth + 1) for child in item.values())
-        else:
-            stack.extend((child, depth + 1) for child in item)
 
 
 class BadJSON(InvalidRequest):
@@ -83,7 +54,7 @@ async def create_job(request: web.Request) -> web.Response:
     """Submit a prompt or summarize job; 202 with the job (the existing one for a reused key)."""
     spec = parse_job_request(await read_json(request))
     service = request.app[SERVICE]
-    job, created = await service.submit(spec)
+    job, created = await service.submit(spec, owner_key_id=principal(request).key_id)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -103,7 +74,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         _job_id(cursor, what="cursor")
     service = request.app[SERVICE]
     jobs = await service.store.list_jobs(
-        status=status, kind=kind, limit=limit + 1, before_id=cursor
+        status=status,
+        kind=kind,
+        limit=limit + 1,
+        before_id=cursor,
+        owned_by=principal(request).owner_filter,
     )
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
@@ -115,8 +90,8 @@ async def get_job(request: web.Request) -> web.Response:
     """One job with its result, error, usage and attempt count."""
     job_id = _job_id(request.match_info["id"])
     service = request.app[SERVICE]
-    job = await service.store.get_job(job_id)
-    if job is None:
+    job = await service.store.get_job(job_id, owned_by=principal(request).owner_filter)
+    if job is None:  # also when it exists but is not the caller's: never say which
         raise NotFound(f"no job with id {job_id}")
     (out,) = await service.describe([job])
     return json_response(out)
@@ -127,15 +102,28 @@ async def list_attempts(request: web.Request) -> web.Response:
     """Every attempt of a job, oldest first."""
     job_id = _job_id(request.match_info["id"])
     store = request.app[SERVICE].store
-    if await store.get_job(job_id) is None:
+    owned_by = principal(request).owner_filter
+    if await store.get_job(job_id, owned_by=owned_by) is None:
         raise NotFound(f"no job with id {job_id}")
-    attempts = await store.list_attempts(job_id)
+    attempts = await store.list_attempts(job_id, owned_by=owned_by)
     return json_response(
         {
             "job_id": job_id,
             "attempts": [AttemptOut.from_row(a).model_dump(mode="json") for a in attempts],
         }
     )
+
+
+@routes.post("/api/jobs/{id}/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    """Run a failed or cancelled job again with a fresh attempt budget; 409 for other jobs."""
+    job_id = _job_id(request.match_info["id"])
+    service = request.app[SERVICE]
+    if await service.store.get_job(job_id, owned_by=principal(request).owner_filter) is None:
+        raise NotFound(f"no job with id {job_id}")
+    job = await service.retry_one(job_id)
+    (out,) = await service.describe([job])
+    return json_response(out, status=202, headers={"Location": f"/api/jobs/{job.id}"})
 
 
 def job_id_param(request: web.Request) -> str:

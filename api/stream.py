@@ -25,6 +25,7 @@ from aiohttp import web
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from api.auth import principal
 from api.jobs import job_id_param
 from api.state import SERVICE
 from promptq import events
@@ -49,8 +50,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     """Server-sent events of a job's status and progress, ending with its terminal status."""
     job_id = job_id_param(request)
     service = request.app[SERVICE]
-    if not await service.store.get_states([job_id]):
-        raise NotFound(f"no job with id {job_id}")
+    if not await service.store.get_states([job_id], owned_by=principal(request).owner_filter):
+        raise NotFound(f"no job with id {job_id}")  # also when it is not the caller's
     pubsub = await _subscribe(service, job_id)
     response = web.StreamResponse(
         headers={

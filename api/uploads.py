@@ -2,8 +2,9 @@
 
 The body is multipart/form-data. Every part with a filename is a document (.txt, .md, .html,
 .pdf); the other parts are options applied to every job: `instructions`, `style`,
-`target_words`, `context_window`, `model`, `max_attempts`, and `params` (a JSON object). All
-files are read and checked before any job is created, so a bad file creates nothing.
+`target_words`, `context_window`, `model`, `max_attempts`, `deadline_s`, and `params` (a JSON
+object). All files are read and checked before any job is created, so a bad file creates
+nothing. The jobs belong to the API key of the request, like those of `POST /api/jobs`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import orjson
 from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
+from api.auth import principal
 from api.jobs import json_response
 from api.state import SERVICE
 from promptq.documents import Document, check_size, read_document
 from promptq.errors import DocumentTooLarge, InvalidRequest
 from promptq.schemas import SummarizeJobCreate
-from promptq.service import describe_validation_error
+from promptq.service import check_storable, describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ OPTION_FIELDS = {
     "context_window": int,
     "model": str,
     "max_attempts": int,
+    "deadline_s": float,
     "params": "json",
 }
 #: Most files one upload may carry.
@@ -72,7 +75,7 @@ async def upload_documents(request: web.Request) -> web.Response:
         for name, content_type, data in files
     ]
     specs = [_job_request(document, options) for document in documents]
-    submitted = await service.submit_all(list(specs))
+    submitted = await service.submit_all(list(specs), owner_key_id=principal(request).key_id)
     jobs = await service.describe([job for job, _ in submitted])
     return json_response({"jobs": [job.model_dump(mode="json") for job in jobs]}, status=202)
 
@@ -135,6 +138,11 @@ def _option(name: str, value: str) -> Any:
             return int(value.strip())
         except ValueError:
             raise InvalidRequest(f"{name} must be an integer; got {value[:64]!r}") from None
+    if kind is float:
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a number; got {value[:64]!r}") from None
     if kind == "json":
         try:
             return orjson.loads(value)
@@ -151,6 +159,7 @@ def _job_request(document: Document, options: dict[str, Any]) -> SummarizeJobCre
         **({"format": "markdown"} if document.format == "markdown" else {}),
         **options,
     }
+    check_storable(body)  # the options may carry NUL or deep nesting (the text has no NUL)
     try:
         return SummarizeJobCreate.model_validate(body)
     except ValidationError as exc:

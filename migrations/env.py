@@ -42,6 +42,12 @@ def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[Fa
 
 
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table as copy, DROP, rename. With foreign keys on, that DROP
+        # would cascade: rebuilding `jobs` would delete every `job_attempts` row. The pragma
+        # only takes effect outside a transaction, so it runs before alembic starts one.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -51,6 +57,11 @@ def _run(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"the migration left rows with dangling foreign keys: {broken}")
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 async def run_migrations_online() -> None:

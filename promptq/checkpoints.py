@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 from sqlalchemy import ColumnElement, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -210,17 +209,6 @@ class ChunkStore:
         if row is None or row.summary is None:
             return None
         return SavedSummary(row.summary, row.prompt_tokens, row.completion_tokens)
-
-    async def renew_lease(self, claim: Claim, lease_s: float) -> bool:
-        """Push the job's lease `lease_s` into the future; False if the claim no longer holds."""
-        now = clock.now()
-        async with self._sessionmaker() as session, session.begin():
-            result = await session.execute(
-                update(Job)
-                .where(*_claim_holds(claim))
-                .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def chunk_scale(self, job_id: str) -> float:
         """The fraction of the computed chunk size the job runs at (1 until shrunk)."""

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,19 +18,21 @@ from rich.console import Console
 from rich.table import Table
 
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import InvalidRequest, PromptQError
-from promptq.models import TERMINAL_STATUSES, Job, JobStatus
+from promptq.errors import InvalidRequest, NotFound, PromptQError
+from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
 from promptq.settings import Settings
-from promptq.store import JobStore
+from promptq.store import IDS_PER_STATEMENT, RETRYABLE, JobStore
 
 app = typer.Typer(help="promptq: a persistent job queue for LLM work.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 submit_app = typer.Typer(help="Submit jobs.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(submit_app, name="submit")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,7 +54,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning promptq errors into a clear message and exit code."""
     try:
         return asyncio.run(coro)
-    except InvalidRequest as exc:
+    except (InvalidRequest, NotFound) as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
     except PromptQError as exc:
@@ -99,6 +102,109 @@ def db_downgrade(revision: str) -> None:
     console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
 
 
+@asynccontextmanager
+async def open_keys(settings: Settings) -> Any:
+    """A KeyStore on its own engine, closed on exit."""
+    from promptq.keys import KeyStore
+    from promptq.migrate import ensure_current
+
+    engine = create_engine(settings)
+    try:
+        await ensure_current(engine)
+        yield KeyStore(create_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name, e.g. the team or service.")],
+    admin: Annotated[bool, typer.Option(help="May see and read every job.")] = False,
+) -> None:
+    """Create a key and print it: the only time it is shown (only its hash is stored)."""
+    settings = load_settings()
+
+    async def go() -> tuple[ApiKey, str]:
+        async with open_keys(settings) as keys:
+            created: tuple[ApiKey, str] = await keys.create(name, admin=admin)
+            return created
+
+    row, key = run(go())
+    # The key alone on stdout, so `KEY=$(promptq keys create --name x)` works.
+    print(key)
+    role = "admin key" if row.is_admin else "key"
+    err_console.print(
+        f"created {role} [bold]{row.name}[/bold] (id {row.id}, prefix {row.prefix}). "
+        "Save it now: it cannot be shown again.",
+        soft_wrap=True,
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the keys as JSON.")] = False,
+) -> None:
+    """List keys: name, id, prefix, admin, created, revoked (never the keys themselves)."""
+    settings = load_settings()
+
+    async def go() -> list[ApiKey]:
+        async with open_keys(settings) as keys:
+            rows: list[ApiKey] = await keys.list()
+            return rows
+
+    keys = run(go())
+    if as_json:
+        print(json.dumps([_key_json(row) for row in keys], indent=2))
+        return
+    rows = [
+        {
+            "name": row.name,
+            "id": row.id,
+            "prefix": row.prefix,
+            "admin": row.is_admin,
+            "created": _when(row.created_at),
+            "revoked": _when(row.revoked_at),
+        }
+        for row in keys
+    ]
+    # Plain aligned columns: ids are never truncated, so they can be pasted into `keys revoke`.
+    header = {"name": "NAME", "id": "ID", "prefix": "PREFIX", "admin": "ADMIN"}
+    header |= {"created": "CREATED", "revoked": "REVOKED"}
+    table = [header] + [r | {"admin": "yes" if r["admin"] else "no"} for r in rows]
+    widths = {column: max(len(str(line[column])) for line in table) for column in header}
+    for line in table:
+        print("  ".join(str(line[c]).ljust(widths[c]) for c in header).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_id: str) -> None:
+    """Revoke a key by name or id; running APIs refuse it within PROMPTQ_API_KEY_CACHE_S."""
+    settings = load_settings()
+
+    async def go() -> ApiKey:
+        async with open_keys(settings) as keys:
+            row: ApiKey = await keys.revoke(name_or_id)
+            return row
+
+    row = run(go())
+    console.print(f"key {row.name} ({row.prefix}…) revoked at {_when(row.revoked_at)}")
+
+
+def _key_json(row: ApiKey) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "id": row.id,
+        "prefix": row.prefix,
+        "admin": row.is_admin,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
@@ -125,29 +231,53 @@ def worker(
         int | None, typer.Option(min=1, help="Jobs run at once [env PROMPTQ_WORKER_CONCURRENCY].")
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    grace_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, seconds in-flight jobs may finish [env PROMPTQ_WORKER_GRACE_S].",
+        ),
+    ] = None,
 ) -> None:
-    """Run a worker daemon until Ctrl-C / SIGTERM (in-flight jobs go back to the queue)."""
+    """Run a worker daemon until Ctrl-C / SIGTERM.
+
+    On the first signal it stops taking jobs and lets in-flight ones finish for up to
+    --grace-s; what is still running then goes back to the queue, recorded as interrupted
+    (not charged against max_attempts). A second signal skips the wait.
+    """
     from worker.app import create_worker
 
     settings = load_settings()
+    overrides: dict[str, Any] = {}
     if concurrency is not None:
-        settings = settings.with_overrides(worker_concurrency=concurrency)
+        overrides["worker_concurrency"] = concurrency
+    if grace_s is not None:
+        overrides["worker_grace_s"] = grace_s
+    if overrides:
+        settings = settings.with_overrides(**overrides)
     create_worker(settings, burst=burst).run()
 
 
 @app.command()
 def demo() -> None:
-    """Run the whole pipeline once on this machine and show the results."""
-    import os
-
+    """Run the whole pipeline once on embedded defaults and show the results."""
     from promptq.demo import run_demo
 
     settings = load_settings()
     logging.getLogger().setLevel(logging.WARNING)
-    explicit = "PROMPTQ_LLM_BASE_URL" in os.environ or settings.llm_base_url != (
-        Settings.model_fields["llm_base_url"].default
-    )
+    explicit = "llm_base_url" in settings.model_fields_set
     raise typer.Exit(run(run_demo(settings, llm_explicit=explicit)))
+
+
+@app.command()
+def up() -> None:
+    """Start Redis (if needed), the API and a worker on embedded defaults, and keep serving."""
+    from promptq.demo import serve_forever
+
+    settings = load_settings()
+    explicit = "llm_base_url" in settings.model_fields_set
+    with suppress(KeyboardInterrupt):
+        raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))
 
 
 @app.command("fake-llm")
@@ -188,6 +318,9 @@ def submit_prompt(
     model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Fail the job if not done this many seconds from now.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
     timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
 ) -> None:
@@ -195,7 +328,13 @@ def submit_prompt(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
-    body = {"kind": "prompt", "messages": messages, "model": model, "max_attempts": max_attempts}
+    body = {
+        "kind": "prompt",
+        "messages": messages,
+        "model": model,
+        "max_attempts": max_attempts,
+        "deadline_s": deadline_s,
+    }
     _submit_and_report([body], wait=wait, timeout_s=timeout_s)
 
 
@@ -215,6 +354,9 @@ def submit_summarize(
         int | None, typer.Option(help="The model's context window in tokens.")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Fail each job if not done this many seconds from now.")
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show progress, wait for the summaries and print them.")
     ] = False,
@@ -235,6 +377,7 @@ def submit_summarize(
         "target_words": target_words,
         "context_window": context_window,
         "model": model,
+        "deadline_s": deadline_s,
     }
     bodies = [
         {
@@ -392,6 +535,55 @@ def list_jobs(
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)
+
+
+@app.command()
+def retry(
+    job_ids: Annotated[
+        list[str] | None, typer.Argument(help="Jobs to run again.", show_default=False)
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Instead of ids: every job in this status (failed/cancelled)."),
+    ] = None,
+) -> None:
+    """Run failed or cancelled jobs again, each with a fresh attempt budget.
+
+    Their earlier attempts are kept; new attempts continue the numbering.
+    """
+    settings = load_settings()
+    if bool(job_ids) == (status is not None):
+        err_console.print("[red]error:[/red] give job ids or --status, not both or neither")
+        raise typer.Exit(2)
+    if status is not None and status not in RETRYABLE:
+        err_console.print(f"[red]error:[/red] --status must be one of {', '.join(RETRYABLE)}")
+        raise typer.Exit(2)
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with open_service(settings) as service:
+            if status is None:
+                ids = list(dict.fromkeys(job_ids or []))
+                requeued = await service.retry(ids)
+                return requeued, [i for i in ids if i not in set(requeued)]
+            requeued = []
+            after_id: str | None = None
+            while page := await service.store.ids_with_status(
+                status, after_id=after_id, limit=IDS_PER_STATEMENT
+            ):
+                requeued += await service.retry(page)
+                after_id = page[-1]
+            return requeued, []
+
+    requeued, skipped = run(go())
+    for job_id in requeued:
+        console.print(f"re-queued {job_id}")
+    for job_id in skipped:
+        err_console.print(
+            f"[yellow]not re-queued[/yellow] {job_id}: no such failed or cancelled job"
+        )
+    console.print(f"{len(requeued)} job(s) re-queued")
+    if skipped:
+        raise typer.Exit(1)
 
 
 def main() -> None:

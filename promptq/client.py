@@ -1,6 +1,6 @@
 """A small async Python client for the promptq HTTP API.
 
-async with PromptQClient("http://127.0.0.1:8000") as pq:
+async with PromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
     job = await pq.submit_prompt("Say hello", model="llama3.2")
     done = await pq.wait(job["id"])
 """
@@ -18,9 +18,11 @@ import aiohttp
 from promptq.errors import (
     IdempotencyConflict,
     InvalidRequest,
+    JobNotRetryable,
     NotFound,
     PromptQError,
     ServiceUnavailable,
+    Unauthorized,
 )
 
 #: Statuses after which a job never changes again.
@@ -28,11 +30,18 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 _BY_STATUS: dict[int, type[PromptQError]] = {
     400: InvalidRequest,
+    401: Unauthorized,
     404: NotFound,
     409: IdempotencyConflict,
     413: InvalidRequest,
     422: InvalidRequest,
     503: ServiceUnavailable,
+}
+
+#: A 409 can mean either; the error code says which.
+_BY_CODE: dict[str, type[PromptQError]] = {
+    IdempotencyConflict.code: IdempotencyConflict,
+    JobNotRetryable.code: JobNotRetryable,
 }
 
 Job = dict[str, Any]
@@ -85,11 +94,14 @@ class PromptQClient:
         params: dict[str, Any] | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        deadline_s: float | None = None,
     ) -> Job:
         """Submit a chat completion: a user prompt string or a full `messages` list."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         body: dict[str, Any] = {"kind": "prompt", "messages": messages}
-        return await self.submit(_with_options(body, model, params, max_attempts, idempotency_key))
+        return await self.submit(
+            _with_options(body, model, params, max_attempts, idempotency_key, deadline_s)
+        )
 
     async def submit_summarize(
         self,
@@ -103,6 +115,7 @@ class PromptQClient:
         params: dict[str, Any] | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        deadline_s: float | None = None,
     ) -> Job:
         """Submit a document to summarize (style: "bullets" or "paragraph")."""
         body: dict[str, Any] = {"kind": "summarize", "document": document}
@@ -113,11 +126,18 @@ class PromptQClient:
             "context_window": context_window,
         }
         body |= {k: v for k, v in options.items() if v is not None}
-        return await self.submit(_with_options(body, model, params, max_attempts, idempotency_key))
+        return await self.submit(
+            _with_options(body, model, params, max_attempts, idempotency_key, deadline_s)
+        )
 
     async def get(self, job_id: str) -> Job:
         """One job."""
         job: Job = await self._request("GET", f"/api/jobs/{job_id}")
+        return job
+
+    async def retry(self, job_id: str) -> Job:
+        """Run a failed or cancelled job again with a fresh attempt budget."""
+        job: Job = await self._request("POST", f"/api/jobs/{job_id}/retry")
         return job
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
@@ -177,9 +197,11 @@ class PromptQClient:
             except ValueError:
                 data = None
             if response.status >= 400:
-                error = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+                error = data.get("error") if isinstance(data, dict) else None
+                error = error if isinstance(error, dict) else {}
                 message = error.get("message") or f"HTTP {response.status} from {path}"
-                raise _BY_STATUS.get(response.status, PromptQError)(message)
+                kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(response.status)
+                raise (kind or PromptQError)(message)
             return data
 
 
@@ -189,11 +211,13 @@ def _with_options(
     params: dict[str, Any] | None,
     max_attempts: int | None,
     idempotency_key: str | None,
+    deadline_s: float | None,
 ) -> dict[str, Any]:
     options = {
         "model": model,
         "params": params,
         "max_attempts": max_attempts,
         "idempotency_key": idempotency_key,
+        "deadline_s": deadline_s,
     }
     return body | {k: v for k, v in options.items() if v is not None}

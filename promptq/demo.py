@@ -21,14 +21,34 @@ from rich.table import Table
 
 from promptq import migrate
 from promptq.client import TERMINAL, PromptQClient
+from promptq.db import redact_url
+from promptq.embedded import resolve_redis
 from promptq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 NAMES = [
-    "Alice", "Bob", "Charlie", "David", "Emma", "Frank", "Grace", "Hannah", "Ian", "Jessica",
-    "Kevin", "Linda", "Michael", "Nancy", "Olivia", "Peter", "Quincy", "Rachel", "Samuel", "Tiffany",
-]  # fmt: skip
+    "Alice",
+    "Bob",
+    "Charlie",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Hannah",
+    "Ian",
+    "Jessica",
+    "Kevin",
+    "Linda",
+    "Michael",
+    "Nancy",
+    "Olivia",
+    "Peter",
+    "Quincy",
+    "Rachel",
+    "Samuel",
+    "Tiffany",
+]
 
 DOCUMENTS = {
     "lighthouse.txt": (
@@ -89,22 +109,25 @@ async def _llm(settings: Settings, explicit: bool) -> AsyncIterator[Settings]:
         yield settings.with_overrides(llm_base_url=fake.base_url)
 
 
-async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
-    """Run the demo; returns the process exit code."""
+@asynccontextmanager
+async def local_stack(
+    settings: Settings, *, llm_explicit: bool, api_port: int = 0
+) -> AsyncIterator[tuple[Settings, str]]:
+    """Redis, database, LLM, API and one worker in this process; yields (settings, api_url)."""
     from api.app import create_app
     from worker.app import create_worker
 
-    console.print(f"database: {settings.resolved_database_url}\nredis: {settings.redis_url}")
-    await migrate.upgrade_async(settings)
     async with AsyncExitStack() as stack:
+        settings = await stack.enter_async_context(resolve_redis(settings))
+        console.print(f"database: {redact_url(settings.resolved_database_url)}")
+        await migrate.upgrade_async(settings)
         settings = await stack.enter_async_context(_llm(settings, llm_explicit))
         runner = web.AppRunner(create_app(settings), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, settings.api_host, api_port)
         await site.start()
-        port = runner.addresses[0][1]
-        api_url = f"http://127.0.0.1:{port}"
+        api_url = f"http://{settings.api_host}:{runner.addresses[0][1]}"
         console.print(f"API: {api_url}  (try: curl {api_url}/api/jobs?limit=5)")
 
         worker = create_worker(settings, handle_signals=False)
@@ -116,9 +139,26 @@ async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
             await asyncio.gather(worker_task, return_exceptions=True)
 
         stack.push_async_callback(stop_worker)
-        client = await stack.enter_async_context(PromptQClient(api_url))
+        yield settings, api_url
+
+
+async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
+    """Run the demo; returns the process exit code."""
+    # The demo's API listens on an ephemeral 127.0.0.1 port for its own client: no keys needed.
+    demo_settings = settings.with_overrides(auth_disabled=True, api_host="127.0.0.1")
+    async with (
+        local_stack(demo_settings, llm_explicit=llm_explicit) as (_, api_url),
+        PromptQClient(api_url) as client,
+    ):
         return await _submit_and_watch(client)
-    return 1  # pragma: no cover - the stack always returns above
+
+
+async def serve_forever(settings: Settings, *, llm_explicit: bool) -> int:
+    """`promptq up`: the same stack as the demo, serving until Ctrl-C."""
+    async with local_stack(settings, llm_explicit=llm_explicit, api_port=settings.api_port):
+        console.print("promptq is up; Ctrl-C stops it.")
+        await asyncio.Event().wait()
+    return 0
 
 
 async def _submit_and_watch(client: PromptQClient) -> int:
@@ -138,7 +178,12 @@ async def _submit_and_watch(client: PromptQClient) -> int:
         labels[job["id"]] = f"summarize {filename}"
 
     done: dict[str, dict[str, Any]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("running jobs", total=len(labels))
         while len(done) < len(labels):

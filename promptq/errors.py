@@ -5,7 +5,9 @@ PromptQError
 │   ├── IdempotencyConflict same idempotency_key, different request (409)
 │   ├── DocumentTooLarge    a document over PROMPTQ_MAX_DOCUMENT_BYTES (413)
 │   └── UnsupportedDocument a file type promptq cannot read, or a file it cannot parse (422)
-├── NotFound                no such job (404)
+├── Unauthorized            missing, invalid or revoked API key (401)
+├── NotFound                no such job, or not yours (404)
+├── JobNotRetryable         only failed or cancelled jobs can be retried (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 ├── ClaimLost               a worker's attempt was overtaken (job cancelled or reclaimed)
 └── LLMError                a call to the model endpoint failed
@@ -64,11 +66,25 @@ class UnsupportedDocument(InvalidRequest):
     http_status = 422
 
 
+class Unauthorized(PromptQError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
 class NotFound(PromptQError):
     """No such object."""
 
     code = "not_found"
     http_status = 404
+
+
+class JobNotRetryable(PromptQError):
+    """Only failed or cancelled jobs can be retried."""
+
+    code = "not_retryable"
+    http_status = 409
 
 
 class ServiceUnavailable(PromptQError):

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -111,6 +113,24 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class ApiKey(Base):
+    """An API key. Only the SHA-256 of the key is stored; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: Unique forever, revoked keys included, so that a name always means one key.
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The key's first characters: not secret, enough for a person to tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    #: Hex SHA-256 of the whole key; a request's key is looked up by it.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Admin keys see and read every job; other keys only their own.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class Job(Base):
     """One unit of LLM work and its outcome. SQL is the source of truth for its state."""
 
@@ -130,16 +150,26 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: Attempts cut short by a worker stopping or dying; they don't count against max_attempts.
     interruptions: Mapped[int] = mapped_column(Integer, default=0)
+    #: Cap on charged attempts (attempts - interruptions). A retry raises it by attempt_budget.
     max_attempts: Mapped[int] = mapped_column(Integer)
+    #: Charged attempts each run gets: the request's max_attempts.
+    attempt_budget: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     #: Summarize jobs: the fraction of the computed chunk size in use; each silently truncated
     #: prompt shrinks it for the next attempt. NULL means 1 (never shrunk).
     chunk_scale: Mapped[float | None] = mapped_column(Float)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    #: The API key that created the job; NULL when made by the CLI or with auth disabled.
+    owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="RESTRICT"))
+    #: Unique per owner (see the two partial unique indexes below).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     #: While running: the attempt is presumed alive until then; after it, another worker may
     #: take the job over and record the attempt as interrupted.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The request's overall wall-clock budget, counted from creation (or from a retry).
+    deadline_s: Mapped[float | None] = mapped_column(Float)
+    #: Past this, the job fails instead of starting or scheduling another attempt.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When a retrying job becomes due again.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -150,6 +180,25 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_kind_id", "kind", "id"),
+        Index("ix_jobs_owner_key_id_id", "owner_key_id", "id"),
+        # An idempotency key is unique per owner. A plain UNIQUE (owner_key_id, idempotency_key)
+        # would not do: NULLs are distinct in it (SQLite, and PostgreSQL by default), so unowned
+        # jobs could share a key. Hence one partial unique index for owned jobs, one for unowned.
+        Index(
+            "uq_jobs_owner_key_id_idempotency_key",
+            "owner_key_id",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("owner_key_id IS NOT NULL"),
+            postgresql_where=text("owner_key_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_jobs_unowned_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("owner_key_id IS NULL"),
+            postgresql_where=text("owner_key_id IS NULL"),
+        ),
     )
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import RedisError
 
 from promptq.errors import ServiceUnavailable
@@ -93,10 +94,56 @@ class QueueClient:
 
     async def missing(self, job_ids: Sequence[str]) -> list[str]:
         """The ids among `job_ids` that have no arq job in Redis."""
+        states = await self.states(job_ids)
+        return [job_id for job_id in job_ids if not states[job_id].queued]
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, RedisState]:
+        """What Redis holds for each job: its arq job, and arq's in-progress marker."""
         if not job_ids:
-            return []
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.exists(job_key_prefix + job_id)
+                pipe.pttl(in_progress_key_prefix + job_id)
+                pipe.zscore(self.queue_name, job_id)
             found = await pipe.execute()
-        return [job_id for job_id, present in zip(job_ids, found, strict=True) if not present]
+        states = {}
+        for i, job_id in enumerate(job_ids):
+            exists, ttl_ms, score_ms = found[3 * i : 3 * i + 3]
+            # PTTL: -2 means no marker, -1 a marker without expiry.
+            marker_ttl_s = None if ttl_ms == -2 else (float("inf") if ttl_ms < 0 else ttl_ms / 1000)
+            states[job_id] = RedisState(
+                queued=bool(exists),
+                marker_ttl_s=marker_ttl_s,
+                due_at_ms=None if score_ms is None else float(score_ms),
+            )
+        return states
+
+    async def reschedule(self, due_at_ms: Mapping[str, float]) -> None:
+        """Move queued jobs' arq due times (their score in the queue) to the given ones."""
+        if due_at_ms:
+            await self.redis.zadd(self.queue_name, dict(due_at_ms), xx=True)
+
+    async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
+        """Delete arq's in-progress markers, so the jobs can be picked up again at once."""
+        if job_ids:
+            await self.redis.delete(*(in_progress_key_prefix + job_id for job_id in job_ids))
+
+    async def try_lock(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        """Take `<queue>:<name>` for ttl_s unless someone holds it; True if we took it."""
+        key = f"{self.queue_name}:{name}"
+        taken = await self.redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000)))
+        return bool(taken)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """A job as Redis sees it."""
+
+    #: arq holds the job (its key exists; it waits in, or runs from, the queue).
+    queued: bool
+    #: Time left on arq's in-progress marker, None without one. While the marker is set, no
+    #: worker picks the job up; arq sets it for the job timeout + 10 s.
+    marker_ttl_s: float | None
+    #: When arq will hand the job out (its score in the queue, Unix ms), None if not queued.
+    due_at_ms: float | None

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from promptq.models import Job, JobAttempt
 
 MAX_ATTEMPTS_LIMIT = 100
+#: Longest accepted deadline_s: a week, as long as a job stays in Redis.
+MAX_DEADLINE_S = 7 * 24 * 3600.0
 
 
 class _Strict(BaseModel):
@@ -46,6 +48,8 @@ class _JobCreateBase(_Strict):
     model: str | None = Field(default=None, min_length=1, max_length=255)
     params: ChatParams = Field(default_factory=ChatParams)
     max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS_LIMIT)
+    #: Overall wall-clock budget in seconds from creation; past it the job fails, not retries.
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
 
@@ -124,6 +128,8 @@ class JobOut(BaseModel):
     model: str
     attempts: int
     max_attempts: int
+    deadline_s: float | None
+    deadline_at: datetime | None
     result: str | None
     error: str | None
     error_code: str | None
@@ -148,6 +154,8 @@ class JobOut(BaseModel):
             model=job.model,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
+            deadline_s=job.deadline_s,
+            deadline_at=job.deadline_at,
             result=job.result,
             error=job.error,
             error_code=job.error_code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,8 +20,13 @@ from promptq.store import JobStore
 logger = logging.getLogger(__name__)
 
 
+#: Deepest JSON nesting accepted in a request (orjson can't write beyond 254 levels).
+MAX_JSON_DEPTH = 64
+
+
 def parse_job_request(payload: Any) -> PromptJobCreate | SummarizeJobCreate:
     """Validate a job request body, turning pydantic's errors into one InvalidRequest."""
+    check_storable(payload)
     try:
         return job_create_adapter.validate_python(payload)
     except ValidationError as exc:
@@ -34,6 +40,30 @@ def describe_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
+
+
+def check_storable(value: Any) -> None:
+    """Refuse what would be accepted but then break: NUL characters and very deep nesting.
+
+    PostgreSQL cannot store U+0000 in text or JSONB, and a body nested deeper than orjson can
+    write would be saved but never readable.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidRequest("strings may not contain NUL (\\u0000) characters")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the request nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        else:
+            stack.extend((child, depth + 1) for child in item)
 
 
 class JobService:
@@ -51,8 +81,15 @@ class JobService:
             size_bytes = len(request.document.encode("utf-8", errors="surrogatepass"))
             check_size(request.filename or "document", size_bytes, self.settings.max_document_bytes)
 
-    async def submit(self, request: PromptJobCreate | SummarizeJobCreate) -> tuple[Job, bool]:
+    async def submit(
+        self,
+        request: PromptJobCreate | SummarizeJobCreate,
+        *,
+        owner_key_id: str | None = None,
+    ) -> tuple[Job, bool]:
         """Write the job row first, then enqueue it. Returns (job, created).
+
+        `owner_key_id` is the API key the job belongs to (None: the local operator's).
 
         A job that is saved but cannot be queued (Redis down) stays `queued` in SQL, and the
         workers' reconciler enqueues it once Redis is back: nothing accepted is lost.
@@ -64,26 +101,45 @@ class JobService:
             input=request.job_input(),
             max_attempts=request.max_attempts or self.settings.max_attempts,
             idempotency_key=request.idempotency_key,
+            owner_key_id=owner_key_id,
+            deadline_s=request.deadline_s,
         )
         if created or job.status == JobStatus.QUEUED:
-            try:
-                await self.queue.enqueue(job.id)
-            except ServiceUnavailable:
-                logger.warning(
-                    "job %s saved but not queued (Redis down); the reconciler will", job.id
-                )
+            await self._enqueue(job.id)
         return job, created
 
     async def submit_all(
-        self, requests: list[PromptJobCreate | SummarizeJobCreate]
+        self,
+        requests: list[PromptJobCreate | SummarizeJobCreate],
+        *,
+        owner_key_id: str | None = None,
     ) -> list[tuple[Job, bool]]:
         """Check every request first, so a bad one creates nothing; then submit each in order."""
         for request in requests:
             self.check(request)
-        return [await self.submit(request) for request in requests]
+        return [await self.submit(r, owner_key_id=owner_key_id) for r in requests]
 
     async def describe(self, jobs: list[Job]) -> list[JobOut]:
         """The jobs as the API shows them, summarize jobs with their progress."""
         summarize_ids = [job.id for job in jobs if job.kind == JobKind.SUMMARIZE]
         progress = await self.checkpoints.progress(summarize_ids)
         return [JobOut.from_row(job, progress.get(job.id)) for job in jobs]
+
+    async def retry(self, job_ids: Sequence[str]) -> list[str]:
+        """Re-queue failed or cancelled jobs with a fresh attempt budget; the ids re-queued."""
+        requeued = await self.store.requeue(job_ids)
+        for job_id in requeued:
+            await self._enqueue(job_id)
+        return requeued
+
+    async def retry_one(self, job_id: str) -> Job:
+        """Re-queue one failed or cancelled job; NotFound or JobNotRetryable otherwise."""
+        job = await self.store.requeue_one(job_id)
+        await self._enqueue(job.id)
+        return job
+
+    async def _enqueue(self, job_id: str) -> None:
+        try:
+            await self.queue.enqueue(job_id)
+        except ServiceUnavailable:
+            logger.warning("job %s saved but not queued (Redis down); the reconciler will", job_id)

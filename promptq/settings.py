@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=10, ge=1, le=10_000)
     #: How often an idle worker polls Redis for new jobs.
     worker_poll_delay_s: float = Field(default=0.05, gt=0)
+    #: On SIGTERM/SIGINT, how long in-flight jobs may run on before they are handed back.
+    worker_grace_s: float = Field(default=30.0, ge=0)
+    #: A running attempt's lease; its worker renews it every lease_s/3. A job whose lease has
+    #: run out is presumed orphaned and runs again elsewhere.
+    lease_s: float = Field(default=10.0, ge=0.3)
+    #: How often the reconciler looks for orphaned jobs and jobs that Redis lost.
+    reconcile_interval_s: float = Field(default=3.0, gt=0)
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Backoff: full jitter on `retry_base_s * 2**(attempt-1)`, capped at `retry_cap_s`.
@@ -44,6 +51,10 @@ class Settings(BaseSettings):
     #: Largest accepted HTTP request body.
     api_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     api_url: str = "http://127.0.0.1:8000"
+    #: Serve the API without API keys: every caller is an admin. Local development only.
+    auth_disabled: bool = False
+    #: How long the API trusts a key it has looked up; a revoked key works at most this long.
+    api_key_cache_s: float = Field(default=30.0, ge=0)
 
     #: Largest document accepted for summarizing: an uploaded file, or a JSON `document`.
     max_document_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)

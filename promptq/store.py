@@ -7,23 +7,29 @@ the same job (arq is at-least-once) can neither double-count an attempt nor over
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from promptq import clock
-from promptq.errors import IdempotencyConflict, ServiceUnavailable
+from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
 logger = logging.getLogger(__name__)
 
 #: Statuses a worker may start an attempt from.
 CLAIMABLE = (JobStatus.QUEUED, JobStatus.RETRYING)
+#: Statuses `promptq retry` may send back to the queue.
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+#: Rows per statement when a statement lists ids (keeps under every driver's parameter limit).
+IDS_PER_STATEMENT = 500
+#: `jobs.error_code` of a job that ran out of wall-clock time.
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +44,20 @@ class Claim:
     max_attempts: int
     #: Attempts that count against max_attempts, this one included.
     charged: int
+    #: The job's wall-clock budget and when it runs out, if it has one.
+    deadline_s: float | None = None
+    deadline_at: datetime | None = None
 
     @property
     def is_last(self) -> bool:
         """True when a transient failure of this attempt fails the job."""
         return self.charged >= self.max_attempts
+
+    def seconds_left(self) -> float | None:
+        """Time until the job's deadline (negative once past it), if it has one."""
+        if self.deadline_at is None:
+            return None
+        return (self.deadline_at - clock.now()).total_seconds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +124,18 @@ class JobStore:
         input: dict[str, Any],
         max_attempts: int,
         idempotency_key: str | None,
+        owner_key_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
 
+        Idempotency keys are per owner: the same key from two owners makes two jobs.
         Returns (job, created). A reused key with a different request raises IdempotencyConflict.
         """
         if idempotency_key is not None:
-            existing = await self._by_idempotency_key(idempotency_key)
+            existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is not None:
-                return self._check_same(existing, kind, model, input), False
+                return self._check_same(existing, kind, model, input, max_attempts), False
         now = clock.now()
         job = Job(
             id=clock.new_id(),
@@ -128,7 +146,11 @@ class JobStore:
             attempts=0,
             interruptions=0,
             max_attempts=max_attempts,
+            attempt_budget=max_attempts,
+            deadline_s=deadline_s,
+            deadline_at=_deadline_at(now, deadline_s),
             idempotency_key=idempotency_key,
+            owner_key_id=owner_key_id,
             created_at=now,
             updated_at=now,
         )
@@ -139,20 +161,32 @@ class JobStore:
             # Lost a race with a concurrent request carrying the same key.
             if idempotency_key is None:
                 raise
-            existing = await self._by_idempotency_key(idempotency_key)
+            existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is None:
                 raise
-            return self._check_same(existing, kind, model, input), False
+            return self._check_same(existing, kind, model, input, max_attempts), False
         return job, True
 
-    async def _by_idempotency_key(self, key: str) -> Job | None:
+    async def _by_idempotency_key(self, key: str, owner_key_id: str | None) -> Job | None:
+        owner = (
+            Job.owner_key_id.is_(None)
+            if owner_key_id is None
+            else (Job.owner_key_id == owner_key_id)
+        )
         async with self._sessionmaker() as session:
-            result = await session.execute(select(Job).where(Job.idempotency_key == key))
+            result = await session.execute(select(Job).where(Job.idempotency_key == key, owner))
             return result.scalar_one_or_none()
 
     @staticmethod
-    def _check_same(job: Job, kind: str, model: str, input: dict[str, Any]) -> Job:
-        if (job.kind, job.model, job.input) != (kind, model, input):
+    def _check_same(
+        job: Job, kind: str, model: str, input: dict[str, Any], max_attempts: int
+    ) -> Job:
+        if (job.kind, job.model, job.input, job.max_attempts) != (
+            kind,
+            model,
+            input,
+            max_attempts,
+        ):
             raise IdempotencyConflict(
                 f"idempotency_key {job.idempotency_key!r} was already used by job {job.id} "
                 "for a different request; use a new key for a new request"
@@ -161,10 +195,13 @@ class JobStore:
 
     # -- readers ---------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        """The job, or None."""
+    async def get_job(self, job_id: str, *, owned_by: str | None = None) -> Job | None:
+        """The job, or None; with `owned_by`, None too unless that key id owns it."""
+        query = select(Job).where(Job.id == job_id)
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
-            return await session.get(Job, job_id)
+            return (await session.execute(query)).scalar_one_or_none()
 
     async def list_jobs(
         self,
@@ -173,9 +210,15 @@ class JobStore:
         kind: str | None = None,
         limit: int = 50,
         before_id: str | None = None,
+        owned_by: str | None = None,
     ) -> list[Job]:
-        """Newest first; pass the last id seen as `before_id` for the next page."""
+        """Newest first; pass the last id seen as `before_id` for the next page.
+
+        With `owned_by`, only the jobs that key id owns.
+        """
         query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
         if status is not None:
             query = query.where(Job.status == status)
         if kind is not None:
@@ -185,31 +228,156 @@ class JobStore:
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 
-    async def get_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """The current state of each job that exists, by id, without its input or result."""
+    async def get_states(
+        self, job_ids: Sequence[str], *, owned_by: str | None = None
+    ) -> dict[str, JobState]:
+        """The current state of each job that exists, by id, without its input or result;
+        with `owned_by`, only the jobs that key id owns."""
         if not job_ids:
             return {}
         query = select(
             Job.id, Job.kind, Job.status, Job.attempts, Job.max_attempts, Job.error, Job.error_code
         ).where(Job.id.in_(list(job_ids)))
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
             rows = await session.execute(query)
             return {row.id: JobState(*row) for row in rows}
 
-    async def list_attempts(self, job_id: str) -> list[JobAttempt]:
-        """Every attempt of a job, in order."""
+    async def list_attempts(self, job_id: str, *, owned_by: str | None = None) -> list[JobAttempt]:
+        """Every attempt of a job, in order; with `owned_by`, none unless that key id owns it."""
         query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.number)
+        if owned_by is not None:
+            query = query.join(Job, Job.id == JobAttempt.job_id).where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 
-    async def unqueued_candidates(self, *, older_than: datetime, limit: int) -> Sequence[Job]:
-        """Jobs that should be in Redis: waiting ones last touched before `older_than`, and
-        running ones whose lease has expired (their worker is gone)."""
-        waiting = and_(Job.status.in_(CLAIMABLE), Job.updated_at < older_than)
-        orphaned = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < clock.now())
-        query = select(Job).where(or_(waiting, orphaned)).order_by(Job.id).limit(limit)
+    async def expired_leases(self, *, now: datetime, limit: int) -> list[str]:
+        """Ids of running jobs whose lease ran out before `now`: their worker is gone."""
+        query = (
+            select(Job.id)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.id)
+            .limit(limit)
+        )
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
+
+    async def waiting_jobs(
+        self, *, older_than: datetime, after_id: str | None, limit: int
+    ) -> list[tuple[str, datetime | None]]:
+        """(id, next_attempt_at) of queued/retrying jobs last touched before `older_than`,
+        in id order after `after_id`: one page of a scan that resumes where it stopped."""
+        query = (
+            select(Job.id, Job.next_attempt_at)
+            .where(Job.status.in_(CLAIMABLE), Job.updated_at < older_than)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        if after_id is not None:
+            query = query.where(Job.id > after_id)
+        async with self._sessionmaker() as session:
+            return [(row.id, row.next_attempt_at) for row in await session.execute(query)]
+
+    async def ids_with_status(self, status: str, *, after_id: str | None, limit: int) -> list[str]:
+        """Ids of jobs in `status`, in id order after `after_id`."""
+        query = select(Job.id).where(Job.status == status).order_by(Job.id).limit(limit)
+        if after_id is not None:
+            query = query.where(Job.id > after_id)
+        async with self._sessionmaker() as session:
+            return list((await session.execute(query)).scalars())
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def requeue(self, job_ids: Sequence[str]) -> list[str]:
+        """Send failed or cancelled jobs back to `queued` with a fresh attempt budget.
+
+        Old attempts stay; new ones continue the numbering. A job with a deadline gets its
+        deadline_s again, counted from now. Returns the ids that were re-queued.
+        """
+        now = clock.now()
+        requeued: list[str] = []
+        for start in range(0, len(job_ids), IDS_PER_STATEMENT):
+            chunk = list(job_ids[start : start + IDS_PER_STATEMENT])
+            async with self._sessionmaker() as session, session.begin():
+                rows = await session.execute(
+                    select(Job.id, Job.deadline_s).where(
+                        Job.id.in_(chunk), Job.status.in_(RETRYABLE)
+                    )
+                )
+                by_deadline: dict[float | None, list[str]] = {}
+                for row in rows:
+                    by_deadline.setdefault(row.deadline_s, []).append(row.id)
+                for deadline_s, ids in by_deadline.items():
+                    result = await session.execute(
+                        update(Job)
+                        .where(Job.id.in_(ids), Job.status.in_(RETRYABLE))
+                        .values(
+                            status=JobStatus.QUEUED,
+                            max_attempts=Job.attempts - Job.interruptions + Job.attempt_budget,
+                            deadline_at=_deadline_at(now, deadline_s),
+                            error=None,
+                            error_code=None,
+                            finished_at=None,
+                            next_attempt_at=None,
+                            lease_expires_at=None,
+                            updated_at=now,
+                        )
+                        .returning(Job.id)
+                        .execution_options(synchronize_session=False)
+                    )
+                    requeued.extend(result.scalars())
+        return requeued
+
+    async def requeue_one(self, job_id: str) -> Job:
+        """Re-queue one failed or cancelled job; NotFound or JobNotRetryable otherwise."""
+        if not await self.requeue([job_id]):
+            job = await self.get_job(job_id)
+            if job is None:
+                raise NotFound(f"no job with id {job_id}")
+            raise JobNotRetryable(
+                f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried"
+            )
+        job = await self.get_job(job_id)
+        if job is None:  # deleted in between
+            raise NotFound(f"no job with id {job_id}")
+        return job
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def renew_leases(self, held: Mapping[str, int], *, lease_s: float) -> int:
+        """Extend the leases of the attempts a worker holds ({job id: attempt number}).
+
+        One conditional UPDATE per IDS_PER_STATEMENT jobs: a job that finished, was cancelled
+        or was taken over by another worker no longer matches. Returns the rows renewed.
+        """
+        items = list(held.items())
+        renewed = 0
+        for start in range(0, len(items), IDS_PER_STATEMENT):
+            chunk = items[start : start + IDS_PER_STATEMENT]
+            now = clock.now()
+            async with self._sessionmaker() as session, session.begin():
+                result = await session.execute(
+                    update(Job)
+                    .where(Job.status == JobStatus.RUNNING, tuple_(Job.id, Job.attempts).in_(chunk))
+                    .values(lease_expires_at=now + timedelta(seconds=lease_s))
+                    .execution_options(synchronize_session=False)
+                )
+                renewed += result.rowcount  # type: ignore[attr-defined]
+        return renewed
+
+    async def holding(self, held: Mapping[str, int]) -> set[str]:
+        """The ids of `held` ({job id: attempt number}) whose attempt still runs its job."""
+        items = list(held.items())
+        found: set[str] = set()
+        for start in range(0, len(items), IDS_PER_STATEMENT):
+            chunk = items[start : start + IDS_PER_STATEMENT]
+            query = select(Job.id).where(
+                Job.status == JobStatus.RUNNING, tuple_(Job.id, Job.attempts).in_(chunk)
+            )
+            async with self._sessionmaker() as session:
+                found.update((await session.execute(query)).scalars())
+        return found
 
     # -- the worker's transitions ----------------------------------------------------------
 
@@ -225,9 +393,9 @@ class JobStore:
             job = await session.get(Job, job_id)
             if job is None or JobStatus(job.status).is_terminal:
                 return None
-            if job.status == JobStatus.RUNNING and job.lease_expires_at is not None:
-                if job.lease_expires_at > now:
-                    return Busy((job.lease_expires_at - now).total_seconds())
+            lease = job.lease_expires_at
+            if job.status == JobStatus.RUNNING and lease is not None and lease > now:
+                return Busy((lease - now).total_seconds())
             if job.status == JobStatus.RUNNING:
                 await self._interrupt_open_attempts(session, job_id, now, "worker lost")
                 seen_status = JobStatus.RUNNING
@@ -235,11 +403,15 @@ class JobStore:
             else:
                 seen_status = JobStatus(job.status)
                 interrupted = 0
+            number = job.attempts + 1
+            if job.deadline_at is not None and job.deadline_at <= now:
+                await self._fail_past_deadline(session, job, seen_status, interrupted, now)
+                return None
             charged = job.attempts - job.interruptions - interrupted + 1
             if charged > job.max_attempts:
                 logger.warning("job %s has no attempts left but is %s", job_id, job.status)
+                await session.rollback()
                 return None
-            number = job.attempts + 1
             won = await session.execute(
                 update(Job)
                 .where(
@@ -278,7 +450,40 @@ class JobStore:
                 input=job.input,
                 max_attempts=job.max_attempts,
                 charged=charged,
+                deadline_s=job.deadline_s,
+                deadline_at=job.deadline_at,
             )
+
+    async def _fail_past_deadline(
+        self,
+        session: AsyncSession,
+        job: Job,
+        seen_status: JobStatus,
+        interrupted: int,
+        now: datetime,
+    ) -> None:
+        """Fail a job whose deadline passed before its next attempt could start."""
+        message = deadline_message(job.deadline_s, job.attempts - job.interruptions - interrupted)
+        if job.error:
+            message += f"; last error: {job.error}"
+        failed = await session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == seen_status, Job.attempts == job.attempts)
+            .values(
+                status=JobStatus.FAILED,
+                error=message,
+                error_code=DEADLINE_EXCEEDED,
+                interruptions=Job.interruptions + interrupted,
+                next_attempt_at=None,
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        if failed.rowcount != 1:  # type: ignore[attr-defined]
+            await session.rollback()
+            return
+        logger.warning("job %s failed: %s", job.id, message)
 
     async def finish_attempt(
         self,
@@ -287,12 +492,15 @@ class JobStore:
         *,
         job_status: JobStatus,
         next_attempt_at: datetime | None = None,
+        job_error: tuple[str, str] | None = None,
     ) -> bool:
         """Close the attempt and move the job to `job_status`, if the claim still holds.
 
+        `job_error` (message, code) overrides the error the job row gets from the attempt.
         Returns False when the job moved on without us (cancelled, or reclaimed elsewhere).
         """
         now = clock.now()
+        result = _storable(result)
         job_values: dict[str, Any] = {
             "status": job_status,
             "updated_at": now,
@@ -307,6 +515,8 @@ class JobStore:
                 "error": None,
                 "error_code": None,
             }
+        elif job_error is not None:
+            job_values |= {"error": job_error[0], "error_code": job_error[1]}
         elif result.error is not None:
             job_values |= {"error": result.error, "error_code": result.error_code}
         if job_status.is_terminal:
@@ -356,3 +566,27 @@ class JobStore:
             )
             .values(outcome=AttemptOutcome.INTERRUPTED, finished_at=now, error=reason)
         )
+
+
+def _storable(result: AttemptResult) -> AttemptResult:
+    """Replace NUL characters (which PostgreSQL cannot store) in model output and errors."""
+    texts = (result.result, result.error)
+    if not any(t and "\x00" in t for t in texts):
+        return result
+    return replace(
+        result,
+        result=result.result.replace("\x00", "\ufffd") if result.result else result.result,
+        error=result.error.replace("\x00", "\ufffd") if result.error else result.error,
+    )
+
+
+def _deadline_at(start: datetime, deadline_s: float | None) -> datetime | None:
+    return None if deadline_s is None else start + timedelta(seconds=deadline_s)
+
+
+def deadline_message(deadline_s: float | None, charged: int) -> str:
+    """The error of a job whose wall-clock budget ran out."""
+    return (
+        f"deadline exceeded: the job's deadline_s of {deadline_s or 0:g} s ran out "
+        f"after {charged} charged attempt(s)"
+    )

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import redis
 
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
+from promptq.keys import KeyStore
 from promptq.models import TERMINAL_STATUSES, JobStatus
 from promptq.queue import QueueClient
 from promptq.service import JobService
@@ -32,13 +32,43 @@ from tests import services
 PG_ADMIN_DSN = os.environ.get(
     "PROMPTQ_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-#: Checkouts of this repository that run their suites at the same time on one machine must not
-#: share a Redis database or a PostgreSQL template, so both are derived from the checkout's path.
-_CHECKOUT_SLOT = zlib.crc32(str(Path(__file__).resolve().parents[1]).encode()) % 14 + 1
-PG_TEMPLATE = f"promptq_test_template_{_CHECKOUT_SLOT}"
-#: Redis logical database the tests use; flushed before every test.
-REDIS_TEST_DB = int(os.environ.get("PROMPTQ_TEST_REDIS_DB", str(_CHECKOUT_SLOT)))
-REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+#: Filled in by pytest_configure: the Redis db and PostgreSQL template this run owns. Test
+#: runs of several checkouts on one machine at once must not share them (each test flushes its
+#: Redis db), so a run claims a free slot in Redis (db 0) and releases it when it ends.
+REDIS_TEST_DB = 0
+REDIS_TEST_URL = ""
+PG_TEMPLATE = ""
+_SLOT_KEY = "promptq:test-slot:{}"
+#: A claim outlives any sane test run, and vanishes by itself if the run is killed.
+_SLOT_TTL_S = 3 * 3600
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Claim a Redis db (1-15) for this test run."""
+    global REDIS_TEST_DB, REDIS_TEST_URL, PG_TEMPLATE
+    services.ensure_redis()
+    admin = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    forced = os.environ.get("PROMPTQ_TEST_REDIS_DB")
+    candidates = [int(forced)] if forced else list(range(15, 0, -1))
+    for slot in candidates:
+        if forced or admin.set(_SLOT_KEY.format(slot), os.getpid(), nx=True, ex=_SLOT_TTL_S):
+            REDIS_TEST_DB = slot
+            break
+    else:
+        raise pytest.UsageError("all 15 Redis test slots are taken by other test runs")
+    admin.close()
+    REDIS_TEST_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    PG_TEMPLATE = f"promptq_test_template_{REDIS_TEST_DB}_{os.getpid()}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Release this run's Redis slot."""
+    if REDIS_TEST_URL and not os.environ.get("PROMPTQ_TEST_REDIS_DB"):
+        admin = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        if admin.get(_SLOT_KEY.format(REDIS_TEST_DB)) == str(os.getpid()).encode():
+            admin.delete(_SLOT_KEY.format(REDIS_TEST_DB))
+        admin.close()
+
 
 DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -91,7 +121,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> str:
+def pg_template() -> Iterator[str]:
     """A migrated PostgreSQL template database that each test clones."""
     if not services.ensure_postgres():
         pytest.skip("PostgreSQL is not available on 127.0.0.1:5432")
@@ -102,7 +132,8 @@ def pg_template() -> str:
         )
     )
     migrate.upgrade(base_settings(Path("/tmp"), pg_url(PG_TEMPLATE)))
-    return PG_TEMPLATE
+    yield PG_TEMPLATE
+    asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {PG_TEMPLATE} WITH (FORCE)"))
 
 
 @pytest.fixture(params=DB_BACKENDS)
@@ -159,6 +190,27 @@ async def service(settings: Settings) -> AsyncIterator[JobService]:
         await engine.dispose()
 
 
+KeyFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def make_key(settings: Settings) -> AsyncIterator[KeyFactory]:
+    """Create API keys in this test's database: `await make_key("name", admin=True)` -> key."""
+    engine = create_engine(settings)
+    keys = KeyStore(create_sessionmaker(engine))
+
+    async def make(name: str, *, admin: bool = False) -> str:
+        return (await keys.create(name, admin=admin))[1]
+
+    yield make
+    await engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header for an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 WorkerFactory = Callable[..., Awaitable[Any]]
 
 
@@ -183,9 +235,27 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
 
     yield start
     for worker, task in running:
-        await worker.close()
+        await stop_worker(worker)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def stop_worker(worker: Any) -> None:
+    """arq's Worker.close(), made safe against a job task it cancels ending as cancelled.
+
+    close() cancels the running job tasks, then gathers them: a task that ends cancelled
+    re-raises CancelledError out of close(), skipping the rest of its clean-up (Redis pool,
+    on_shutdown). That is the job's cancellation, not ours, so finish the clean-up here.
+    """
+    try:
+        await worker.close()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this fixture itself is being cancelled
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
+        await worker.close()
 
 
 async def wait_for(
@@ -193,6 +263,7 @@ async def wait_for(
 ) -> None:
     """Wait until `predicate()` is true; fail the test after `timeout_s`."""
     async with asyncio.timeout(timeout_s):
+        # Polling on purpose: the condition lives in a database or another process.
         while not await predicate():
             await asyncio.sleep(interval_s)
 

@@ -43,7 +43,9 @@ def ensure_redis() -> None:
     if port_open(REDIS_HOST, REDIS_PORT):
         return
     if shutil.which("redis-server") is None:
-        raise RuntimeError("Redis is not running on 127.0.0.1:6379 and redis-server is not installed")
+        raise RuntimeError(
+            "Redis is not running on 127.0.0.1:6379 and redis-server is not installed"
+        )
     subprocess.run(REDIS_START, check=True, capture_output=True)
     if not wait_port(REDIS_HOST, REDIS_PORT, 10):
         raise RuntimeError("started redis-server but it does not answer on 127.0.0.1:6379")

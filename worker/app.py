@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -9,7 +10,7 @@ import socket
 from typing import Any, cast
 
 import aiohttp
-from arq import Worker, cron, func
+from arq import Worker, func
 
 from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
@@ -19,8 +20,10 @@ from promptq.settings import Settings
 from promptq.store import JobStore
 from worker.context import WorkerContext
 from worker.jobs import run_job
+from worker.leases import LeaseKeeper
 from worker.llm import LLMClient
-from worker.reconcile import reconcile
+from worker.reconcile import Reconciler
+from worker.resilient import ResilientWorker
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,24 @@ logger = logging.getLogger(__name__)
 ARQ_MAX_TRIES = 1_000_000
 #: Extra time arq allows a job beyond the LLM timeout, for the SQL writes around the call.
 JOB_TIMEOUT_MARGIN_S = 30.0
-#: Seconds of each minute at which the reconciler runs.
-RECONCILE_SECONDS = {0, 15, 30, 45}
+#: arq keeps a job's in-progress marker this much longer than the job timeout.
+ARQ_MARKER_MARGIN_S = 10.0
+
+
+def job_timeout_s(settings: Settings) -> float:
+    """How long arq lets one attempt run.
+
+    A summarize attempt makes many calls (each with its own LLM timeout), so arq's timeout, a
+    backstop, allows for the longest of them: PROMPTQ_SUMMARY_TIMEOUT_S. It does not delay the
+    recovery from a dead worker: the attempt's lease lapses after lease_s, and the reconciler
+    then clears arq's in-progress marker (whose TTL follows this timeout) and re-enqueues it.
+    """
+    return max(settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S, settings.summary_timeout_s)
+
+
+def marker_ttl_s(settings: Settings) -> float:
+    """The TTL arq gives a job's in-progress marker (its worst job timeout + 10 s)."""
+    return job_timeout_s(settings) + ARQ_MARKER_MARGIN_S
 
 
 def worker_name() -> str:
@@ -40,7 +59,11 @@ def worker_name() -> str:
 def create_worker(
     settings: Settings, *, burst: bool = False, handle_signals: bool = True
 ) -> Worker:
-    """Build an arq Worker; on_startup opens its resources and on_shutdown closes them."""
+    """Build an arq Worker; on_startup opens its resources and on_shutdown closes them.
+
+    Besides arq's poll loop, the worker runs two background tasks: the lease keeper, which
+    renews the leases of this worker's running attempts, and the reconciler.
+    """
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -63,7 +86,15 @@ def create_worker(
         )
         typed["rng"] = random.Random()
         typed["worker_name"] = worker_name()
-        typed["lease_s"] = job_timeout_s
+        typed["leases"] = LeaseKeeper(typed["store"], lease_s=settings.lease_s)
+        typed["leases"].start()
+        reconciler = Reconciler(typed["store"], typed["queue"], marker_ttl_s=marker_ttl_s(settings))
+        ctx["_reconciler"] = asyncio.create_task(
+            reconciler.run_forever(
+                interval_s=settings.reconcile_interval_s, owner=typed["worker_name"]
+            ),
+            name="promptq-reconciler",
+        )
         ctx["_engine"], ctx["_http"] = engine, session
         logger.info(
             "worker %s: concurrency=%d db=%s llm=%s queue=%s",
@@ -75,26 +106,26 @@ def create_worker(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        # arq has awaited every job task by now, so no lease is held any more.
+        if "_reconciler" in ctx:
+            ctx["_reconciler"].cancel()
+            await asyncio.gather(ctx["_reconciler"], return_exceptions=True)
+        if "leases" in ctx:
+            await ctx["leases"].stop()
         if "_http" in ctx:
             await ctx["_http"].close()
         if "_engine" in ctx:
             await ctx["_engine"].dispose()
 
-    job_timeout_s = settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S
-    # A summarize attempt makes many calls and renews its lease as it goes, so arq's timeout
-    # (a backstop: every call has its own) must allow for the longest of them.
-    run_timeout_s = max(job_timeout_s, settings.summary_timeout_s)
-    return Worker(
-        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=run_timeout_s)],  # type: ignore[arg-type]
-        cron_jobs=[
-            cron(reconcile, second=RECONCILE_SECONDS, run_at_startup=True, timeout=60),  # type: ignore[arg-type]
-        ],
+    timeout_s = job_timeout_s(settings)
+    worker: Worker = ResilientWorker(
+        functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=timeout_s)],  # type: ignore[arg-type]
         queue_name=settings.queue_name,
         redis_settings=redis_settings(settings),
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=settings.worker_concurrency,
-        job_timeout=run_timeout_s,
+        job_timeout=timeout_s,
         keep_result=0,
         poll_delay=settings.worker_poll_delay_s,
         max_tries=ARQ_MAX_TRIES,
@@ -102,4 +133,8 @@ def create_worker(
         job_deserializer=deserialize,
         burst=burst,
         handle_signals=handle_signals,
+        # On SIGTERM/SIGINT stop taking jobs, let in-flight ones finish for up to this long,
+        # then cancel them: run_job records them as interrupted and hands them back.
+        job_completion_wait=settings.worker_grace_s,
     )
+    return worker

@@ -9,6 +9,7 @@ from promptq.checkpoints import ChunkStore
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.leases import LeaseKeeper
 from worker.llm import LLMClient
 
 
@@ -22,8 +23,8 @@ class WorkerContext(TypedDict, total=False):
     queue: QueueClient
     llm: LLMClient
     rng: random.Random
-    #: How long an attempt's lease lasts: the longest an attempt may take.
-    lease_s: float
+    #: Renews the leases of the attempts this worker is running.
+    leases: LeaseKeeper
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
     # Set by arq for each job:

@@ -14,7 +14,7 @@ from arq import Retry
 from promptq import clock, events
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
-from promptq.store import AttemptResult, Busy, Claim
+from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadline_message
 from worker.context import WorkerContext
 from worker.llm import Completion
 from worker.prompts import SummaryRequest, single_messages
@@ -37,19 +37,32 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
     """Do the job's LLM work: one call for a prompt job, map-reduce for a summarize job."""
     if claim.kind == JobKind.SUMMARIZE:
         return await summarize(ctx, claim)
-    return await ctx["llm"].chat(claim.model, build_messages(claim), claim.input.get("params", {}))
+    return await ctx["llm"].chat(
+        claim.model,
+        build_messages(claim),
+        claim.input.get("params", {}),
+        timeout_s=claim.seconds_left(),
+    )
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
-    store = ctx["store"]
-    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=ctx["lease_s"])
+    store, leases = ctx["store"], ctx["leases"]
+    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
     if claim is None:
         logger.info("job %s is finished or cancelled; skipping this delivery", job_id)
         return
     if isinstance(claim, Busy):
         # Another worker holds the lease: look again when it would have expired.
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
+    leases.hold(claim)
+    try:
+        await _attempt(ctx, claim)
+    finally:
+        leases.release(claim)
+
+
+async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
     started = time.monotonic()
 
     def elapsed_ms() -> int:
@@ -58,9 +71,9 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
     try:
         await _run_attempt(ctx, claim, elapsed_ms)
     except Retry:
-        await _announce(ctx, job_id)
+        await _announce(ctx, claim.job_id)
         raise
-    await _announce(ctx, job_id)
+    await _announce(ctx, claim.job_id)
 
 
 async def _announce(ctx: WorkerContext, job_id: str) -> None:
@@ -146,11 +159,19 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         retry_after_cap_s=settings.retry_after_cap_s,
         rng=ctx["rng"],
     )
+    next_attempt_at = clock.now() + timedelta(seconds=delay_s)
+    if claim.deadline_at is not None and next_attempt_at >= claim.deadline_at:
+        # The next attempt could not start before the deadline: fail now, keep the real error.
+        job_error = (
+            f"{deadline_message(claim.deadline_s, claim.charged)}; last error: {exc.message}"
+        )
+        await store.finish_attempt(
+            claim, result, job_status=JobStatus.FAILED, job_error=(job_error, DEADLINE_EXCEEDED)
+        )
+        logger.warning("job %s failed: %s", claim.job_id, job_error)
+        return
     moved = await store.finish_attempt(
-        claim,
-        result,
-        job_status=JobStatus.RETRYING,
-        next_attempt_at=clock.now() + timedelta(seconds=delay_s),
+        claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
     )
     if not moved:
         return  # cancelled meanwhile: don't come back

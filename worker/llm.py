@@ -55,20 +55,29 @@ class LLMClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def chat(
-        self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
     ) -> Completion:
-        """One chat completion. Raises TransientLLMError or PermanentLLMError."""
+        """One chat completion. Raises TransientLLMError or PermanentLLMError.
+
+        `timeout_s` shortens the client's timeout for this call (a job's deadline is near).
+        """
         body = orjson.dumps({**params, "model": model, "messages": messages, "stream": False})
+        timeout = self._call_timeout(timeout_s)
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=self._timeout
+                self._url, data=body, headers=self._headers, timeout=timeout
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
                     raise self._http_error(response.status, raw, response.headers)
         except TimeoutError as exc:
             raise TransientLLMError(
-                f"the model endpoint did not answer within {self._timeout.total:g} s"
+                f"the model endpoint did not answer within {timeout.total:g} s"
             ) from exc
         except aiohttp.ClientError as exc:
             raise TransientLLMError(
@@ -82,9 +91,12 @@ class LLMClient:
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         on_delta: Callable[[str], Awaitable[None]],
+        *,
+        timeout_s: float | None = None,
     ) -> Completion:
         """One chat completion streamed as server-sent events; `on_delta` gets each piece of
-        text as it arrives. Raises like `chat`; a stream cut before `[DONE]` is transient."""
+        text as it arrives. Raises like `chat`; a stream cut before `[DONE]` is transient.
+        `timeout_s` shortens the client's timeout, as for `chat`."""
         body = orjson.dumps(
             {
                 **params,
@@ -95,9 +107,10 @@ class LLMClient:
             }
         )
         stream = _StreamState()
+        timeout = self._call_timeout(timeout_s)
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=self._timeout
+                self._url, data=body, headers=self._headers, timeout=timeout
             ) as response:
                 if response.status >= 400:
                     raw = await response.read()
@@ -110,7 +123,7 @@ class LLMClient:
                         break
         except TimeoutError as exc:
             raise TransientLLMError(
-                f"the model endpoint did not finish within {self._timeout.total:g} s"
+                f"the model endpoint did not finish within {timeout.total:g} s"
             ) from exc
         except aiohttp.ClientError as exc:
             raise TransientLLMError(
@@ -127,6 +140,13 @@ class LLMClient:
             completion_tokens=_as_int(stream.usage.get("completion_tokens")),
             model=stream.model,
         )
+
+    def _call_timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        """The client's timeout, shortened to `timeout_s` if that is sooner."""
+        timeout = self._timeout
+        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
+            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
+        return timeout
 
     def _stream_event(self, line: bytes, stream: _StreamState, status: int) -> str:
         """Fold one SSE line into `stream`; return the text it adds."""

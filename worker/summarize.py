@@ -11,6 +11,11 @@ or a redeploy redoes only the calls that had not finished. A failed call ends th
 the calls already in flight have finished and been saved; the job's usual retry policy then
 schedules the next attempt, which reuses everything saved.
 
+The attempt's lease is renewed by the worker's LeaseKeeper like any other; when a renewal finds
+the job cancelled or taken over, the attempt stops at once (ClaimLost) instead of making the
+rest of its calls. A job's deadline applies to every call: none starts once it has passed, and
+each call's timeout is cut to the time left.
+
 Silent truncation: some servers (Ollama's OpenAI-compatible API) cut a prompt that does not fit
 their context and still answer 200. The only evidence is the `prompt_tokens` they report, so each
 call compares it with the local estimate. A call that evidently lost part of its prompt is thrown
@@ -46,6 +51,7 @@ from promptq.errors import (
     PermanentLLMError,
     PromptTruncated,
     SummaryFailed,
+    TransientLLMError,
 )
 from promptq.models import ChunkStatus
 from promptq.store import Claim
@@ -69,6 +75,8 @@ T = TypeVar("T")
 WORDS_MARGIN = 0.8
 
 _SINGLE, _MAP, _COMBINE, _FINAL = "single", "map", "combine", "final"
+#: The error of a call not made because the job's deadline had passed.
+DEADLINE_PASSED = "the job's deadline passed before this call could start"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,24 +94,24 @@ async def summarize(ctx: WorkerContext, claim: Claim) -> Completion:
     """Run one attempt of a summarize job; the Completion carries the final summary and the
     job's total usage. Raises LLMError subclasses like a single call would, or ClaimLost."""
     scale = await ctx["checkpoints"].chunk_scale(claim.job_id)
-    return await run_leased(ctx, claim, Summarizer(ctx, claim, scale).run())
+    return await run_while_held(ctx, claim, Summarizer(ctx, claim, scale).run())
 
 
-async def run_leased(ctx: WorkerContext, claim: Claim, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`, renewing the job's lease every third of it; ClaimLost once it is lost."""
-    lease_s = ctx["lease_s"]
+async def run_while_held(ctx: WorkerContext, claim: Claim, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` while the attempt owns its job; ClaimLost (and `work` cancelled) as soon as
+    the worker's lease renewal finds it cancelled or taken over."""
+    lost = asyncio.ensure_future(ctx["leases"].lost(claim).wait())
     task = asyncio.ensure_future(work)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=lease_s / 3)
-            if done:
-                return task.result()
-            if not await ctx["checkpoints"].renew_lease(claim, lease_s):
-                raise ClaimLost(f"job {claim.job_id} was cancelled or taken over")
+        await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClaimLost(f"job {claim.job_id} was cancelled or taken over")
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for pending in (task, lost):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, lost, return_exceptions=True)
 
 
 class Summarizer:
@@ -235,6 +243,10 @@ class Summarizer:
     ) -> str | None:
         """One checkpointed LLM call; None (and an entry in `failures`) when it failed."""
         store = self.ctx["checkpoints"]
+        left_s = self.claim.seconds_left()
+        if left_s is not None and left_s <= 0:
+            failures.append(_Failure(key.index, TransientLLMError(DEADLINE_PASSED)))
+            return None
         if not await store.start(key):
             saved = await store.saved(key)
             if saved is None:
@@ -292,14 +304,17 @@ class Summarizer:
 
     async def _complete(self, messages: Messages, *, final: bool) -> Completion:
         llm, model = self.ctx["llm"], self.claim.model
+        timeout_s = self.claim.seconds_left()  # a deadline cuts every call short
         if final:
             # The user's own parameters, as a one-call summary always had them.
             params = self.request.params
             if self.stream_final:
-                return await llm.chat_stream(model, list(messages), params, self._delta)
-            return await llm.chat(model, list(messages), params)
+                return await llm.chat_stream(
+                    model, list(messages), params, self._delta, timeout_s=timeout_s
+                )
+            return await llm.chat(model, list(messages), params, timeout_s=timeout_s)
         params = self.request.params | {"max_tokens": self.output_tokens}
-        return await llm.chat(model, list(messages), params)
+        return await llm.chat(model, list(messages), params, timeout_s=timeout_s)
 
     async def _delta(self, text: str) -> None:
         await self._publish({"type": "token", "text": text})

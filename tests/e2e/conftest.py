@@ -92,7 +92,9 @@ class Procs:
 
     def logs(self) -> str:
         """Every log, for failure messages."""
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.running)
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.running
+        )
 
 
 @pytest.fixture
@@ -131,3 +133,11 @@ async def api_url(procs: Procs) -> AsyncIterator[str]:
         print(procs.logs())
         raise
     yield url
+
+
+@pytest.fixture
+def api_key(procs: Procs) -> str:
+    """A fresh (non-admin) API key, made with `promptq keys create`."""
+    created = procs.run_sync("keys", "create", "--name", "e2e")
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip()

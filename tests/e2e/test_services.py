@@ -35,9 +35,11 @@ def messages(content: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-async def test_jobs_through_real_processes(procs: Procs, api_url: str, fake_llm: FakeLLM) -> None:
+async def test_jobs_through_real_processes(
+    procs: Procs, api_url: str, api_key: str, fake_llm: FakeLLM
+) -> None:
     worker = procs.start("worker", "--concurrency", "4", name="worker")
-    async with PromptQClient(api_url) as client:
+    async with PromptQClient(api_url, api_key=api_key) as client:
         jobs = [
             await client.submit_prompt(content, max_attempts=max_attempts)
             for content, _, _, max_attempts in CASES
@@ -112,7 +114,6 @@ async def test_cli_reports_bad_input_clearly(procs: Procs) -> None:
 
     bad_temperature = await procs.run("submit", "prompt", "x", "--max-attempts", "0")
     assert bad_temperature.returncode == 2
-
 
 
 async def test_demo_runs_end_to_end_on_the_builtin_model(procs: Procs) -> None:

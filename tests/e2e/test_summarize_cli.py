@@ -35,7 +35,15 @@ async def test_a_folder_is_summarized_file_by_file_with_progress(
 
     # When the folder is submitted and waited for
     result = await procs.run(
-        "submit", "summarize", str(folder), "--context-window", "1024", "--wait", timeout_s=120
+        "submit",
+        "summarize",
+        str(folder),
+        "--context-window",
+        "1024",
+        "--deadline-s",
+        "600",
+        "--wait",
+        timeout_s=120,
     )
 
     # Then all four files were summarized, each printed under its name, with progress shown
@@ -48,6 +56,7 @@ async def test_a_folder_is_summarized_file_by_file_with_progress(
     assert "all files" in result.stderr and "succeeded" in result.stderr
     jobs = await service.store.list_jobs(kind="summarize")
     assert len(jobs) == 4 and all(j.status == "succeeded" for j in jobs)
+    assert all(j.deadline_s == 600 and j.deadline_at is not None for j in jobs)
     by_name = {j.input["filename"]: j for j in jobs}
     assert set(by_name) == set(names)
     assert by_name["b-long.md"].input["format"] == "markdown"

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import update
 
 from promptq import clock
-
 from promptq.errors import IdempotencyConflict
 from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
@@ -17,8 +16,7 @@ from promptq.service import JobService
 from promptq.store import AttemptResult, Busy, Claim
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import WorkerFactory, wait_terminal
-from worker.context import WorkerContext
-from worker.reconcile import GRACE, reconcile
+from worker.reconcile import GRACE, Reconciler
 
 
 def request(content: str = "hello", **extra: object) -> PromptJobCreate:
@@ -99,6 +97,8 @@ async def test_idempotency_key_returns_the_same_job_and_rejects_a_different_requ
     assert len(await service.store.list_jobs(limit=100)) == 1
     with pytest.raises(IdempotencyConflict, match="k-1"):
         await service.submit(request("different", idempotency_key="k-1"))
+    with pytest.raises(IdempotencyConflict, match="k-1"):
+        await service.submit(request("same", idempotency_key="k-1", max_attempts=2))
 
 
 async def test_reconciler_requeues_jobs_that_redis_lost(
@@ -106,18 +106,18 @@ async def test_reconciler_requeues_jobs_that_redis_lost(
 ) -> None:
     jobs = [(await service.submit(request(f"lost {i}")))[0] for i in range(5)]
 
-    ctx: WorkerContext = {"store": service.store, "queue": service.queue}
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=45)
     orphan, _ = await service.submit(request("orphan"))
     assert isinstance(await service.store.claim(orphan.id, worker="gone", lease_s=60), Claim)
     await service.queue.redis.flushdb()
     jobs.append(orphan)
     assert sorted(await service.queue.missing([j.id for j in jobs])) == sorted(j.id for j in jobs)
-    assert await reconcile(ctx) == 0  # fresh rows and live leases are left alone
+    assert await reconciler.run_once() == 0  # fresh rows and live leases are left alone
     for job in jobs[:-1]:  # age the waiting rows past the grace period
         await _age(service, job.id)
     await _expire_lease(service, orphan.id)  # and let the orphan's worker be presumed dead
-    assert await reconcile(ctx) == 6
-    assert await reconcile(ctx) == 0  # idempotent: now they are all in Redis
+    assert await reconciler.run_once() == 6
+    assert await reconciler.run_once() == 0  # idempotent: now they are all in Redis
 
     await start_worker()
     await wait_terminal(service.store, [j.id for j in jobs])
@@ -141,3 +141,15 @@ async def _age(service: JobService, job_id: str) -> None:
 
 async def _expire_lease(service: JobService, job_id: str) -> None:
     await _set(service, job_id, lease_expires_at=clock.now() - timedelta(seconds=1))
+
+
+async def test_nul_characters_in_model_output_are_stored_replaced(service: JobService) -> None:
+    # PostgreSQL can't store U+0000; a model that emits one must not lose the whole result.
+    job, _ = await service.submit(request("nul"))
+    claim = await service.store.claim(job.id, worker="w", lease_s=60)
+    assert isinstance(claim, Claim)
+    done = AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="a\x00b")
+    assert await service.store.finish_attempt(claim, done, job_status=JobStatus.SUCCEEDED)
+
+    row = await service.store.get_job(job.id)
+    assert row.result == "a\ufffdb"

@@ -23,13 +23,14 @@ from promptq.models import AttemptOutcome, ChunkStatus, Job, JobChunk, JobStatus
 from promptq.schemas import SummarizeJobCreate
 from promptq.service import JobService
 from promptq.settings import Settings
-from promptq.store import AttemptResult, Claim
+from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Claim
 from promptq.testing.fake_llm import FakeLLM, expected_reply
 from tests.conftest import WorkerFactory, wait_for, wait_terminal
 from tests.summaries import generate_document, requests_by_text
 from worker.context import WorkerContext
+from worker.leases import LeaseKeeper
 from worker.prompts import DIVIDER, SummaryRequest, single_messages
-from worker.summarize import run_leased
+from worker.summarize import run_while_held
 
 MAP_PREFIX = "Below is part "
 
@@ -184,6 +185,32 @@ async def test_a_failed_chunk_is_retried_alone_and_finished_chunks_are_not_reque
         assert (row.status, row.attempts, sent[row.text_hash]) == ("done", expected, expected)
     # And the first attempt had finished chunks that the second reused
     assert sum(r.level == 0 for r in rows) > len(scripted) + 1
+
+
+async def test_a_deadline_stops_a_summarize_job_between_and_during_calls(
+    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a worker, a model that takes 0.5 s per call, and a long document with 2 s to live
+    await start_worker(summary_fanout=2)
+    fake_llm.config.latency_ms = 500
+    request = summarize(generate_document(20_000, seed=9), context_window=2048, deadline_s=2)
+
+    # When it is summarized
+    job, _ = await service.submit(request)
+    await wait_terminal(service.store, [job.id], timeout_s=15)
+
+    # Then it failed on its deadline within the first attempt, instead of being retried
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.FAILED
+    assert row.error_code == DEADLINE_EXCEEDED and row.error is not None
+    assert "deadline_s of 2 s" in row.error and "saved for the next attempt" in row.error
+    (attempt,) = await service.store.list_attempts(job.id)
+    assert attempt.latency_ms is not None and attempt.latency_ms < 3000
+
+    # And the calls stopped with it: most chunks were never requested
+    chunks = [r for r in await service.checkpoints.list_chunks(job.id) if r.level == 0]
+    assert fake_llm.stats.total_requests < len(chunks)
+    assert sum(r.attempts for r in chunks) == fake_llm.stats.total_requests
 
 
 async def test_a_worker_stopped_mid_job_resumes_without_redoing_finished_chunks(
@@ -381,34 +408,45 @@ async def test_chunk_checkpoint_writes_are_idempotent(service: JobService) -> No
 async def test_a_long_attempt_keeps_its_lease_and_stops_once_the_job_is_taken_from_it(
     service: JobService, settings: Settings
 ) -> None:
-    # Given a claimed summarize job whose lease lasts 0.3 s
+    # Given a claimed summarize job whose lease lasts 0.3 s, held by the worker's lease keeper
     job, _ = await service.submit(summarize("x " * 10))
     claim = await service.store.claim(job.id, worker="test", lease_s=0.3)
     assert isinstance(claim, Claim)
+    leases = LeaseKeeper(service.store, lease_s=0.3)
+    leases.hold(claim)
+    leases.start()
     ctx = cast(
-        WorkerContext, {"checkpoints": service.checkpoints, "lease_s": 0.3, "settings": settings}
+        WorkerContext, {"checkpoints": service.checkpoints, "leases": leases, "settings": settings}
     )
     first_lease = (await service.store.get_job(job.id)).lease_expires_at  # type: ignore[union-attr]
+    try:
+        # When work outlasts the lease several times over, then the lease keeps moving forward
+        await run_while_held(ctx, claim, asyncio.sleep(0.8))
+        renewed = await service.store.get_job(job.id)
+        assert renewed is not None and renewed.lease_expires_at > first_lease
+        assert renewed.status == JobStatus.RUNNING
 
-    # When work outlasts the lease several times over, then the lease keeps moving forward
-    await run_leased(ctx, claim, asyncio.sleep(0.8))
-    renewed = await service.store.get_job(job.id)
-    assert renewed is not None and renewed.lease_expires_at > first_lease
-    assert renewed.status == JobStatus.RUNNING
+        # And when the job is cancelled meanwhile, the work is stopped with ClaimLost
+        async with service.store.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED)
+            )
+        stopped = asyncio.Event()
 
-    # And when the job is cancelled meanwhile, the work is stopped with ClaimLost
-    async with service.store.sessionmaker() as session, session.begin():
-        await session.execute(
-            update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED)
-        )
-    stopped = asyncio.Event()
+        async def forever() -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                stopped.set()
 
-    async def forever() -> None:
-        try:
-            await asyncio.sleep(30)
-        finally:
-            stopped.set()
+        async with asyncio.timeout(5):
+            with pytest.raises(ClaimLost):
+                await run_while_held(ctx, claim, forever())
+        assert stopped.is_set()
 
-    with pytest.raises(ClaimLost):
-        await run_leased(ctx, claim, forever())
-    assert stopped.is_set()
+        # And an attempt the keeper no longer holds is lost from the start
+        leases.release(claim)
+        with pytest.raises(ClaimLost):
+            await run_while_held(ctx, claim, forever())
+    finally:
+        await leases.stop()

@@ -23,7 +23,7 @@ from promptq.client import PromptQClient
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM
-from tests.conftest import WorkerFactory, wait_terminal
+from tests.conftest import KeyFactory, WorkerFactory, bearer, wait_terminal
 from tests.summaries import generate_document, minimal_pdf
 
 Client = TestClient[web.Request, web.Application]
@@ -43,12 +43,20 @@ def realistic_tokenizer(fake_llm: FakeLLM) -> None:
 
 
 @pytest.fixture
-async def make_api(settings: Settings) -> AsyncIterator[ApiFactory]:
-    """Start the real API app on an ephemeral port (optionally with settings overrides)."""
+async def api_key(make_key: KeyFactory) -> str:
+    """A tenant's API key (not an admin's): every job these tests make belongs to it."""
+    return await make_key("summarize-tests")
+
+
+@pytest.fixture
+async def make_api(settings: Settings, api_key: str) -> AsyncIterator[ApiFactory]:
+    """Start the real API app on an ephemeral port (optionally with settings overrides); its
+    client sends `api_key` (tests/integration/test_auth.py covers keys and tenants)."""
     clients: list[Client] = []
 
     async def make(**overrides: Any) -> Client:
-        client: Client = TestClient(TestServer(create_app(settings.with_overrides(**overrides))))
+        app = create_app(settings.with_overrides(**overrides))
+        client: Client = TestClient(TestServer(app), headers=bearer(api_key))
         await client.start_server()
         clients.append(client)
         return client
@@ -88,7 +96,9 @@ async def test_uploaded_files_become_one_summarize_job_each(
     ]
 
     # When they are uploaded together with options
-    body = form(*files, instructions="Two bullets.", style="bullets", target_words="40")
+    body = form(
+        *files, instructions="Two bullets.", style="bullets", target_words="40", deadline_s="600"
+    )
     async with api.post(UPLOAD, data=body) as response:
         status, payload = response.status, await response.json()
 
@@ -98,6 +108,7 @@ async def test_uploaded_files_become_one_summarize_job_each(
     assert [j["input"]["filename"] for j in jobs] == [f[0] for f in files]
     assert all(j["kind"] == "summarize" and j["status"] == "queued" for j in jobs)
     assert all(j["progress"] == {"chunks_done": 0, "chunks_total": 0, "level": 0} for j in jobs)
+    assert all(j["deadline_s"] == 600 and j["deadline_at"] for j in jobs)
     text, markdown, html, pdf = (j["input"] for j in jobs)
     assert text["document"] == "Plain notes about the harbour."
     assert markdown["document"].startswith("# Guide") and markdown["format"] == "markdown"
@@ -147,6 +158,15 @@ BAD_UPLOADS: list[tuple[str, list[tuple[str, bytes, str | None]], dict[str, str]
     ("not utf-8", [("latin.txt", b"caf\xe9", None)], {}, 422, "unsupported_document"),
     ("bad option", [("ok.txt", b"fine", None)], {"style": "fancy"}, 422, "invalid_request"),
     ("unknown field", [("ok.txt", b"fine", None)], {"colour": "red"}, 422, "invalid_request"),
+    (
+        "NUL in an option",
+        [("ok.txt", b"fine", None)],
+        {"instructions": "a\x00b"},
+        422,
+        "invalid_request",
+    ),
+    ("bad deadline", [("ok.txt", b"fine", None)], {"deadline_s": "soon"}, 422, "invalid_request"),
+    ("zero deadline", [("ok.txt", b"fine", None)], {"deadline_s": "0"}, 422, "invalid_request"),
     ("no files", [], {"instructions": "x"}, 422, "invalid_request"),
 ]
 
@@ -203,13 +223,17 @@ async def read_events(response: aiohttp.ClientResponse) -> list[tuple[str, Any]]
 
 
 async def test_the_stream_tells_status_progress_and_tokens_and_ends_with_the_result(
-    make_api: ApiFactory, service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+    make_api: ApiFactory,
+    service: JobService,
+    start_worker: WorkerFactory,
+    fake_llm: FakeLLM,
+    api_key: str,
 ) -> None:
     # Given a long document queued for summarizing, and a model that streams slowly
     fake_llm.config.latency_ms = 20
     fake_llm.config.stream_chunk_delay_ms = 2
     api = await make_api()
-    async with PromptQClient(str(api.make_url(""))) as client:
+    async with PromptQClient(str(api.make_url("")), api_key=api_key) as client:
         job = await client.submit_summarize(
             generate_document(3_000), context_window=1024, style="paragraph"
         )

@@ -1,0 +1,124 @@
+"""API-key authentication: a middleware that lets no request past without a valid key.
+
+Deny by default: every path needs `Authorization: Bearer <key>` except those in PUBLIC_PATHS,
+so a route added later is protected without anyone remembering to protect it. A key that was
+found valid is trusted for `api_key_cache_s` (30 s by default): revoking a key takes effect
+within that window in every running API process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from api.errors import Handler, error_response
+from promptq.errors import Unauthorized
+from promptq.keys import LOCAL_OPERATOR, KeyStore, Principal, hash_key, looks_like_key
+
+logger = logging.getLogger(__name__)
+
+#: Paths anyone may call without a key.
+PUBLIC_PATHS = frozenset({"/healthz"})
+#: Most keys one API process remembers; past it the cache starts over.
+CACHE_MAX_ENTRIES = 10_000
+
+MISSING = "this API needs a key: send `Authorization: Bearer <key>` (see `promptq keys create`)"
+MALFORMED = "the Authorization header must be `Bearer <key>`"
+REJECTED = "the API key is not valid or has been revoked"
+
+
+class Authenticator:
+    """Turns a presented key into a Principal, remembering valid keys for `ttl_s`."""
+
+    def __init__(
+        self,
+        keys: KeyStore,
+        *,
+        ttl_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys = keys
+        self._ttl_s = ttl_s
+        self._monotonic = monotonic
+        #: key hash -> (principal, monotonic time it stops being trusted). Valid keys only.
+        self._cache: dict[str, tuple[Principal, float]] = {}
+
+    async def authenticate(self, key: str) -> Principal | None:
+        """The key's principal, or None for an unknown or revoked key."""
+        if not looks_like_key(key):
+            return None
+        digest = hash_key(key)
+        now = self._monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        principal = await self._keys.authenticate(key)
+        if principal is None:
+            self._cache.pop(digest, None)
+        elif self._ttl_s > 0:
+            if len(self._cache) >= CACHE_MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = (principal, now + self._ttl_s)
+        return principal
+
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None if it is not one."""
+    if header is None:
+        return None
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    return parts[1]
+
+
+def unauthorized(message: str, *, invalid_token: bool) -> web.Response:
+    """A 401 in the one error shape, with the WWW-Authenticate challenge."""
+    challenge = 'Bearer realm="promptq"'
+    if invalid_token:
+        challenge += ', error="invalid_token"'
+    return error_response(
+        Unauthorized.http_status, Unauthorized.code, message, {"WWW-Authenticate": challenge}
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Attach the caller's Principal to the request, or answer 401."""
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    authenticator = request.app.get(AUTHENTICATOR)
+    if authenticator is None:  # auth disabled: everyone is the local operator
+        request[PRINCIPAL] = LOCAL_OPERATOR
+        return await handler(request)
+    header = request.headers.get("Authorization")
+    if header is None:
+        return _refuse(request, MISSING, "no Authorization header", invalid_token=False)
+    token = bearer_token(header)
+    if token is None:
+        return _refuse(request, MALFORMED, "malformed Authorization header", invalid_token=True)
+    principal = await authenticator.authenticate(token)
+    if principal is None:
+        return _refuse(request, REJECTED, "unknown or revoked key", invalid_token=True)
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def _refuse(
+    request: web.Request, message: str, reason: str, *, invalid_token: bool
+) -> web.Response:
+    # Never log the header: it may be a real key sent to the wrong place.
+    logger.info("401 %s %s from %s: %s", request.method, request.path, request.remote, reason)
+    return unauthorized(message, invalid_token=invalid_token)
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller of a request that passed the auth middleware."""
+    return request[PRINCIPAL]

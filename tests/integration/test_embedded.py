@@ -1,0 +1,44 @@
+"""Embedded defaults: which Redis `promptq demo` / `promptq up` use, and the embedded server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from promptq.embedded import embedded_redis, resolve_redis
+from promptq.settings import Settings
+from tests.conftest import REDIS_TEST_URL, base_settings
+from tests.e2e.conftest import free_port
+
+
+async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
+    async with embedded_redis(tmp_path) as url:
+        client = aioredis.Redis.from_url(url)
+        await client.set("promptq:kept", "yes")
+        await client.aclose()
+    assert (tmp_path / "redis").is_dir()
+
+    async with embedded_redis(tmp_path) as url:  # a new process, same data dir
+        client = aioredis.Redis.from_url(url)
+        assert await client.get("promptq:kept") == b"yes"
+        await client.aclose()
+
+
+async def test_an_explicit_redis_url_is_used_as_is(tmp_path: Path) -> None:
+    settings = base_settings(tmp_path, "sqlite+aiosqlite:///x.db", redis_url=REDIS_TEST_URL)
+    async with resolve_redis(settings) as resolved:
+        assert resolved.redis_url == REDIS_TEST_URL
+
+
+async def test_without_a_url_or_a_local_server_an_embedded_one_starts(tmp_path: Path) -> None:
+    # Nothing listens on this port, and the URL counts as a default (not set by the user).
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings.model_construct(
+        _fields_set=set(), **(base_settings(tmp_path, "").model_dump() | {"redis_url": unreachable})
+    )
+    async with resolve_redis(settings) as resolved:
+        assert resolved.redis_url != unreachable
+        client = aioredis.Redis.from_url(resolved.redis_url)
+        assert await client.ping()
+        await client.aclose()
