@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from promptq.db import is_db_unavailable
 from promptq.errors import PromptQError, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -41,16 +41,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except PromptQError as exc:
         return error_response(exc.http_status, exc.code, exc.message)
-    except (OperationalError, InterfaceError, RedisError, OSError) as exc:
-        logger.warning(
-            "backing service unavailable for %s %s: %r", request.method, request.path, exc
-        )
-        return error_response(
-            503,
-            ServiceUnavailable.code,
-            "a backing service (database or Redis) is unavailable; retry shortly",
-            {"Retry-After": str(RETRY_AFTER_S)},
-        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -59,6 +49,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # json_response refuses a Content-Type header next to its content_type.
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
         return error_response(exc.status, code, exc.text or exc.reason, headers)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, RedisError) or is_db_unavailable(exc):
+            logger.warning(
+                "backing service unavailable for %s %s: %r", request.method, request.path, exc
+            )
+            return error_response(
+                503,
+                ServiceUnavailable.code,
+                "a backing service (database or Redis) is unavailable; retry shortly",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the server log")

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,6 +22,27 @@ logger = logging.getLogger(__name__)
 
 #: SQLite waits this long for another process's write lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+#: SQLSTATE classes of "cannot reach the server": connection exceptions (08) and operator
+#: intervention (57P: shutting down, starting up, admin shutdown).
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+
+
+def is_db_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the database is unreachable", not "the query is wrong".
+
+    Covers SQLAlchemy's OperationalError/InterfaceError, any DBAPIError whose connection was
+    invalidated or whose SQLSTATE says the server is away (a raw driver error too), and OSError.
+    """
+    if isinstance(exc, (OperationalError, InterfaceError, OSError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -34,10 +34,16 @@ class Settings(BaseSettings):
     #: On SIGTERM/SIGINT, how long in-flight jobs may run on before they are handed back.
     worker_grace_s: float = Field(default=30.0, ge=0)
     #: A running attempt's lease; its worker renews it every lease_s/3. A job whose lease has
-    #: run out is presumed orphaned and runs again elsewhere.
-    lease_s: float = Field(default=10.0, ge=0.3)
+    #: run out is presumed orphaned and runs again elsewhere. With the reconcile interval this
+    #: bounds crash recovery: a killed worker's jobs run again within lease_s +
+    #: reconcile_interval_s (8 s at the defaults) plus a poll.
+    lease_s: float = Field(default=6.0, ge=0.3)
     #: How often the reconciler looks for orphaned jobs and jobs that Redis lost.
-    reconcile_interval_s: float = Field(default=3.0, gt=0)
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+
+    #: How long a worker keeps retrying a write of an attempt's outcome while the database is
+    #: unreachable, before it gives up (and the job runs again once its lease runs out).
+    db_retry_s: float = Field(default=300.0, ge=0)
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Backoff: full jitter on `retry_base_s * 2**(attempt-1)`, capped at `retry_cap_s`.

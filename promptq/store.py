@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text, tuple_, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from promptq import clock
+from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
@@ -111,7 +112,9 @@ class JobStore:
         try:
             async with self._sessionmaker() as session:
                 await session.execute(text("SELECT 1"))
-        except (OperationalError, InterfaceError, OSError) as exc:
+        except Exception as exc:
+            if not is_db_unavailable(exc):
+                raise
             raise ServiceUnavailable("the database is unreachable") from exc
 
     # -- producers -------------------------------------------------------------------------

@@ -6,22 +6,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from arq import Retry
 
 from promptq import clock, events
+from promptq.db import is_db_unavailable
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
 from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadline_message
 from worker.context import WorkerContext
+from worker.db_retry import retry_db
 from worker.llm import Completion
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
 from worker.summarize import summarize
 
 logger = logging.getLogger(__name__)
+
+#: When the database is unreachable at the claim, arq delivers the job again after this long
+#: (give or take half), instead of dropping it.
+CLAIM_RETRY_S = 2.0
+#: How long a worker that is stopping tries to record an interrupted attempt; if it can't,
+#: the lease runs out and the attempt is recorded as interrupted by whoever takes the job over.
+INTERRUPTED_RETRY_S = 5.0
 
 
 def build_messages(claim: Claim) -> list[dict[str, Any]]:
@@ -48,7 +57,20 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
     store, leases = ctx["store"], ctx["leases"]
-    claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
+    try:
+        claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
+    except Exception as exc:
+        if not is_db_unavailable(exc):
+            raise
+        # Nothing has run yet: have arq deliver the job again later instead of dropping it.
+        defer_s = CLAIM_RETRY_S * ctx["rng"].uniform(0.5, 1.5)
+        logger.warning(
+            "database unavailable claiming job %s (%s); trying again in %.1f s",
+            job_id,
+            exc.__class__.__name__,
+            defer_s,
+        )
+        raise Retry(defer=timedelta(seconds=defer_s)) from exc
     if claim is None:
         logger.info("job %s is finished or cancelled; skipping this delivery", job_id)
         return
@@ -83,12 +105,12 @@ async def _announce(ctx: WorkerContext, job_id: str) -> None:
 
 
 async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
-    store = ctx["store"]
     try:
         completion = await complete(ctx, claim)
     except asyncio.CancelledError:
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
-        await store.finish_attempt(
+        await _finish(
+            ctx,
             claim,
             AttemptResult(
                 outcome=AttemptOutcome.INTERRUPTED,
@@ -96,6 +118,7 @@ async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[]
                 error="interrupted: the worker stopped during this attempt",
             ),
             job_status=JobStatus.QUEUED,
+            give_up_after_s=INTERRUPTED_RETRY_S,
         )
         raise
     except ClaimLost as exc:
@@ -114,7 +137,8 @@ async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[]
 async def _record_success(
     ctx: WorkerContext, claim: Claim, completion: Completion, latency_ms: int
 ) -> None:
-    await ctx["store"].finish_attempt(
+    await _finish(
+        ctx,
         claim,
         AttemptResult(
             outcome=AttemptOutcome.SUCCEEDED,
@@ -139,9 +163,8 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         error=exc.message,
         error_code=exc.code,
     )
-    store = ctx["store"]
     if permanent or claim.is_last:
-        await store.finish_attempt(claim, result, job_status=JobStatus.FAILED)
+        await _finish(ctx, claim, result, job_status=JobStatus.FAILED)
         logger.warning(
             "job %s failed on attempt %d/%d: %s",
             claim.job_id,
@@ -165,13 +188,17 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         job_error = (
             f"{deadline_message(claim.deadline_s, claim.charged)}; last error: {exc.message}"
         )
-        await store.finish_attempt(
-            claim, result, job_status=JobStatus.FAILED, job_error=(job_error, DEADLINE_EXCEEDED)
+        await _finish(
+            ctx,
+            claim,
+            result,
+            job_status=JobStatus.FAILED,
+            job_error=(job_error, DEADLINE_EXCEEDED),
         )
         logger.warning("job %s failed: %s", claim.job_id, job_error)
         return
-    moved = await store.finish_attempt(
-        claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
+    moved = await _finish(
+        ctx, claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
     )
     if not moved:
         return  # cancelled meanwhile: don't come back
@@ -183,3 +210,35 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         delay_s,
     )
     raise Retry(defer=timedelta(seconds=delay_s))
+
+
+async def _finish(
+    ctx: WorkerContext,
+    claim: Claim,
+    result: AttemptResult,
+    *,
+    job_status: JobStatus,
+    next_attempt_at: datetime | None = None,
+    job_error: tuple[str, str] | None = None,
+    give_up_after_s: float | None = None,
+) -> bool:
+    """store.finish_attempt, retried through a database outage (see worker.db_retry)."""
+    store = ctx["store"]
+
+    async def write() -> bool:
+        return await store.finish_attempt(
+            claim,
+            result,
+            job_status=job_status,
+            next_attempt_at=next_attempt_at,
+            job_error=job_error,
+        )
+
+    return await retry_db(
+        write,
+        what=f"recording attempt {claim.number} of job {claim.job_id} ({result.outcome})",
+        give_up_after_s=(
+            ctx["settings"].db_retry_s if give_up_after_s is None else give_up_after_s
+        ),
+        rng=ctx["rng"],
+    )

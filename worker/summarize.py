@@ -56,6 +56,7 @@ from promptq.errors import (
 from promptq.models import ChunkStatus
 from promptq.store import Claim
 from worker.context import WorkerContext
+from worker.db_retry import retry_db
 from worker.llm import Completion
 from worker.prompts import (
     Messages,
@@ -283,11 +284,17 @@ class Summarizer:
                 completion_tokens=completion.completion_tokens,
             )
             return None
-        await store.finish(
-            key,
-            completion.content,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
+        # The answer is in hand: keep it through a database outage, as run_job does its result.
+        await retry_db(
+            lambda: store.finish(
+                key,
+                completion.content,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+            ),
+            what=f"saving call {key.index} at level {key.level} of job {key.job_id}",
+            give_up_after_s=self.ctx["settings"].db_retry_s,
+            rng=self.ctx.get("rng"),
         )
         if kind in (_SINGLE, _FINAL):
             self.final = completion

@@ -18,16 +18,14 @@ import pytest
 from sqlalchemy import select
 
 from promptq.db import create_engine, create_sessionmaker
-from promptq.models import AttemptOutcome, JobAttempt
+from promptq.models import TERMINAL_STATUSES, AttemptOutcome, Job, JobAttempt
 from promptq.queue import QueueClient
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.store import JobStore
+from tests.conftest import wait_for
 from tests.e2e.conftest import Procs, free_port
 from tests.services import port_open, wait_port
-
-#: Lease used by chaos workers: an orphan runs again within LEASE_S + the reconcile interval.
-LEASE_S = 4.0
 
 
 @dataclass
@@ -88,8 +86,8 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def chaos_settings(settings: Settings, private_redis: RedisServer) -> Settings:
-    """This test's settings on the private Redis, with a short lease."""
-    return settings.with_overrides(redis_url=private_redis.url, lease_s=LEASE_S)
+    """This test's settings on the private Redis; lease and reconcile interval as shipped."""
+    return settings.with_overrides(redis_url=private_redis.url)
 
 
 @pytest.fixture
@@ -130,3 +128,20 @@ async def all_attempts(service: JobService) -> list[JobAttempt]:
     """Every attempt row."""
     async with service.store._sessionmaker() as session:
         return list((await session.execute(select(JobAttempt))).scalars())
+
+
+async def all_jobs(service: JobService) -> dict[str, Job]:
+    """Every job row, by id (one query, for batches too big to read one by one)."""
+    async with service.store._sessionmaker() as session:
+        return {job.id: job for job in (await session.execute(select(Job))).scalars()}
+
+
+async def wait_all_terminal(service: JobService, *, timeout_s: float) -> None:
+    """Wait until no job of this test's database is waiting or running (one query a poll)."""
+
+    async def done() -> bool:
+        query = select(Job.id).where(Job.status.not_in(list(TERMINAL_STATUSES))).limit(1)
+        async with service.store._sessionmaker() as session:
+            return (await session.execute(query)).first() is None
+
+    await wait_for(done, timeout_s=timeout_s, interval_s=0.2)
