@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import jobs
+from api import jobs, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.state import SERVICE, SETTINGS
@@ -32,7 +32,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
+    app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
+    app.router.add_routes(stream.routes)
     return app
 
 

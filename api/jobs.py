@@ -13,7 +13,7 @@ from api.auth import principal
 from api.state import SERVICE
 from promptq.errors import InvalidRequest, NotFound
 from promptq.models import JobKind, JobStatus
-from promptq.schemas import AttemptOut, JobOut, JobPage
+from promptq.schemas import AttemptOut, JobPage
 from promptq.service import parse_job_request
 
 routes = web.RouteTableDef()
@@ -53,11 +53,13 @@ class BadJSON(InvalidRequest):
 async def create_job(request: web.Request) -> web.Response:
     """Submit a prompt or summarize job; 202 with the job (the existing one for a reused key)."""
     spec = parse_job_request(await read_json(request))
-    job, created = await request.app[SERVICE].submit(spec, owner_key_id=principal(request).key_id)
+    service = request.app[SERVICE]
+    job, created = await service.submit(spec, owner_key_id=principal(request).key_id)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(JobOut.from_row(job), status=202, headers=headers)
+    (out,) = await service.describe([job])
+    return json_response(out, status=202, headers=headers)
 
 
 @routes.get("/api/jobs")
@@ -70,7 +72,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     cursor = query.get("cursor") or None
     if cursor is not None:
         _job_id(cursor, what="cursor")
-    jobs = await request.app[SERVICE].store.list_jobs(
+    service = request.app[SERVICE]
+    jobs = await service.store.list_jobs(
         status=status,
         kind=kind,
         limit=limit + 1,
@@ -79,17 +82,19 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
-    return json_response(JobPage(jobs=[JobOut.from_row(j) for j in page], next_cursor=next_cursor))
+    return json_response(JobPage(jobs=await service.describe(page), next_cursor=next_cursor))
 
 
 @routes.get("/api/jobs/{id}")
 async def get_job(request: web.Request) -> web.Response:
     """One job with its result, error, usage and attempt count."""
     job_id = _job_id(request.match_info["id"])
-    job = await request.app[SERVICE].store.get_job(job_id, owned_by=principal(request).owner_filter)
+    service = request.app[SERVICE]
+    job = await service.store.get_job(job_id, owned_by=principal(request).owner_filter)
     if job is None:  # also when it exists but is not the caller's: never say which
         raise NotFound(f"no job with id {job_id}")
-    return json_response(JobOut.from_row(job))
+    (out,) = await service.describe([job])
+    return json_response(out)
 
 
 @routes.get("/api/jobs/{id}/attempts")
@@ -117,9 +122,13 @@ async def retry_job(request: web.Request) -> web.Response:
     if await service.store.get_job(job_id, owned_by=principal(request).owner_filter) is None:
         raise NotFound(f"no job with id {job_id}")
     job = await service.retry_one(job_id)
-    return json_response(
-        JobOut.from_row(job), status=202, headers={"Location": f"/api/jobs/{job.id}"}
-    )
+    (out,) = await service.describe([job])
+    return json_response(out, status=202, headers={"Location": f"/api/jobs/{job.id}"})
+
+
+def job_id_param(request: web.Request) -> str:
+    """The `{id}` of the route as a canonical job id; NotFound when it cannot be one."""
+    return _job_id(request.match_info["id"])
 
 
 def _job_id(value: str, *, what: str = "job id") -> str:

@@ -286,13 +286,27 @@ def fake_llm(
     port: int = 8001,
     latency_ms: Annotated[float, typer.Option(help="Mean latency per request.")] = 0.0,
     jitter: Annotated[float, typer.Option(help="Latency spread, as a fraction.")] = 0.0,
+    context_window_tokens: Annotated[
+        int | None,
+        typer.Option(help="Report at most this many prompt tokens (silent truncation)."),
+    ] = None,
+    chars_per_token: Annotated[
+        float | None,
+        typer.Option(help="Count prompt tokens as characters / this instead of words."),
+    ] = None,
 ) -> None:
     """Serve a fake OpenAI-compatible LLM, scriptable with `[[fake: ...]]` in prompts."""
     from promptq.testing.fake_llm import FakeLLMConfig, serve
 
     load_settings()
+    config = FakeLLMConfig(
+        latency_ms=latency_ms,
+        jitter=jitter,
+        context_window_tokens=context_window_tokens,
+        chars_per_token=chars_per_token,
+    )
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve(host, port, FakeLLMConfig(latency_ms=latency_ms, jitter=jitter)))
+        asyncio.run(serve(host, port, config))
 
 
 # -- producers and readers ----------------------------------------------------------------------
@@ -326,29 +340,59 @@ def submit_prompt(
 
 @submit_app.command("summarize")
 def submit_summarize(
-    files: Annotated[list[Path], typer.Argument(help="Text files to summarize, one job each.")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files (.txt .md .html .pdf), folders (every such file inside) or quoted "
+            "globs; one job per file."
+        ),
+    ],
     instructions: Annotated[str | None, typer.Option(help="How to summarize.")] = None,
+    style: Annotated[str | None, typer.Option(help="bullets or paragraph.")] = None,
+    target_words: Annotated[int | None, typer.Option(help="About how many words.")] = None,
+    context_window: Annotated[
+        int | None, typer.Option(help="The model's context window in tokens.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the summaries and print them.")] = False,
-    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Fail each job if not done this many seconds from now.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Show progress, wait for the summaries and print them.")
+    ] = False,
+    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 3600.0,
 ) -> None:
-    """Submit one summarize job per file."""
-    bodies = []
-    for path in files:
-        try:
-            document = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            err_console.print(f"[red]error:[/red] cannot read {path}: {exc}")
-            raise typer.Exit(2) from None
-        bodies.append(
-            {
-                "kind": "summarize",
-                "document": document,
-                "instructions": instructions,
-                "model": model,
-            }
-        )
-    _submit_and_report(bodies, wait=wait, timeout_s=timeout_s, labels=[str(p) for p in files])
+    """Submit one summarize job per file; long documents are summarized chunk by chunk."""
+    from promptq.cli_summarize import collect_paths, load_documents
+
+    settings = load_settings()
+    try:
+        documents = load_documents(collect_paths(paths), max_bytes=settings.max_document_bytes)
+    except InvalidRequest as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    options = {
+        "instructions": instructions,
+        "style": style,
+        "target_words": target_words,
+        "context_window": context_window,
+        "model": model,
+        "deadline_s": deadline_s,
+    }
+    bodies = [
+        {
+            "kind": "summarize",
+            "document": document.text,
+            "filename": Path(document.filename).name,
+            "format": "markdown" if document.format == "markdown" else None,
+            **options,
+        }
+        for document in documents
+    ]
+    labels = [document.filename for document in documents]
+    _submit_and_report(
+        bodies, wait=wait, timeout_s=timeout_s, labels=labels, settings=settings, progress=True
+    )
 
 
 def _submit_and_report(
@@ -357,24 +401,39 @@ def _submit_and_report(
     wait: bool,
     timeout_s: float,
     labels: list[str] | None = None,
+    settings: Settings | None = None,
+    progress: bool = False,
 ) -> None:
-    settings = load_settings()
-    specs = [parse_job_request({k: v for k, v in b.items() if v is not None}) for b in bodies]
+    settings = settings or load_settings()
+    try:
+        specs = [parse_job_request({k: v for k, v in b.items() if v is not None}) for b in bodies]
+    except InvalidRequest as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    names = labels or [""] * len(specs)
 
     async def go() -> list[Job]:
         async with open_service(settings) as service:
-            jobs = [(await service.submit(spec))[0] for spec in specs]
+            jobs = [job for job, _ in await service.submit_all(specs)]
             if not wait:
                 return jobs
-            return await _wait_all(service.store, [j.id for j in jobs], timeout_s)
+            ids = [j.id for j in jobs]
+            if progress:
+                from promptq.cli_summarize import wait_with_progress
+
+                return await wait_with_progress(
+                    service, ids, names, timeout_s=timeout_s, console=err_console
+                )
+            return await _wait_all(service.store, ids, timeout_s)
 
     jobs = run(go())
-    for label, job in zip(labels or [""] * len(jobs), jobs, strict=True):
+    for label, job in zip(names, jobs, strict=True):
         if not wait:
             console.print(f"{job.id}  {label}".rstrip())
             continue
         if label:
-            console.rule(label)
+            # Not a rule: a rule cuts long paths to the terminal's width.
+            console.print(f"== {label}", style="bold", soft_wrap=True, highlight=False)
         _print_outcome(job)
     if wait and any(job.status != JobStatus.SUCCEEDED for job in jobs):
         raise typer.Exit(1)
@@ -394,7 +453,7 @@ async def _wait_all(store: JobStore, job_ids: list[str], timeout_s: float) -> li
 
 def _print_outcome(job: Job) -> None:
     if job.status == JobStatus.SUCCEEDED:
-        console.print(job.result or "", markup=False, highlight=False)
+        console.print(job.result or "", markup=False, highlight=False, soft_wrap=True)
     else:
         err_console.print(f"[red]{job.status}[/red] after {job.attempts} attempt(s): {job.error}")
 

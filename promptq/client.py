@@ -108,16 +108,24 @@ class PromptQClient:
         document: str,
         *,
         instructions: str | None = None,
+        style: str | None = None,
+        target_words: int | None = None,
+        context_window: int | None = None,
         model: str | None = None,
         params: dict[str, Any] | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
     ) -> Job:
-        """Submit a document to summarize."""
+        """Submit a document to summarize (style: "bullets" or "paragraph")."""
         body: dict[str, Any] = {"kind": "summarize", "document": document}
-        if instructions is not None:
-            body["instructions"] = instructions
+        options = {
+            "instructions": instructions,
+            "style": style,
+            "target_words": target_words,
+            "context_window": context_window,
+        }
+        body |= {k: v for k, v in options.items() if v is not None}
         return await self.submit(
             _with_options(body, model, params, max_attempts, idempotency_key, deadline_s)
         )

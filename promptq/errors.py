@@ -2,14 +2,19 @@
 
 PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
-│   └── IdempotencyConflict same idempotency_key, different request (409)
+│   ├── IdempotencyConflict same idempotency_key, different request (409)
+│   ├── DocumentTooLarge    a document over PROMPTQ_MAX_DOCUMENT_BYTES (413)
+│   └── UnsupportedDocument a file type promptq cannot read, or a file it cannot parse (422)
 ├── Unauthorized            missing, invalid or revoked API key (401)
 ├── NotFound                no such job, or not yours (404)
 ├── JobNotRetryable         only failed or cancelled jobs can be retried (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
+├── ClaimLost               a worker's attempt was overtaken (job cancelled or reclaimed)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
+    │   └── PromptTruncated the model evidently saw only part of the prompt
     └── PermanentLLMError   retrying can't help: other 4xx, context length
+        └── SummaryFailed   a document cannot be summarized with these settings
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ class IdempotencyConflict(InvalidRequest):
     http_status = 409
 
 
+class DocumentTooLarge(InvalidRequest):
+    """The document is larger than this server accepts."""
+
+    code = "document_too_large"
+    http_status = 413
+
+
+class UnsupportedDocument(InvalidRequest):
+    """The document's type is not supported, or its contents cannot be read."""
+
+    code = "unsupported_document"
+    http_status = 422
+
+
 class Unauthorized(PromptQError):
     """A valid API key is required: send `Authorization: Bearer <key>`."""
 
@@ -73,6 +92,13 @@ class ServiceUnavailable(PromptQError):
 
     code = "service_unavailable"
     http_status = 503
+
+
+class ClaimLost(PromptQError):
+    """The job moved on without this attempt: it was cancelled or another worker took it over."""
+
+    code = "claim_lost"
+    http_status = 409
 
 
 class LLMError(PromptQError):
@@ -103,3 +129,15 @@ class PermanentLLMError(LLMError):
     """The model endpoint rejected the request; retrying it unchanged cannot succeed."""
 
     code = "llm_permanent"
+
+
+class PromptTruncated(TransientLLMError):
+    """The model reported far fewer prompt tokens than were sent: it silently cut the prompt."""
+
+    code = "prompt_truncated"
+
+
+class SummaryFailed(PermanentLLMError):
+    """The document cannot be summarized with these settings (window too small, too deep)."""
+
+    code = "summary_failed"

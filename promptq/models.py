@@ -1,4 +1,5 @@
-"""SQL tables. This schema is a public interface: users query `jobs` and `job_attempts` directly."""
+"""SQL tables. This schema is a public interface: users query `jobs`, `job_attempts` and
+`job_chunks` directly."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ class JobKind(enum.StrEnum):
 
     PROMPT = "prompt"
     SUMMARIZE = "summarize"
+
+
+class ChunkStatus(enum.StrEnum):
+    """Where one chunk summary of a summarize job is. Only `done` rows carry a summary."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    #: The last call for this chunk failed; a later attempt calls again.
+    FAILED = "failed"
+    #: The model evidently saw only part of the prompt; its answer was thrown away.
+    TRUNCATED = "truncated"
+    #: Not part of the job's current plan (the chunks were cut again, smaller).
+    SUPERSEDED = "superseded"
 
 
 class AttemptOutcome(enum.StrEnum):
@@ -141,6 +156,9 @@ class Job(Base):
     attempt_budget: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: Summarize jobs: the fraction of the computed chunk size in use; each silently truncated
+    #: prompt shrinks it for the next attempt. NULL means 1 (never shrunk).
+    chunk_scale: Mapped[float | None] = mapped_column(Float)
     #: The API key that created the job; NULL when made by the CLI or with auth disabled.
     owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="RESTRICT"))
     #: Unique per owner (see the two partial unique indexes below).
@@ -204,3 +222,29 @@ class JobAttempt(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (UniqueConstraint("job_id", "number"),)
+
+
+class JobChunk(Base):
+    """One LLM call of a summarize job: a map call on a chunk (level 0) or a reduce call on a
+    group of summaries (level 1 and up). Finished rows are reused by every later attempt."""
+
+    __tablename__ = "job_chunks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    #: 0 for a map call on a piece of the document, n for the n-th level of reduce calls.
+    level: Mapped[int] = mapped_column(Integer)
+    #: Position within the level, from 0. (Not `index`: that is an SQL keyword.)
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    #: sha256 hex of the call's input text: a chunk of the document, or the joined summaries.
+    text_hash: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: LLM calls made for this chunk, across all of the job's attempts.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.PENDING)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (UniqueConstraint("job_id", "level", "chunk_index", "text_hash"),)

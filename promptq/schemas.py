@@ -68,19 +68,35 @@ class PromptJobCreate(_JobCreateBase):
 
 
 class SummarizeJobCreate(_JobCreateBase):
-    """A document to summarize."""
+    """A document to summarize, in one call or by map-reduce over chunks when it is long."""
 
     kind: Literal["summarize"]
     document: str = Field(min_length=1)
     instructions: str | None = Field(default=None, max_length=10_000)
+    style: Literal["bullets", "paragraph"] | None = None
+    #: Roughly how long the summary should be.
+    target_words: int | None = Field(default=None, ge=10, le=20_000)
+    #: The model's context window in tokens, if not PROMPTQ_CONTEXT_WINDOW_TOKENS.
+    context_window: int | None = Field(default=None, ge=512, le=10_000_000)
+    #: "markdown" splits along headings; "text" along paragraphs and sentences.
+    format: Literal["text", "markdown"] | None = None
+    #: Where the document came from (an uploaded file's name), for people reading the job.
+    filename: str | None = Field(default=None, max_length=1000)
 
     def job_input(self) -> dict[str, Any]:
-        """The `jobs.input` JSON for this request."""
+        """The `jobs.input` JSON for this request (options left unset are left out)."""
+        options = {
+            "style": self.style,
+            "target_words": self.target_words,
+            "context_window": self.context_window,
+            "format": self.format,
+            "filename": self.filename,
+        }
         return {
             "document": self.document,
             "instructions": self.instructions,
             "params": self.params.model_dump(exclude_none=True),
-        }
+        } | {k: v for k, v in options.items() if v is not None}
 
 
 JobCreate = Annotated[PromptJobCreate | SummarizeJobCreate, Field(discriminator="kind")]
@@ -92,6 +108,15 @@ class Usage(BaseModel):
 
     prompt_tokens: int | None
     completion_tokens: int | None
+
+
+class Progress(BaseModel):
+    """How far a summarize job is: chunks done of those planned at its current level."""
+
+    chunks_done: int
+    chunks_total: int
+    #: 0 while summarizing the document's chunks, n during the n-th level of reduce calls.
+    level: int
 
 
 class JobOut(BaseModel):
@@ -116,10 +141,12 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     next_attempt_at: datetime | None
+    #: Summarize jobs only; None for other kinds.
+    progress: Progress | None = None
 
     @classmethod
-    def from_row(cls, job: Job) -> JobOut:
-        """Build from a `jobs` row."""
+    def from_row(cls, job: Job, progress: Progress | None = None) -> JobOut:
+        """Build from a `jobs` row (and, for a summarize job, its progress)."""
         return cls(
             id=job.id,
             kind=job.kind,
@@ -140,6 +167,7 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             next_attempt_at=job.next_attempt_at,
+            progress=progress,
         )
 
 

@@ -8,10 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from promptq.checkpoints import ChunkStore
+from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
-from promptq.models import Job, JobStatus
+from promptq.models import Job, JobKind, JobStatus
 from promptq.queue import QueueClient
-from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
+from promptq.schemas import JobOut, PromptJobCreate, SummarizeJobCreate, job_create_adapter
 from promptq.settings import Settings
 from promptq.store import JobStore
 
@@ -71,6 +73,13 @@ class JobService:
         self.settings = settings
         self.store = store
         self.queue = queue
+        self.checkpoints = ChunkStore(store.sessionmaker)
+
+    def check(self, request: PromptJobCreate | SummarizeJobCreate) -> None:
+        """Refuse what the schema cannot judge alone: a document over the size limit (413)."""
+        if isinstance(request, SummarizeJobCreate):
+            size_bytes = len(request.document.encode("utf-8", errors="surrogatepass"))
+            check_size(request.filename or "document", size_bytes, self.settings.max_document_bytes)
 
     async def submit(
         self,
@@ -85,6 +94,7 @@ class JobService:
         A job that is saved but cannot be queued (Redis down) stays `queued` in SQL, and the
         workers' reconciler enqueues it once Redis is back: nothing accepted is lost.
         """
+        self.check(request)
         job, created = await self.store.create_job(
             kind=request.kind,
             model=request.model or self.settings.default_model,
@@ -97,6 +107,23 @@ class JobService:
         if created or job.status == JobStatus.QUEUED:
             await self._enqueue(job.id)
         return job, created
+
+    async def submit_all(
+        self,
+        requests: list[PromptJobCreate | SummarizeJobCreate],
+        *,
+        owner_key_id: str | None = None,
+    ) -> list[tuple[Job, bool]]:
+        """Check every request first, so a bad one creates nothing; then submit each in order."""
+        for request in requests:
+            self.check(request)
+        return [await self.submit(r, owner_key_id=owner_key_id) for r in requests]
+
+    async def describe(self, jobs: list[Job]) -> list[JobOut]:
+        """The jobs as the API shows them, summarize jobs with their progress."""
+        summarize_ids = [job.id for job in jobs if job.kind == JobKind.SUMMARIZE]
+        progress = await self.checkpoints.progress(summarize_ids)
+        return [JobOut.from_row(job, progress.get(job.id)) for job in jobs]
 
     async def retry(self, job_ids: Sequence[str]) -> list[str]:
         """Re-queue failed or cancelled jobs with a fresh attempt budget; the ids re-queued."""

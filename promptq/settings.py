@@ -63,6 +63,29 @@ class Settings(BaseSettings):
     #: How long the API trusts a key it has looked up; a revoked key works at most this long.
     api_key_cache_s: float = Field(default=30.0, ge=0)
 
+    #: Largest document accepted for summarizing: an uploaded file, or a JSON `document`.
+    max_document_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    #: The model's context window; a summarize job's `context_window` overrides it.
+    context_window_tokens: int = Field(default=8192, ge=512)
+    #: Calibration of the offline token estimate (see promptq.tokens): characters per token.
+    chars_per_token: float = Field(default=4.0, gt=0)
+    #: LLM calls one summarize job makes at once (its map fan-out).
+    summary_fanout: int = Field(default=4, ge=1, le=256)
+    #: Deepest reduce level a summarize job may reach before it fails as non-converging.
+    summary_max_depth: int = Field(default=4, ge=1, le=16)
+    #: Tokens consecutive chunks share, so a sentence cut at a boundary is seen whole once.
+    summary_overlap_tokens: int = Field(default=64, ge=0)
+    #: A prompt counts as silently truncated when the model reports fewer prompt tokens than
+    #: this fraction of the local estimate (0 turns the check off).
+    truncation_ratio: float = Field(default=0.7, ge=0, lt=1)
+    #: Longest a summarize attempt may run (arq's job timeout); finished chunks survive it.
+    summary_timeout_s: float = Field(default=3600.0, gt=0)
+    #: Stream the final summary's tokens to `GET /api/jobs/{id}/stream` subscribers.
+    summary_stream_final: bool = True
+
     log_level: str = "INFO"
 
     @field_validator("llm_base_url", "api_url")

@@ -54,6 +54,12 @@ class Claim:
         """True when a transient failure of this attempt fails the job."""
         return self.charged >= self.max_attempts
 
+    def seconds_left(self) -> float | None:
+        """Time until the job's deadline (negative once past it), if it has one."""
+        if self.deadline_at is None:
+            return None
+        return (self.deadline_at - clock.now()).total_seconds()
+
 
 @dataclass(frozen=True, slots=True)
 class Busy:
@@ -77,11 +83,29 @@ class AttemptResult:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """The fields of a job that change while it runs: cheap to poll (no input, no result)."""
+
+    id: str
+    kind: str
+    status: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    error_code: str | None
+
+
 class JobStore:
     """Reads and conditional writes of `jobs` and `job_attempts`."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._sessionmaker = sessionmaker
+
+    @property
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory, for stores of related tables (promptq.checkpoints)."""
+        return self._sessionmaker
 
     async def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""
@@ -207,6 +231,22 @@ class JobStore:
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
 
+    async def get_states(
+        self, job_ids: Sequence[str], *, owned_by: str | None = None
+    ) -> dict[str, JobState]:
+        """The current state of each job that exists, by id, without its input or result;
+        with `owned_by`, only the jobs that key id owns."""
+        if not job_ids:
+            return {}
+        query = select(
+            Job.id, Job.kind, Job.status, Job.attempts, Job.max_attempts, Job.error, Job.error_code
+        ).where(Job.id.in_(list(job_ids)))
+        if owned_by is not None:
+            query = query.where(Job.owner_key_id == owned_by)
+        async with self._sessionmaker() as session:
+            rows = await session.execute(query)
+            return {row.id: JobState(*row) for row in rows}
+
     async def list_attempts(self, job_id: str, *, owned_by: str | None = None) -> list[JobAttempt]:
         """Every attempt of a job, in order; with `owned_by`, none unless that key id owns it."""
         query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.number)
@@ -328,6 +368,19 @@ class JobStore:
                 )
                 renewed += result.rowcount  # type: ignore[attr-defined]
         return renewed
+
+    async def holding(self, held: Mapping[str, int]) -> set[str]:
+        """The ids of `held` ({job id: attempt number}) whose attempt still runs its job."""
+        items = list(held.items())
+        found: set[str] = set()
+        for start in range(0, len(items), IDS_PER_STATEMENT):
+            chunk = items[start : start + IDS_PER_STATEMENT]
+            query = select(Job.id).where(
+                Job.status == JobStatus.RUNNING, tuple_(Job.id, Job.attempts).in_(chunk)
+            )
+            async with self._sessionmaker() as session:
+                found.update((await session.execute(query)).scalars())
+        return found
 
     # -- the worker's transitions ----------------------------------------------------------
 

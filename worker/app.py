@@ -12,6 +12,7 @@ from typing import Any, cast
 import aiohttp
 from arq import Worker, func
 
+from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
@@ -35,8 +36,16 @@ ARQ_MARKER_MARGIN_S = 10.0
 
 
 def job_timeout_s(settings: Settings) -> float:
-    """How long arq lets one attempt run: the call, and recording it through a DB outage."""
-    return settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S + settings.db_retry_s
+    """How long arq lets one attempt run: the call (for a summarize attempt, all its calls),
+    and recording it through a DB outage.
+
+    A summarize attempt makes many calls (each with its own LLM timeout), so arq's timeout, a
+    backstop, allows for the longest of them: PROMPTQ_SUMMARY_TIMEOUT_S. It does not delay the
+    recovery from a dead worker: the attempt's lease lapses after lease_s, and the reconciler
+    then clears arq's in-progress marker (whose TTL follows this timeout) and re-enqueues it.
+    """
+    run_s = max(settings.llm_timeout_s + JOB_TIMEOUT_MARGIN_S, settings.summary_timeout_s)
+    return run_s + settings.db_retry_s
 
 
 def marker_ttl_s(settings: Settings) -> float:
@@ -71,6 +80,7 @@ def create_worker(
         typed = cast(WorkerContext, ctx)
         typed["settings"] = settings
         typed["store"] = JobStore(create_sessionmaker(engine))
+        typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
         typed["llm"] = LLMClient(
             session,

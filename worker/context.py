@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import TypedDict
 
+from promptq.checkpoints import ChunkStore
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
@@ -17,6 +18,8 @@ class WorkerContext(TypedDict, total=False):
 
     settings: Settings
     store: JobStore
+    #: Checkpoints of summarize jobs (`job_chunks`).
+    checkpoints: ChunkStore
     queue: QueueClient
     llm: LLMClient
     rng: random.Random

@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from arq import Retry
 
-from promptq import clock
+from promptq import clock, events
 from promptq.db import is_db_unavailable
-from promptq.errors import LLMError, PermanentLLMError, TransientLLMError
+from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
 from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadline_message
 from worker.context import WorkerContext
 from worker.db_retry import retry_db
 from worker.llm import Completion
+from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
+from worker.summarize import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +32,26 @@ CLAIM_RETRY_S = 2.0
 #: the lease runs out and the attempt is recorded as interrupted by whoever takes the job over.
 INTERRUPTED_RETRY_S = 5.0
 
-SUMMARIZE_SYSTEM_PROMPT = (
-    "You summarize documents faithfully. Keep the key facts, names and numbers; "
-    "do not add anything that is not in the document."
-)
-
 
 def build_messages(claim: Claim) -> list[dict[str, Any]]:
-    """The chat messages for a job's input."""
+    """The chat messages for a job's input (a summarize job's single-call form)."""
     if claim.kind == JobKind.PROMPT:
         messages: list[dict[str, Any]] = claim.input["messages"]
         return messages
-    instructions = claim.input.get("instructions") or "Summarize the following document."
-    return [
-        {"role": "system", "content": SUMMARIZE_SYSTEM_PROMPT},
-        {"role": "user", "content": f"{instructions}\n\n---\n\n{claim.input['document']}"},
-    ]
+    request = SummaryRequest.from_input(claim.input)
+    return list(single_messages(request, request.document))
+
+
+async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
+    """Do the job's LLM work: one call for a prompt job, map-reduce for a summarize job."""
+    if claim.kind == JobKind.SUMMARIZE:
+        return await summarize(ctx, claim)
+    return await ctx["llm"].chat(
+        claim.model,
+        build_messages(claim),
+        claim.input.get("params", {}),
+        timeout_s=claim.seconds_left(),
+    )
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
@@ -84,12 +91,22 @@ async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
         return round((time.monotonic() - started) * 1000)
 
     try:
-        completion = await ctx["llm"].chat(
-            claim.model,
-            build_messages(claim),
-            claim.input.get("params", {}),
-            timeout_s=_seconds_left(claim),
-        )
+        await _run_attempt(ctx, claim, elapsed_ms)
+    except Retry:
+        await _announce(ctx, claim.job_id)
+        raise
+    await _announce(ctx, claim.job_id)
+
+
+async def _announce(ctx: WorkerContext, job_id: str) -> None:
+    """Tell stream listeners the job's status changed (they read the new one from SQL)."""
+    queue = ctx["queue"]
+    await events.publish(queue.redis, queue.queue_name, job_id, {"type": "status"})
+
+
+async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
+    try:
+        completion = await complete(ctx, claim)
     except asyncio.CancelledError:
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
         await _finish(
@@ -104,6 +121,8 @@ async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
             give_up_after_s=INTERRUPTED_RETRY_S,
         )
         raise
+    except ClaimLost as exc:
+        logger.warning("job %s attempt %d stopped: %s", claim.job_id, claim.number, exc.message)
     except LLMError as exc:
         await _record_failure(ctx, claim, exc, elapsed_ms())
     except Exception as exc:  # a bug or an unexpected library error: retry, keep the evidence
@@ -113,13 +132,6 @@ async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
         )
     else:
         await _record_success(ctx, claim, completion, elapsed_ms())
-
-
-def _seconds_left(claim: Claim) -> float | None:
-    """Time until the job's deadline, if it has one."""
-    if claim.deadline_at is None:
-        return None
-    return (claim.deadline_at - clock.now()).total_seconds()
 
 
 async def _record_success(

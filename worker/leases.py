@@ -6,6 +6,10 @@ within about lease_s + reconcile_interval_s, but a worker that cannot renew for 
 to another worker. That costs a second LLM call, never a second result: every write is
 conditional on (status, attempts), so the slower attempt's result is refused. Renewing every
 lease_s/3 means two renewals in a row can fail before anything is lost.
+
+A renewal that finds an attempt no longer holding its job (cancelled, or taken over after a
+lapse) marks it lost: work that makes many calls per attempt (summarize jobs) waits on
+`lost(claim)` and stops instead of calling the model for a job that is no longer its own.
 """
 
 from __future__ import annotations
@@ -30,16 +34,29 @@ class LeaseKeeper:
         self.renew_every_s = lease_s / RENEWALS_PER_LEASE
         #: job id -> attempt number, for every attempt this worker is running.
         self.held: dict[str, int] = {}
+        #: job id -> set once a renewal found the held attempt no longer owns the job.
+        self._lost: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, claim: Claim) -> None:
         """Start renewing this attempt's lease."""
         self.held[claim.job_id] = claim.number
+        self._lost[claim.job_id] = asyncio.Event()
 
     def release(self, claim: Claim) -> None:
         """Stop renewing this attempt's lease."""
         if self.held.get(claim.job_id) == claim.number:
             del self.held[claim.job_id]
+            self._lost.pop(claim.job_id, None)
+
+    def lost(self, claim: Claim) -> asyncio.Event:
+        """An event set once this attempt is found to no longer own its job (already set for
+        an attempt that is not held)."""
+        event = self._lost.get(claim.job_id)
+        if event is None or self.held.get(claim.job_id) != claim.number:
+            event = asyncio.Event()
+            event.set()
+        return event
 
     async def renew(self) -> int:
         """Renew every held lease now; returns how many the database still had."""
@@ -49,8 +66,14 @@ class LeaseKeeper:
         renewed = await self.store.renew_leases(held, lease_s=self.lease_s)
         if renewed < len(held):
             # Finished a moment ago, cancelled, or taken over after a lapse: the conditional
-            # writes of those attempts will be refused, so nothing is written twice.
+            # writes of those attempts will be refused, so nothing is written twice. Tell
+            # the ones still running, so they stop early.
             logger.debug("renewed %d of %d leases", renewed, len(held))
+            holding = await self.store.holding(held)
+            for job_id, number in held.items():
+                event = self._lost.get(job_id)
+                if job_id not in holding and self.held.get(job_id) == number and event:
+                    event.set()
         return renewed
 
     def start(self) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -66,9 +67,7 @@ class LLMClient:
         `timeout_s` shortens the client's timeout for this call (a job's deadline is near).
         """
         body = orjson.dumps({**params, "model": model, "messages": messages, "stream": False})
-        timeout = self._timeout
-        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
-            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
+        timeout = self._call_timeout(timeout_s)
         try:
             async with self._session.post(
                 self._url, data=body, headers=self._headers, timeout=timeout
@@ -85,6 +84,108 @@ class LLMClient:
                 self._scrub(f"connection to the model endpoint failed: {exc!r}")
             ) from exc
         return self._parse(raw, response.status)
+
+    async def chat_stream(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        on_delta: Callable[[str], Awaitable[None]],
+        *,
+        timeout_s: float | None = None,
+    ) -> Completion:
+        """One chat completion streamed as server-sent events; `on_delta` gets each piece of
+        text as it arrives. Raises like `chat`; a stream cut before `[DONE]` is transient.
+        `timeout_s` shortens the client's timeout, as for `chat`."""
+        body = orjson.dumps(
+            {
+                **params,
+                "model": model,
+                "messages": messages,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+        stream = _StreamState()
+        timeout = self._call_timeout(timeout_s)
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, timeout=timeout
+            ) as response:
+                if response.status >= 400:
+                    raw = await response.read()
+                    raise self._http_error(response.status, raw, response.headers)
+                async for line in response.content:
+                    delta = self._stream_event(line, stream, response.status)
+                    if delta:
+                        await on_delta(delta)
+                    if stream.done:
+                        break
+        except TimeoutError as exc:
+            raise TransientLLMError(
+                f"the model endpoint did not finish within {timeout.total:g} s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TransientLLMError(
+                self._scrub(f"the stream from the model endpoint broke: {exc!r}")
+            ) from exc
+        if not stream.done:
+            raise TransientLLMError("the model endpoint closed the stream before [DONE]")
+        if not stream.parts and stream.finish_reason is None:
+            raise TransientLLMError("the model streamed no text content")
+        return Completion(
+            content="".join(stream.parts),
+            finish_reason=_as_str(stream.finish_reason, MAX_FINISH_REASON_CHARS),
+            prompt_tokens=_as_int(stream.usage.get("prompt_tokens")),
+            completion_tokens=_as_int(stream.usage.get("completion_tokens")),
+            model=stream.model,
+        )
+
+    def _call_timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        """The client's timeout, shortened to `timeout_s` if that is sooner."""
+        timeout = self._timeout
+        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
+            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
+        return timeout
+
+    def _stream_event(self, line: bytes, stream: _StreamState, status: int) -> str:
+        """Fold one SSE line into `stream`; return the text it adds."""
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            return ""  # blank separators, comments, `event:` lines
+        data = line[len(b"data:") :].strip()
+        if data == b"[DONE]":
+            stream.done = True
+            return ""
+        try:
+            event = orjson.loads(data)
+            if not isinstance(event, dict):
+                raise TypeError("not an object")
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise TransientLLMError(
+                self._scrub(f"the model endpoint streamed a malformed event: {_snippet(data)}"),
+                status_code=status,
+            ) from exc
+        if "error" in event:  # Ollama and others report mid-stream errors in-band
+            raise TransientLLMError(
+                self._scrub(f"the model endpoint failed mid-stream: {_error_detail(data)}"),
+                status_code=status,
+            )
+        if isinstance(event.get("usage"), dict):
+            stream.usage = event["usage"]
+        stream.model = _as_str(event.get("model")) or stream.model
+        text = ""
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                text += delta["content"]
+            if choice.get("finish_reason") is not None:
+                stream.finish_reason = choice["finish_reason"]
+        if text:
+            stream.parts.append(text)
+        return text
 
     def _http_error(
         self, status: int, raw: bytes, headers: Any
@@ -124,6 +225,17 @@ class LLMClient:
 
     def _scrub(self, message: str) -> str:
         return message.replace(self._secret, "***") if self._secret else message
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """What a streamed completion has delivered so far."""
+
+    parts: list[str] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    finish_reason: Any = None
+    model: str | None = None
+    done: bool = False
 
 
 def _error_detail(raw: bytes) -> str:

@@ -38,7 +38,17 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
 _PLAIN_STEPS = {"ok", "hang", "drop", "malformed", "empty", "nochoices", "stream_drop", "context"}
 _STEP_HEADERS = {"retry_after": "Retry-After", "retry_after_ms": "retry-after-ms"}
 _FLOAT_FIELDS = ("latency_ms", "jitter", "hang_s", "stream_chunk_delay_ms")
-_CONFIG_FIELDS = frozenset({*_FLOAT_FIELDS, "seed", "fail_rates", "capacity", "models"})
+_CONFIG_FIELDS = frozenset(
+    {
+        *_FLOAT_FIELDS,
+        "seed",
+        "fail_rates",
+        "capacity",
+        "models",
+        "context_window_tokens",
+        "chars_per_token",
+    }
+)
 
 
 def count_tokens(text: str) -> int:
@@ -64,9 +74,12 @@ def _last_user(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Fake prompt token count: words of every message plus 3 per message."""
-    return sum(count_tokens(_text(m.get("content"))) + 3 for m in messages)
+def _prompt_tokens(messages: list[dict[str, Any]], chars_per_token: float | None = None) -> int:
+    """Fake prompt token count: words (or characters / chars_per_token, rounded up) of every
+    message plus 3 per message."""
+    if chars_per_token is None:
+        return sum(count_tokens(_text(m.get("content"))) + 3 for m in messages)
+    return sum(math.ceil(len(_text(m.get("content"))) / chars_per_token) + 3 for m in messages)
 
 
 def expected_reply(model: str, messages: list[dict[str, Any]]) -> str:
@@ -135,8 +148,10 @@ def _check_config(values: object) -> dict[str, Any]:
         if name in _FLOAT_FIELDS:
             ok = _is_number(value) and 0 <= value <= (1 if name == "jitter" else math.inf)
             out[name] = float(value) if ok else value
-        elif name in ("seed", "capacity"):
+        elif name in ("seed", "capacity", "context_window_tokens"):
             ok = value is None or (type(value) is int and (name == "seed" or value >= 1))
+        elif name == "chars_per_token":
+            ok = value is None or (_is_number(value) and value > 0)
         elif name == "models":
             ok = isinstance(value, list) and all(isinstance(m, str) and m for m in value)
             ok = ok and bool(value)
@@ -164,6 +179,11 @@ class FakeLLMConfig:
     hang_s: float = 3600.0
     models: list[str] = field(default_factory=lambda: ["fake-small", "fake-large"])
     stream_chunk_delay_ms: float = 0.0
+    #: Simulate Ollama's silent truncation: a longer prompt still gets a 200, but the usage
+    #: reports at most this many prompt tokens (what the model really read).
+    context_window_tokens: int | None = None
+    #: Count prompt tokens as characters / this (like a real tokenizer) instead of as words.
+    chars_per_token: float | None = None
 
     def __post_init__(self) -> None:
         """Validate all fields, raising ValueError on bad values."""
@@ -185,6 +205,8 @@ class FakeLLMStats:
     completion_tokens_total: int = 0
     #: Latency the server added before answering, summed over requests (benchmarks' ideal).
     latency_ms_total: float = 0.0
+    #: Requests whose prompt was longer than `context_window_tokens` (and silently cut).
+    truncated_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable snapshot (sets sorted, status keys as strings)."""
@@ -308,13 +330,18 @@ def _drop(
     return resp if resp is not None else web.Response(status=599)
 
 
-def _completion(req: _ChatRequest) -> tuple[str, str, dict[str, int]]:
+def _completion(state: FakeLLMState, req: _ChatRequest) -> tuple[str, str, dict[str, int]]:
     """Return (reply, finish_reason, usage) for a successful request."""
     reply, finish = expected_reply(req.model, req.messages), "stop"
     words = reply.split()
     if req.max_tokens is not None and len(words) > req.max_tokens:
         reply, finish = " ".join(words[: req.max_tokens]), "length"
-    prompt, completion = _prompt_tokens(req.messages), count_tokens(reply)
+    prompt = _prompt_tokens(req.messages, state.config.chars_per_token)
+    window = state.config.context_window_tokens
+    if window is not None and prompt > window:
+        prompt = window  # what Ollama's /v1 does: read only what fits, answer 200 anyway
+        state.stats.truncated_requests += 1
+    completion = count_tokens(reply)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion}
     return reply, finish, {**usage, "total_tokens": prompt + completion}
 
@@ -332,7 +359,7 @@ async def _stream(
     request: web.Request, state: FakeLLMState, req: _ChatRequest, drop: bool
 ) -> web.StreamResponse:
     """Send the reply as SSE chunks; with ``drop`` close the connection after two chunks."""
-    reply, finish, usage = _completion(req)
+    reply, finish, usage = _completion(state, req)
     head = _header(req, "chat.completion.chunk")
     deltas: list[tuple[dict[str, str], str | None]] = [({"role": "assistant", "content": ""}, None)]
     deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(reply.split())]
@@ -404,7 +431,7 @@ async def _run_step(
         message = missing if step.status == 404 else None
         return _error(state, step.status, message=message, headers=dict(step.headers))
     if kind == "context":
-        tokens = max(_prompt_tokens(req.messages), CONTEXT_LIMIT + 1)
+        tokens = max(_prompt_tokens(req.messages, cfg.chars_per_token), CONTEXT_LIMIT + 1)
         message = (
             f"This model's maximum context length is {CONTEXT_LIMIT} tokens. However, your "
             f"messages resulted in {tokens} tokens. Please reduce the length of the messages."
@@ -420,7 +447,7 @@ async def _run_step(
         return _respond(state, 200, json.dumps(_header(req, "chat.completion")).encode())
     if req.stream:
         return await _stream(request, state, req, drop=kind == "stream_drop")
-    reply, finish, usage = _completion(req)
+    reply, finish, usage = _completion(state, req)
     answer = {"role": "assistant", "content": reply}
     choice = {"index": 0, "message": answer, "logprobs": None, "finish_reason": finish}
     state.tally(usage)

@@ -11,14 +11,17 @@ ROUTES lists every `/api` route. Adding a route to the app without adding it her
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
@@ -44,6 +47,8 @@ class Route:
     body: dict[str, Any] | None = None
     #: What the job's owner gets for a freshly queued job (retry refuses it, but finds it).
     owner_status: int = 200
+    #: Answers with server-sent events (`call` returns the first event's data).
+    streams: bool = False
 
     @property
     def per_job(self) -> bool:
@@ -67,6 +72,8 @@ ROUTES = [
     Route("GET", "/api/jobs/{id}"),
     Route("GET", "/api/jobs/{id}/attempts"),
     Route("POST", "/api/jobs/{id}/retry", owner_status=409),
+    Route("POST", "/api/jobs/summarize/upload"),
+    Route("GET", "/api/jobs/{id}/stream", streams=True),
 ]
 PER_JOB_ROUTES = [r for r in ROUTES if r.per_job]
 #: Prefixes that must never be reachable without a key.
@@ -112,11 +119,22 @@ async def keys(settings: Settings) -> AsyncIterator[KeyStore]:
 async def call(
     api: Client, route: Route, job_id: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], Any]:
-    """Call a route; return (status, headers, parsed JSON body)."""
+    """Call a route; return (status, headers, parsed JSON body or first event's data)."""
     async with api.request(
         route.method, route.url(job_id), json=route.body, headers=headers or {}
     ) as response:
+        if response.content_type == "text/event-stream":
+            return response.status, dict(response.headers), await first_event(response)
         return response.status, dict(response.headers), await response.json()
+
+
+async def first_event(response: ClientResponse) -> Any:
+    """The data of the first server-sent event (the stream itself goes on until the job ends)."""
+    async with asyncio.timeout(10):
+        async for line in response.content:
+            if line.startswith(b"data:"):
+                return json.loads(line[len(b"data:") :])
+    raise AssertionError("the stream ended without an event")
 
 
 async def create_job(api: Client, key: str | None, content: str, **extra: Any) -> dict[str, Any]:
@@ -265,7 +283,36 @@ async def test_another_tenants_job_is_404_on_every_per_job_route(
     for key in (tenant_a, admin):
         status, _, body = await call(api, route, job["id"], bearer(key))
         assert status == route.owner_status, body
-        assert job["id"] in str(body)
+        if route.streams:
+            assert body["status"] == "queued", body
+        else:
+            assert job["id"] in str(body)
+
+
+async def test_uploaded_jobs_belong_to_the_uploading_key(
+    api: Client, make_key: KeyFactory, service: JobService
+) -> None:
+    # Given two tenants and an admin
+    tenant_a, tenant_b = await make_key("tenant-a"), await make_key("tenant-b")
+    admin = await make_key("admin", admin=True)
+
+    # When A uploads a document to summarize
+    form = aiohttp.FormData()
+    form.add_field("file", b"A's confidential notes.", filename="notes.txt")
+    async with api.post(
+        "/api/jobs/summarize/upload", data=form, headers=bearer(tenant_a)
+    ) as response:
+        assert response.status == 202, await response.text()
+        (job,) = (await response.json())["jobs"]
+
+    # Then the job is A's: it lists for A and the admin, never for B
+    row = await service.store.get_job(job["id"])
+    assert row is not None and row.owner_key_id is not None
+    assert await list_ids(api, tenant_a) == [job["id"]]
+    assert await list_ids(api, tenant_b) == []
+    assert await list_ids(api, admin) == [job["id"]]
+    async with api.get(f"/api/jobs/{job['id']}", headers=bearer(tenant_b)) as response:
+        assert response.status == 404
 
 
 async def test_listings_show_only_the_callers_jobs_and_admins_see_all(

@@ -32,7 +32,7 @@ from promptq.settings import Settings
 from tests import services
 from tests.conftest import _pg_admin, base_settings, pg_url
 
-PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys"}
+PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks"}
 CLI = Path(sys.executable).parent / "promptq"
 
 
@@ -112,9 +112,12 @@ def assert_at_head(settings: Settings) -> None:
         "uq_jobs_owner_key_id_idempotency_key",
         "uq_jobs_unowned_idempotency_key",
     } <= state["indexes"]
-    assert {"uq_job_attempts_job_id", "uq_api_keys_name", "uq_api_keys_key_hash"} <= state[
-        "uniques"
-    ]
+    assert {
+        "uq_job_attempts_job_id",
+        "uq_api_keys_name",
+        "uq_api_keys_key_hash",
+        "uq_job_chunks_job_id",
+    } <= state["uniques"]
     assert "uq_jobs_idempotency_key" not in state["uniques"]  # now unique per owner
 
 
@@ -294,3 +297,35 @@ def test_0003_gives_existing_jobs_their_max_attempts_as_budget(settings: Setting
     )
     assert [tuple(row) for row in rows] == [(2, 2, None, None)]
     migrate.check(settings)
+
+
+def test_downgrading_job_chunks_keeps_jobs_and_attempts(settings: Settings) -> None:
+    # Given a database at head holding a job, its attempt and a chunk checkpoint
+    migrate.upgrade(settings)
+    execute(settings, *JOB_ROWS, CHUNK_ROW, "UPDATE jobs SET chunk_scale = 0.5")
+    counts = "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_attempts)"
+
+    # When 0004 is undone, then only what it added goes: on SQLite a batch-mode copy of `jobs`
+    # would have deleted every attempt through the ON DELETE CASCADE foreign key
+    migrate.downgrade(settings, "0003")
+    assert "job_chunks" not in describe(settings)["tables"]
+    assert execute(settings, counts)[0] == [(1, 1)]
+
+    # And redoing it gives an empty job_chunks and an unset chunk_scale
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert execute(settings, "SELECT count(*) FROM job_chunks")[0] == [(0,)]
+    assert execute(settings, "SELECT chunk_scale FROM jobs")[0] == [(None,)]
+
+
+JOB_ROWS = [
+    "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, max_attempts, "
+    "attempt_budget, created_at, updated_at) VALUES ('j1', 'summarize', 'running', 'm', '{}', "
+    "1, 0, 5, 5, '2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00')",
+    "INSERT INTO job_attempts (job_id, number, started_at, outcome) "
+    "VALUES ('j1', 1, '2026-01-01 00:00:00+00', 'running')",
+]
+CHUNK_ROW = (
+    "INSERT INTO job_chunks (job_id, level, chunk_index, text_hash, attempts, status, "
+    "updated_at) VALUES ('j1', 0, 0, 'h', 1, 'done', '2026-01-01 00:00:00+00')"
+)

@@ -1,0 +1,155 @@
+"""`GET /api/jobs/{id}/stream`: a job's life as server-sent events.
+
+Events, each `data` a JSON object:
+
+* `status`: `{"status", "attempts", "max_attempts", "error", "error_code"}` on every change; the
+  last event of the stream is the terminal one, which also carries `result`.
+* `progress` (summarize jobs): `{"chunks_done", "chunks_total", "level"}` on every change.
+* `token`: `{"text"}`, a piece of the final summary as the model writes it (when the worker
+  streams it). Tokens of an attempt that then fails are followed by its `retrying` status.
+
+SQL is the truth: the stream re-reads the job whenever the worker publishes an event on Redis
+and at least every `POLL_S`, so it works (more slowly) with Redis pub/sub unavailable too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import suppress
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from api.auth import principal
+from api.jobs import job_id_param
+from api.state import SERVICE
+from promptq import events
+from promptq.errors import NotFound
+from promptq.models import JobKind, JobStatus
+from promptq.service import JobService
+
+logger = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+#: Longest the stream goes without re-reading the job from SQL.
+POLL_S = 0.25
+#: A comment line is sent after this long without events, so proxies keep the connection.
+KEEPALIVE_S = 15.0
+#: How long the terminal status waits for token events still in flight from the worker.
+DRAIN_S = 0.05
+
+
+@routes.get("/api/jobs/{id}/stream")
+async def stream_job(request: web.Request) -> web.StreamResponse:
+    """Server-sent events of a job's status and progress, ending with its terminal status."""
+    job_id = job_id_param(request)
+    service = request.app[SERVICE]
+    if not await service.store.get_states([job_id], owned_by=principal(request).owner_filter):
+        raise NotFound(f"no job with id {job_id}")  # also when it is not the caller's
+    pubsub = await _subscribe(service, job_id)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass events through as they come
+        }
+    )
+    try:
+        await response.prepare(request)
+        await _follow(service, job_id, pubsub, response)
+    except ConnectionResetError:
+        logger.debug("stream of job %s: the client went away", job_id)
+    finally:
+        if pubsub is not None:
+            await _close(pubsub)
+    return response
+
+
+async def _follow(
+    service: JobService, job_id: str, pubsub: PubSub | None, response: web.StreamResponse
+) -> None:
+    sent: dict[str, Any] = {}
+    last_write = time.monotonic()
+    while True:
+        state = (await service.store.get_states([job_id])).get(job_id)
+        if state is None:
+            return  # deleted while we watched
+        status = {
+            "status": state.status,
+            "attempts": state.attempts,
+            "max_attempts": state.max_attempts,
+            "error": state.error,
+            "error_code": state.error_code,
+        }
+        terminal = JobStatus(state.status).is_terminal
+        if status != sent.get("status") and not terminal:
+            await _send(response, "status", status)
+            sent["status"], last_write = status, time.monotonic()
+        if state.kind == JobKind.SUMMARIZE:
+            progress = (await service.checkpoints.progress([job_id]))[job_id].model_dump()
+            if progress != sent.get("progress"):
+                await _send(response, "progress", progress)
+                sent["progress"], last_write = progress, time.monotonic()
+        if terminal:
+            await _drain_tokens(pubsub, response, DRAIN_S)
+            job = await service.store.get_job(job_id)
+            await _send(response, "status", status | {"result": job.result if job else None})
+            return
+        if await _drain_tokens(pubsub, response, POLL_S):
+            last_write = time.monotonic()
+        elif time.monotonic() - last_write > KEEPALIVE_S:
+            await response.write(b": keep-alive\n\n")
+            last_write = time.monotonic()
+
+
+async def _drain_tokens(pubsub: PubSub | None, response: web.StreamResponse, wait_s: float) -> bool:
+    """Forward token events for up to `wait_s` (returning early on any other event)."""
+    if pubsub is None:
+        await asyncio.sleep(wait_s)
+        return False
+    forwarded = False
+    deadline = time.monotonic() + wait_s
+    while (left_s := deadline - time.monotonic()) > 0:
+        try:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left_s)
+        except (RedisError, OSError) as exc:
+            logger.info("stream: Redis pub/sub failed (%r); polling SQL only", exc)
+            await asyncio.sleep(left_s)
+            return forwarded
+        if message is None:
+            continue
+        try:
+            event = orjson.loads(message["data"])
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+        if event.get("type") != "token":
+            return forwarded  # something changed in SQL: go and read it
+        await _send(response, "token", {"text": event.get("text", "")})
+        forwarded = True
+    return forwarded
+
+
+async def _send(response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
+    await response.write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+
+async def _subscribe(service: JobService, job_id: str) -> PubSub | None:
+    pubsub = service.queue.redis.pubsub()
+    try:
+        await pubsub.subscribe(events.channel(service.queue.queue_name, job_id))
+    except (RedisError, OSError) as exc:
+        logger.info("stream of job %s: no Redis pub/sub (%r); polling SQL", job_id, exc)
+        await _close(pubsub)
+        return None
+    return pubsub
+
+
+async def _close(pubsub: PubSub) -> None:
+    with suppress(RedisError, OSError):
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
