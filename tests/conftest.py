@@ -17,6 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
@@ -279,3 +281,26 @@ async def wait_terminal(store: JobStore, job_ids: list[str], timeout_s: float = 
         return True
 
     await wait_for(done, timeout_s=timeout_s)
+
+
+ApiClient = TestClient[web.Request, web.Application]
+ApiStarter = Callable[..., Awaitable[ApiClient]]
+
+
+@pytest.fixture
+async def start_api(settings: Settings) -> AsyncIterator[ApiStarter]:
+    """Start the real API app on an ephemeral port: `await start_api(headers, **overrides)`."""
+    from api.app import create_app
+
+    clients: list[ApiClient] = []
+
+    async def start(headers: dict[str, str] | None = None, **overrides: Any) -> ApiClient:
+        app_settings = settings.with_overrides(**overrides) if overrides else settings
+        client: ApiClient = TestClient(TestServer(create_app(app_settings)), headers=headers)
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()

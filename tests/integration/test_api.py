@@ -11,45 +11,34 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from api.app import create_app
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import KeyFactory, WorkerFactory, bearer, wait_terminal
+from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_terminal
 
 Client = TestClient[web.Request, web.Application]
 ApiFactory = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
-async def make_api(settings: Settings, make_key: KeyFactory) -> AsyncIterator[ApiFactory]:
-    """Start the real API app on an ephemeral port (optionally with settings overrides).
-
-    Its client sends an admin API key (tests/integration/test_auth.py covers keys and tenants).
-    """
-    clients: list[Client] = []
+async def make_api(start_api: ApiStarter, make_key: KeyFactory) -> ApiFactory:
+    """Start the real API app; its client sends an admin API key (test_auth.py covers keys)."""
     key = await make_key("test-api-admin", admin=True)
 
     async def make(**overrides: Any) -> Client:
-        app_settings = settings.with_overrides(**overrides) if overrides else settings
-        client: Client = TestClient(TestServer(create_app(app_settings)), headers=bearer(key))
-        await client.start_server()
-        clients.append(client)
-        return client
+        return await start_api(bearer(key), **overrides)
 
-    yield make
-    for client in clients:
-        await client.close()
+    return make
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from api.app import create_app
 from api.auth import Authenticator
 from promptq.client import PromptQClient
 from promptq.db import create_engine, create_sessionmaker
@@ -32,7 +31,7 @@ from promptq.errors import Unauthorized
 from promptq.keys import KeyStore
 from promptq.service import JobService, parse_job_request
 from promptq.settings import Settings
-from tests.conftest import KeyFactory, bearer
+from tests.conftest import ApiStarter, KeyFactory, bearer
 
 Client = TestClient[web.Request, web.Application]
 ApiFactory = Callable[..., Awaitable[Client]]
@@ -86,20 +85,9 @@ def route_id(route: Route) -> str:
 
 
 @pytest.fixture
-async def make_api(settings: Settings) -> AsyncIterator[ApiFactory]:
+def make_api(start_api: ApiStarter) -> ApiFactory:
     """Start the real API app on an ephemeral port; its client sends no key by default."""
-    clients: list[Client] = []
-
-    async def make(**overrides: Any) -> Client:
-        app_settings = settings.with_overrides(**overrides) if overrides else settings
-        client: Client = TestClient(TestServer(create_app(app_settings)))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
+    return start_api
 
 
 @pytest.fixture
