@@ -131,6 +131,57 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class BatchStatus(enum.StrEnum):
+    """Where a batch is. Native batches use in_progress / cancelling / cancelled / completed;
+    OpenAI Batch API batches use the whole OpenAI lifecycle."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class Priority(enum.IntEnum):
+    """Queue priority of a job: higher runs first when workers are saturated."""
+
+    BULK = 0
+    INTERACTIVE = 10
+
+
+class Batch(Base):
+    """Many jobs submitted together (`POST /api/batches`, the CLI, or the OpenAI Batch API).
+
+    Counts per status are computed from `jobs.batch_id`, never stored, so they cannot drift.
+    """
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: "native" (promptq's /api/batches and CLI) or "openai" (the /v1 Batch API).
+    api: Mapped[str] = mapped_column(String(16), default="native")
+    name: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.IN_PROGRESS)
+    #: Items (jobs) in the batch once it is accepted.
+    job_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: The distinct models of a comparison batch (each item runs on each); NULL otherwise.
+    models: Mapped[list[str] | None] = mapped_column(JSONType)
+    #: Free-form user metadata (OpenAI's `metadata`), at most a few KB.
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
+    owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Past this, unfinished jobs are cancelled and the batch is `expired` (NULL: never).
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_batches_owner_key_id_id", "owner_key_id", "id"),)
+
+
 class Job(Base):
     """One unit of LLM work and its outcome. SQL is the source of truth for its state."""
 
@@ -172,6 +223,20 @@ class Job(Base):
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When a retrying job becomes due again.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The batch the job belongs to, if any, and its position there (submission order). In a
+    #: comparison batch the jobs of one prompt on several models share a batch_index.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    batch_index: Mapped[int | None] = mapped_column(Integer)
+    #: The caller's own id for the item (OpenAI Batch API `custom_id`).
+    custom_id: Mapped[str | None] = mapped_column(String(255))
+    #: Priority.BULK or Priority.INTERACTIVE; higher goes first.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    #: sha256 hex of (kind, model, messages/document, params): identical requests share it.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    #: The job whose stored result this one reused instead of calling the model (a cache hit).
+    cached_from: Mapped[str | None] = mapped_column(String(36))
+    #: Set when a cancel is asked for while the job runs; the worker aborts the attempt.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -179,6 +244,8 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_batch_id_batch_index", "batch_id", "batch_index"),
+        Index("ix_jobs_request_hash", "request_hash"),
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_owner_key_id_id", "owner_key_id", "id"),
         # An idempotency key is unique per owner. A plain UNIQUE (owner_key_id, idempotency_key)

@@ -32,7 +32,7 @@ from promptq.settings import Settings
 from tests import services
 from tests.conftest import _pg_admin, base_settings, pg_url
 
-PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks"}
+PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks", "batches"}
 CLI = Path(sys.executable).parent / "promptq"
 
 
@@ -316,6 +316,31 @@ def test_downgrading_job_chunks_keeps_jobs_and_attempts(settings: Settings) -> N
     migrate.check(settings)
     assert execute(settings, "SELECT count(*) FROM job_chunks")[0] == [(0,)]
     assert execute(settings, "SELECT chunk_scale FROM jobs")[0] == [(None,)]
+
+
+def test_0005_adds_batches_and_keeps_jobs_both_ways(settings: Settings) -> None:
+    # Given a database at 0004 holding a job and its attempt
+    migrate.upgrade(settings, "0004")
+    execute(settings, *JOB_ROWS)
+    counts = "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_attempts)"
+
+    # When 0005 runs, the job gets bulk priority and no batch, and a batch can own new jobs
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert execute(settings, "SELECT priority, batch_id FROM jobs")[0] == [(0, None)]
+    execute(
+        settings,
+        "INSERT INTO batches (id, api, status, job_count, created_at, updated_at) VALUES "
+        "('b1', 'native', 'in_progress', 1, '2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00')",
+        "UPDATE jobs SET batch_id = 'b1', batch_index = 0",
+    )
+
+    # And undoing it keeps every job and attempt (no batch-mode copy of `jobs`)
+    migrate.downgrade(settings, "0004")
+    assert "batches" not in describe(settings)["tables"]
+    assert execute(settings, counts)[0] == [(1, 1)]
+    migrate.upgrade(settings)
+    migrate.check(settings)
 
 
 JOB_ROWS = [
