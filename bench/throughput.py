@@ -1,6 +1,6 @@
 """Throughput benchmark: how close promptq keeps a model to saturation, on this machine.
 
-Run `python -m bench.throughput --quick` (a few minutes) or without `--quick` (the full run).
+Run `python -m bench --quick` (a few minutes) or `python -m bench` (the full run, ~20 min).
 It needs the `bench` extra (matplotlib, psutil), Redis, and PostgreSQL for the PostgreSQL rows.
 
 Every system calls the same fake OpenAI-compatible LLM, served over real HTTP from this process:
@@ -8,15 +8,20 @@ Every system calls the same fake OpenAI-compatible LLM, served over real HTTP fr
 * baseline: `asyncio.gather` under a semaphore, calling the fake over aiohttp (least overhead);
 * arq: plain arq on its defaults (poll_delay 0.5 s) with `max_jobs` = the concurrency, running a
   trivial job that calls the fake (`bench.plain_arq`, in a subprocess);
-* promptq-sqlite / promptq-postgres: jobs submitted through `JobService` (SQL row, then
-  Redis), run by a real `promptq worker` subprocess that records every result in SQL.
+* promptq-sqlite / promptq-postgres: jobs submitted over HTTP to a real `promptq api`
+  subprocess (SQL row, then Redis), run by a real `promptq worker` subprocess that records
+  every result in SQL.
 
 For the queues, the worker is started and then frozen (SIGSTOP) while the whole workload is
 submitted, then thawed: the makespan runs from the thaw to the last job's finish, so it measures
 draining a full queue, and the worker's CPU time excludes its start-up and the submission.
-Efficiency is ideal / makespan, where ideal = the latency the fake injected / concurrency.
-Pickup latency (enqueue to attempt start) is measured on an idle worker, one job at a time.
-Results go to bench/results/throughput.json and .png. Numbers are for this machine only.
+CPU per job end to end is the worker's CPU during the drain plus the API's during the
+submission (psutil). Efficiency is ideal / makespan, where ideal = the latency the fake injected
+/ concurrency. The fake records its peak of requests in flight; a run that exceeds the configured
+concurrency fails. Pickup latency (enqueue to attempt start: the bench's queue client records
+when it hands each job to Redis, the attempt row when the worker started it) is measured on an
+idle worker, one job at a time. Results go to bench/results/throughput.json and .png. Numbers
+are for this machine only (a 2-core VM shared with other work: see load_avg_1m in the JSON).
 """
 
 from __future__ import annotations
@@ -117,8 +122,20 @@ class Run:
     peak_in_flight: int
     worker_cpu_ms_per_job: float | None = None
     worker_rss_mib: float | None = None
+    #: promptq only: CPU of the API process while it took the submissions.
+    api_cpu_ms_per_job: float | None = None
     #: Baseline only: CPU of this whole process (client and fake server together).
     process_cpu_ms_per_job: float | None = None
+
+    @property
+    def cpu_ms_per_job(self) -> float | None:
+        """End to end: worker + API for promptq, the worker for arq, the process for the
+        baseline (which includes the fake server's share)."""
+        if self.process_cpu_ms_per_job is not None:
+            return self.process_cpu_ms_per_job
+        if self.worker_cpu_ms_per_job is None:
+            return None
+        return self.worker_cpu_ms_per_job + (self.api_cpu_ms_per_job or 0.0)
 
 
 @dataclass
@@ -131,11 +148,14 @@ class Pickup:
     p99_ms: float
     mean_ms: float
     max_ms: float
+    #: promptq: the same jobs timed from the job row's created_at (before INSERT and enqueue).
+    submit_p50_ms: float | None = None
+    submit_p99_ms: float | None = None
 
 
-def workloads(quick: bool) -> list[Workload]:
-    """The three workloads; the LLM-like and zero-latency ones are larger in the full run."""
-    llm_jobs, zero_jobs = (1_000, 1_000) if quick else (10_000, 5_000)
+def workloads(scale: float) -> list[Workload]:
+    """The three workloads; `scale` shrinks the LLM-like and zero-latency job counts."""
+    llm_jobs, zero_jobs = max(100, round(10_000 * scale)), max(100, round(5_000 * scale))
     return [
         Workload("saq", "SAQ: 1,000 jobs, c=10, 0-50 ms", 1_000, 10, 25.0, 1.0),
         Workload("llm", f"LLM-like: {llm_jobs:,} jobs, c=100, 1 s ±30%", llm_jobs, 100, 1000, 0.3),
@@ -156,7 +176,15 @@ def content(workload: str, i: int) -> str:
 
 
 def make_run(system: str, w: Workload, makespan_s: float, fake: FakeLLM, **extra: Any) -> Run:
-    """A Run with the derived numbers filled in from the fake's counters."""
+    """A Run with the derived numbers filled in from the fake's counters.
+
+    Raises if the fake saw more requests in flight at once than the configured concurrency.
+    """
+    if fake.stats.peak_in_flight > w.concurrency:
+        raise RuntimeError(
+            f"{system} {w.name}: {fake.stats.peak_in_flight} requests in flight at once, "
+            f"over the configured concurrency of {w.concurrency}"
+        )
     ideal_s = fake.stats.latency_ms_total / 1000 / w.concurrency
     return Run(
         system=system,
@@ -387,8 +415,10 @@ class PlainArq:
         )
 
 
-def pickup_stats(system: str, latencies_ms: list[float]) -> Pickup:
-    """Summarise pickup samples."""
+def pickup_stats(
+    system: str, latencies_ms: list[float], from_submit_ms: list[float] | None = None
+) -> Pickup:
+    """Summarise pickup samples (and, for promptq, the same jobs timed from their INSERT)."""
     return Pickup(
         system=system,
         samples=len(latencies_ms),
@@ -396,7 +426,62 @@ def pickup_stats(system: str, latencies_ms: list[float]) -> Pickup:
         p99_ms=percentile(latencies_ms, 99),
         mean_ms=statistics.fmean(latencies_ms),
         max_ms=max(latencies_ms),
+        submit_p50_ms=percentile(from_submit_ms, 50) if from_submit_ms else None,
+        submit_p99_ms=percentile(from_submit_ms, 99) if from_submit_ms else None,
     )
+
+
+class TimedQueue(QueueClient):
+    """The bench's hook on the queue client: when each job was handed to Redis, which is
+    where pickup latency starts (the job row's created_at is earlier, before the INSERT)."""
+
+    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+        super().__init__(redis, queue_name)
+        self.enqueued_at: dict[str, float] = {}
+
+    async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
+        """Record the time, then enqueue."""
+        self.enqueued_at[job_id] = time.time()
+        return await super().enqueue(job_id, defer_s=defer_s)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_http_ok(url: str, proc: WorkerProcess) -> None:
+    """Wait until GET `url` answers 200 (the API is up and sees Redis and the database)."""
+
+    async def up() -> bool:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(url) as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(up, 60, f"{url} start-up", proc)
+
+
+async def submit_http(api_url: str, contents: list[str]) -> list[str]:
+    """POST one prompt job per content to the API, SUBMIT_CONCURRENCY at a time."""
+    url = api_url + "/api/jobs"
+    headers = {"Content-Type": "application/json"}
+    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    connector = aiohttp.TCPConnector(limit=SUBMIT_CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one(text: str) -> str:
+            body = orjson.dumps({"kind": "prompt", "messages": [{"role": "user", "content": text}]})
+            async with slots, http.post(url, data=body, headers=headers) as response:
+                if response.status != 202:
+                    raise RuntimeError(f"POST /api/jobs: {response.status} {await response.text()}")
+                job_id: str = orjson.loads(await response.read())["id"]
+                return job_id
+
+        return list(await asyncio.gather(*(one(c) for c in contents)))
 
 
 # -- (c) promptq ---------------------------------------------------------------------------------
@@ -457,25 +542,38 @@ class PromptQ:
     async def run(
         self, w: Workload, fake: FakeLLM, pickup_samples: int
     ) -> tuple[Run, Pickup | None]:
-        """Fill the queue under a frozen worker, thaw it, and time the drain from SQL."""
+        """Submit through a `promptq api` process while the worker is frozen, thaw it, and
+        time the drain from SQL."""
         async with self._database(f"{self.system}-{w.name}") as database_url:
             settings = self._settings(database_url, fake, w.concurrency)
             await asyncio.to_thread(migrate.upgrade, settings)
             engine = create_engine(settings)
-            queue = await QueueClient.connect(settings)
+            plain = await QueueClient.connect(settings)
+            queue = TimedQueue(plain.redis, plain.queue_name)
             await queue.redis.flushdb()
             service = JobService(settings, JobStore(create_sessionmaker(engine)), queue)
+            port = free_port()
+            api = WorkerProcess(
+                [PROMPTQ, "api", "--host", "127.0.0.1", "--port", str(port)],
+                env={**self._env(settings), "PROMPTQ_AUTH_DISABLED": "true"},
+                cwd=self.tmp,
+                log_path=self.tmp / f"{self.system}-{w.name}-api.log",
+            )
             proc = WorkerProcess(
                 [PROMPTQ, "worker", "--concurrency", str(w.concurrency)],
                 env=self._env(settings),
                 cwd=self.tmp,
                 log_path=self.tmp / f"{self.system}-{w.name}.log",
             )
+            api_url = f"http://127.0.0.1:{port}"
             try:
                 await proc.wait_ready(queue.redis, self.QUEUE + ":health-check")
+                await wait_http_ok(api_url + "/healthz", api)
                 cpu0 = proc.freeze()
                 prepare_fake(fake, w)
-                await self._submit(service, [content(w.name, i) for i in range(w.jobs)])
+                api_cpu0 = api.cpu_s()
+                await submit_http(api_url, [content(w.name, i) for i in range(w.jobs)])
+                api_cpu_s = api.cpu_s() - api_cpu0
                 thawed_at = proc.thaw()
                 await wait_until(
                     lambda: self._all_done(service, w.jobs),
@@ -492,13 +590,15 @@ class PromptQ:
                     fake,
                     worker_cpu_ms_per_job=cpu_s * 1000 / w.jobs,
                     worker_rss_mib=proc.peak_rss_bytes / 2**20,
+                    api_cpu_ms_per_job=api_cpu_s * 1000 / w.jobs,
                 )
                 pickup = None
                 if pickup_samples:
-                    pickup = await self._pickup(service, fake, pickup_samples)
+                    pickup = await self._pickup(service, queue, fake, pickup_samples)
                 return run, pickup
             finally:
                 await proc.stop()
+                await api.stop()
                 await queue.close()
                 await engine.dispose()
 
@@ -537,7 +637,9 @@ class PromptQ:
         assert last is not None
         return last if last.tzinfo else last.replace(tzinfo=UTC)
 
-    async def _pickup(self, service: JobService, fake: FakeLLM, samples: int) -> Pickup:
+    async def _pickup(
+        self, service: JobService, queue: TimedQueue, fake: FakeLLM, samples: int
+    ) -> Pickup:
         fake.config.latency_ms = 0.0
         fake.reset()
         ids = []
@@ -553,14 +655,18 @@ class PromptQ:
 
         await wait_until(done, 30, f"{self.system} pickup", None)
         query = (
-            select(JobAttempt.started_at, Job.created_at)
+            select(Job.id, JobAttempt.started_at, Job.created_at)
             .join(Job, Job.id == JobAttempt.job_id)
             .where(Job.id.in_(ids), JobAttempt.number == 1)
         )
         async with service.store._sessionmaker() as session:
             rows = (await session.execute(query)).all()
         return pickup_stats(
-            self.system, [(started - created).total_seconds() * 1000 for started, created in rows]
+            self.system,
+            [(started.timestamp() - queue.enqueued_at[id_]) * 1000 for id_, started, _ in rows],
+            from_submit_ms=[
+                (started - created).total_seconds() * 1000 for _, started, created in rows
+            ],
         )
 
 
@@ -580,9 +686,9 @@ def fmt(value: float | None, spec: str) -> str:
 def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) -> str:
     """A Markdown table of every run, then one of pickup latencies."""
     lines = [
-        "| workload | system | makespan s | ideal s | efficiency | jobs/s | vs baseline (c/a) "
-        "| vs arq (c/b) | worker CPU ms/job | worker RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | system | makespan s | ideal s | efficiency | jobs/s | c/a | c/b "
+        "| CPU ms/job (worker + API) | worker RSS MiB | peak in flight |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in ws:
         group = by_system(runs, w.name)
@@ -592,21 +698,24 @@ def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) ->
             base, arq = group.get("baseline"), group.get("arq")
             vs_a = r.jobs_per_s / base.jobs_per_s if base and system.startswith("promptq") else None
             vs_b = r.jobs_per_s / arq.jobs_per_s if arq and system.startswith("promptq") else None
+            cpu = fmt(r.cpu_ms_per_job, ".2f")
+            if r.api_cpu_ms_per_job is not None:
+                cpu += f" ({fmt(r.worker_cpu_ms_per_job, '.2f')} + {r.api_cpu_ms_per_job:.2f})"
             lines.append(
                 f"| {w.label} | {system} | {r.makespan_s:.2f} | {r.ideal_s:.2f} "
                 f"| {fmt(r.efficiency, '.3f')} | {r.jobs_per_s:,.0f} | {fmt(vs_a, '.2f')} "
-                f"| {fmt(vs_b, '.1f')} | {fmt(r.worker_cpu_ms_per_job, '.2f')} "
-                f"| {fmt(r.worker_rss_mib, '.0f')} |"
+                f"| {fmt(vs_b, '.2f')} | {cpu} | {fmt(r.worker_rss_mib, '.0f')} "
+                f"| {r.peak_in_flight} / {r.concurrency} |"
             )
     lines += [
         "",
-        "| pickup (idle worker, one job at a time) | samples | p50 ms | p99 ms | mean ms "
-        "| max ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| pickup, enqueue to start (idle worker, one job at a time) | samples | p50 ms "
+        "| p99 ms | mean ms | max ms | from the INSERT: p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {p.system} | {p.samples} | {p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.mean_ms:.1f} "
-        f"| {p.max_ms:.1f} |"
+        f"| {p.max_ms:.1f} | {fmt(p.submit_p50_ms, '.1f')} / {fmt(p.submit_p99_ms, '.1f')} |"
         for p in pickups
     ]
     return "\n".join(lines)
@@ -716,7 +825,7 @@ def stage(name: str) -> Iterator[None]:
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Run every selected system on every selected workload."""
-    ws = [w for w in workloads(args.quick) if w.name in args.workloads]
+    ws = [w for w in workloads(args.scale) if w.name in args.workloads]
     systems = [s for s in SYSTEMS if s in args.systems]
     if "promptq-postgres" in systems and not await pg_available(args.pg_dsn):
         print(f"PostgreSQL is not reachable at {args.pg_dsn}: skipping promptq-postgres")
@@ -750,6 +859,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "meta": {
             "quick": args.quick,
+            "scale": args.scale,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "duration_s": round(time.monotonic() - started, 1),
             "load_avg_1m_at_start": load_at_start,
@@ -767,7 +877,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     """Parse arguments, run, write JSON and PNG, print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller LLM-like/zero workloads")
+    parser.add_argument(
+        "--quick", action="store_true", help="--scale 0.1: a few minutes instead of ~20"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="job-count factor for the LLM-like/zero runs"
+    )
     parser.add_argument(
         "--redis-url", help="a Redis db to use (it is flushed!); default: start a private server"
     )
@@ -776,6 +891,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="saq,llm,zero")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
     args = parser.parse_args()
+    if args.quick:
+        args.scale = min(args.scale, 0.1)
     args.systems = args.systems.split(",")
     args.workloads = args.workloads.split(",")
     report = asyncio.run(run_all(args))

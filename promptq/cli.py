@@ -255,6 +255,10 @@ def worker(
         overrides["worker_grace_s"] = grace_s
     if overrides:
         settings = settings.with_overrides(**overrides)
+    if settings.log_level.upper() != "DEBUG":
+        # arq logs two INFO lines per job; at hundreds of jobs/s that is most of the CPU
+        # the worker spends outside the LLM call. promptq's own job lines are DEBUG too.
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
     create_worker(settings, burst=burst).run()
 
 

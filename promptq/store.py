@@ -14,11 +14,12 @@ from typing import Any
 
 from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from promptq import clock
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
+from promptq.fastpath import FastPath, Outcome
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class JobStore:
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._sessionmaker = sessionmaker
+        bind = sessionmaker.kw.get("bind")
+        #: Pre-built claim/finish statements (promptq.fastpath), when the backend allows.
+        self._fast = FastPath(bind) if isinstance(bind, AsyncEngine) else None
 
     @property
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
@@ -392,6 +396,21 @@ class JobStore:
         charged) and a new attempt starts.
         """
         now = clock.now()
+        if self._fast is not None and self._fast.available:
+            row = await self._fast.claim(job_id, worker=worker, now=now, lease_s=lease_s)
+            if row is not None:
+                return Claim(
+                    job_id=job_id,
+                    number=row.attempts,
+                    kind=row.kind,
+                    model=row.model,
+                    input=row.input,
+                    max_attempts=row.max_attempts,
+                    charged=row.attempts - row.interruptions,
+                    deadline_s=row.deadline_s,
+                    deadline_at=row.deadline_at,
+                )
+            # Not claimable as it stands: a lease to take over, a deadline, a finished job...
         async with self._sessionmaker() as session, session.begin():
             job = await session.get(Job, job_id)
             if job is None or JobStatus(job.status).is_terminal:
@@ -528,6 +547,20 @@ class JobStore:
             job_values["next_attempt_at"] = next_attempt_at
         if result.outcome == AttemptOutcome.INTERRUPTED:
             job_values["interruptions"] = Job.interruptions + 1
+        if self._fast is not None and self._fast.available:
+            done = Outcome(
+                outcome=result.outcome,
+                status_code=result.status_code,
+                error=result.error,
+                latency_ms=result.latency_ms,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                result=result.result,
+                finish_reason=result.finish_reason,
+            )
+            if job_status == JobStatus.SUCCEEDED:
+                return await self._fast.succeed(claim.job_id, claim.number, now, done)
+            return await self._fast.finish(claim.job_id, claim.number, now, done, job_values)
         async with self._sessionmaker() as session, session.begin():
             await session.execute(
                 update(JobAttempt)

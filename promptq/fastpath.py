@@ -1,0 +1,316 @@
+"""The worker's two per-job writes, in one driver call each.
+
+`JobStore.claim` and `JobStore.finish_attempt` run for every job, and through the ORM they
+cost several CPU-ms per job: the identity map, the unit of work, building each statement and
+its cache key, and on SQLite about nine hops to aiosqlite's thread per transaction. Here the
+common cases are hand-written SQL, sent straight to the driver of a pooled connection:
+
+* claim (a queued or retrying job with attempts left and time before its deadline): one
+  conditional `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the
+  attempt row is inserted in the same transaction. On PostgreSQL that is one statement (a
+  data-modifying CTE, atomic on its own); on SQLite one function run in aiosqlite's thread
+  (BEGIN IMMEDIATE, UPDATE, INSERT, COMMIT). When nothing matches, `claim` returns None and
+  `JobStore.claim` takes its general path, which handles every other case (an expired lease
+  to take over, a passed deadline, no attempts left, a finished or missing job).
+* succeed: the attempt row and the job row, in one transaction; the job row moves only if
+  the claim still holds (status running, same attempt number), so a late or duplicate attempt
+  cannot overwrite a result.
+
+The conditions are the same as the general path's, so the guarantees are too; the store's
+tests run through this module. Values go through the columns' own SQLAlchemy type
+processors, so rows look exactly as the ORM writes them. A driver error that means "the
+database is away" is raised as SQLAlchemy's OperationalError (see promptq.db.is_db_unavailable)
+and the connection is dropped from the pool.
+
+It needs `UPDATE ... RETURNING` (SQLite >= 3.35) and the aiosqlite or asyncpg driver;
+otherwise `available` is False and the store keeps to its general path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import asyncpg
+from sqlalchemy import Table, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from promptq.db import is_db_unavailable
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, JSONType, UTCDateTime
+
+#: SQLite: take a claimable job (parameters: now, lease, id).
+_SQLITE_CLAIM = """
+UPDATE jobs SET status = 'running', attempts = attempts + 1,
+    started_at = COALESCE(started_at, :now), next_attempt_at = NULL,
+    lease_expires_at = :lease, updated_at = :now
+WHERE id = :id AND status IN ('queued', 'retrying')
+  AND (deadline_at IS NULL OR deadline_at > :now)
+  AND attempts - interruptions < max_attempts
+RETURNING kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at
+"""
+_SQLITE_OPEN_ATTEMPT = """
+INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
+VALUES (:id, :number, :now, 'running', :worker, :model)
+"""
+_SQLITE_CLOSE_ATTEMPT = """
+UPDATE job_attempts SET outcome = :outcome, finished_at = :now, status_code = :status_code,
+    error = :error, latency_ms = :latency_ms, prompt_tokens = :prompt_tokens,
+    completion_tokens = :completion_tokens
+WHERE job_id = :id AND number = :number AND outcome = 'running'
+"""
+_SQLITE_SUCCEED_JOB = """
+UPDATE jobs SET status = 'succeeded', updated_at = :now, finished_at = :now,
+    lease_expires_at = NULL, result = :result, finish_reason = :finish_reason,
+    prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,
+    error = NULL, error_code = NULL
+WHERE id = :id AND status = 'running' AND attempts = :number
+"""
+
+#: PostgreSQL: take a claimable job and open its attempt ($1 now, $2 lease, $3 id, $4 worker).
+_PG_CLAIM = """
+WITH claimed AS (
+    UPDATE jobs SET status = 'running', attempts = attempts + 1,
+        started_at = COALESCE(started_at, $1), next_attempt_at = NULL,
+        lease_expires_at = $2, updated_at = $1
+    WHERE id = $3 AND status IN ('queued', 'retrying')
+      AND (deadline_at IS NULL OR deadline_at > $1)
+      AND attempts - interruptions < max_attempts
+    RETURNING id, kind, model, input, attempts, interruptions, max_attempts, deadline_s,
+              deadline_at
+), opened AS (
+    INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
+    SELECT id, attempts, $1, 'running', $4::varchar, model FROM claimed
+)
+SELECT kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at
+FROM claimed
+"""
+#: PostgreSQL: close the attempt and record the success ($1 now, $2 outcome, $3 status code,
+#: $4 error, $5 latency, $6/$7 tokens, $8 result, $9 finish reason, $10 id, $11 number).
+_PG_SUCCEED = """
+WITH closed AS (
+    UPDATE job_attempts SET outcome = $2, finished_at = $1, status_code = $3, error = $4,
+        latency_ms = $5, prompt_tokens = $6, completion_tokens = $7
+    WHERE job_id = $10 AND number = $11 AND outcome = 'running'
+)
+UPDATE jobs SET status = 'succeeded', updated_at = $1, finished_at = $1,
+    lease_expires_at = NULL, result = $8, finish_reason = $9, prompt_tokens = $6,
+    completion_tokens = $7, error = NULL, error_code = NULL
+WHERE id = $10 AND status = 'running' AND attempts = $11
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """The job fields a successful fast claim returns."""
+
+    kind: str
+    model: str
+    input: dict[str, Any]
+    attempts: int
+    interruptions: int
+    max_attempts: int
+    deadline_s: float | None
+    deadline_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished attempt writes to its attempt row (and, on success, the job row)."""
+
+    outcome: AttemptOutcome
+    status_code: int | None
+    error: str | None
+    latency_ms: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    result: str | None = None
+    finish_reason: str | None = None
+
+
+class FastPath:
+    """Claim and succeed in one driver call each (see the module docstring)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        dialect = engine.dialect
+        self.postgres = dialect.name == "postgresql" and dialect.driver == "asyncpg"
+        sqlite = dialect.name == "sqlite" and dialect.driver == "aiosqlite"
+        self.available = self.postgres or (sqlite and sqlite3.sqlite_version_info >= (3, 35))
+        self._bind_time: Callable[[Any], Any] = _processor(
+            UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+        )
+        self._read_time: Callable[[Any], Any] = _processor(
+            UTCDateTime().dialect_impl(dialect).result_processor(dialect, None)
+        )
+        self._read_json: Callable[[Any], Any] = _processor(
+            JSONType.dialect_impl(dialect).result_processor(dialect, None)
+        )
+
+    @contextlib.asynccontextmanager
+    async def _driver(self) -> AsyncIterator[Any]:
+        """A pooled connection's driver connection (aiosqlite or asyncpg)."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                yield raw.driver_connection
+            except (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                await _raise_translated(conn, exc)
+
+    async def claim(
+        self, job_id: str, *, worker: str, now: datetime, lease_s: float
+    ) -> ClaimedRow | None:
+        """Take a claimable job and open its attempt; None when the general path must decide."""
+        lease = now + timedelta(seconds=lease_s)
+        async with self._driver() as driver:
+            if self.postgres:
+                row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
+                if row is None:
+                    return None
+                return ClaimedRow(*row)
+            params = {
+                "id": job_id,
+                "now": self._bind_time(now),
+                "lease": self._bind_time(lease),
+                "worker": worker,
+            }
+            row = await driver._execute(_sqlite_claim, driver._conn, params)
+        if row is None:
+            return None
+        kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline = row
+        return ClaimedRow(
+            kind,
+            model,
+            self._read_json(input_),
+            attempts,
+            interruptions,
+            max_attempts,
+            deadline_s,
+            self._read_time(deadline),
+        )
+
+    async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
+        """Close the attempt as succeeded and store the result, if the claim still holds."""
+        async with self._driver() as driver:
+            if self.postgres:
+                status = await driver.execute(
+                    _PG_SUCCEED,
+                    now,
+                    done.outcome.value,
+                    done.status_code,
+                    done.error,
+                    done.latency_ms,
+                    done.prompt_tokens,
+                    done.completion_tokens,
+                    done.result,
+                    done.finish_reason,
+                    job_id,
+                    number,
+                )
+                return bool(status == "UPDATE 1")
+            params = {
+                "id": job_id,
+                "number": number,
+                "now": self._bind_time(now),
+                "outcome": done.outcome.value,
+                "status_code": done.status_code,
+                "error": done.error,
+                "latency_ms": done.latency_ms,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "result": done.result,
+                "finish_reason": done.finish_reason,
+            }
+            return bool(await driver._execute(_sqlite_succeed, driver._conn, params))
+
+    async def finish(
+        self,
+        job_id: str,
+        number: int,
+        now: datetime,
+        done: Outcome,
+        job_values: dict[str, Any],
+    ) -> bool:
+        """Close the attempt and move the job to any status (rarer: through SQLAlchemy Core)."""
+        attempt = (
+            update(cast(Table, JobAttempt.__table__))
+            .where(
+                JobAttempt.job_id == job_id,
+                JobAttempt.number == number,
+                JobAttempt.outcome == AttemptOutcome.RUNNING,
+            )
+            .values(
+                outcome=done.outcome.value,
+                finished_at=now,
+                status_code=done.status_code,
+                error=done.error,
+                latency_ms=done.latency_ms,
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+            )
+        )
+        job = (
+            update(cast(Table, Job.__table__))
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == number)
+            .values(**job_values)
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(attempt)
+            moved = await conn.execute(job)
+            return bool(moved.rowcount == 1)
+
+
+def _processor(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    return fn if fn is not None else (lambda value: value)
+
+
+def _in_transaction(db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+    """Run `work` between BEGIN IMMEDIATE and COMMIT (rolled back if it raises)."""
+    if db.in_transaction:  # never expected from a pooled connection; don't build on it
+        db.rollback()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+    return result
+
+
+def _sqlite_claim(db: sqlite3.Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """In aiosqlite's thread: the claim UPDATE and, if it took the job, the attempt INSERT."""
+
+    def work() -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = db.execute(_SQLITE_CLAIM, params).fetchone()
+        if row is not None:
+            db.execute(_SQLITE_OPEN_ATTEMPT, {**params, "number": row[3], "model": row[1]})
+        return row
+
+    result: tuple[Any, ...] | None = _in_transaction(db, work)
+    return result
+
+
+def _sqlite_succeed(db: sqlite3.Connection, params: dict[str, Any]) -> bool:
+    """In aiosqlite's thread: close the attempt, then move the job if the claim holds."""
+
+    def work() -> bool:
+        db.execute(_SQLITE_CLOSE_ATTEMPT, params)
+        return db.execute(_SQLITE_SUCCEED_JOB, params).rowcount == 1
+
+    return bool(_in_transaction(db, work))
+
+
+async def _raise_translated(conn: AsyncConnection, exc: BaseException) -> None:
+    """Re-raise a driver error; "the database is away" as SQLAlchemy's OperationalError."""
+    away = isinstance(exc, sqlite3.OperationalError | asyncpg.InterfaceError | OSError)
+    if not (away or is_db_unavailable(exc)):
+        raise exc
+    if not isinstance(exc, sqlite3.OperationalError):  # "locked"/"busy" leave it usable
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+    raise OperationalError("promptq fast path", None, exc) from exc

@@ -1,0 +1,164 @@
+"""The store's fast claim/finish path (promptq.fastpath) keeps every guarantee of the general
+path, on SQLite and PostgreSQL: it runs on every job, so these cases go through it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from promptq import clock
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
+from promptq.schemas import PromptJobCreate
+from promptq.service import JobService
+from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim
+
+
+def request(content: str = "hello", **extra: object) -> PromptJobCreate:
+    """A prompt job request."""
+    return PromptJobCreate.model_validate(
+        {"kind": "prompt", "messages": [{"role": "user", "content": content}], **extra}
+    )
+
+
+async def _set(service: JobService, job_id: str, **values: object) -> None:
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+async def test_the_fast_path_is_in_use(service: JobService) -> None:
+    fast = service.store._fast
+    assert fast is not None and fast.available
+
+
+async def test_a_claim_returns_the_input_and_writes_rows_as_the_orm_does(
+    service: JobService,
+) -> None:
+    job, _ = await service.submit(request("what is 2+2?", max_attempts=3, deadline_s=600))
+    before = clock.now()
+
+    claim = await service.store.claim(job.id, worker="w1", lease_s=30)
+
+    assert isinstance(claim, Claim)
+    assert claim.input == job.input
+    assert (claim.number, claim.charged, claim.max_attempts) == (1, 1, 3)
+    assert claim.deadline_at == job.deadline_at and claim.deadline_s == 600
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.RUNNING and row.attempts == 1
+    assert row.started_at is not None and row.started_at >= before
+    assert row.lease_expires_at is not None
+    assert timedelta(seconds=29) < row.lease_expires_at - row.started_at <= timedelta(seconds=30)
+    [attempt] = await service.store.list_attempts(job.id)
+    assert (attempt.number, attempt.outcome, attempt.worker, attempt.model) == (
+        1,
+        AttemptOutcome.RUNNING,
+        "w1",
+        job.model,
+    )
+    assert attempt.started_at == row.started_at
+
+
+async def test_a_second_claim_of_a_running_job_is_refused(service: JobService) -> None:
+    job, _ = await service.submit(request())
+    first = await service.store.claim(job.id, worker="w1", lease_s=60)
+
+    second = await service.store.claim(job.id, worker="w2", lease_s=60)
+
+    assert isinstance(first, Claim) and isinstance(second, Busy)
+    assert len(await service.store.list_attempts(job.id)) == 1
+
+
+async def test_a_job_past_its_deadline_is_failed_not_started(service: JobService) -> None:
+    job, _ = await service.submit(request(deadline_s=60))
+    await _set(service, job.id, deadline_at=clock.now() - timedelta(seconds=1))
+
+    assert await service.store.claim(job.id, worker="w1", lease_s=60) is None
+
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.FAILED
+    assert row.error_code == DEADLINE_EXCEEDED
+    assert await service.store.list_attempts(job.id) == []
+
+
+async def test_a_job_without_attempts_left_is_not_started(service: JobService) -> None:
+    job, _ = await service.submit(request(max_attempts=2))
+    await _set(service, job.id, status=JobStatus.RETRYING, attempts=2)
+
+    assert await service.store.claim(job.id, worker="w1", lease_s=60) is None
+    row = await service.store.get_job(job.id)
+    assert row is not None and (row.status, row.attempts) == (JobStatus.RETRYING, 2)
+
+
+async def test_a_success_is_written_once_with_its_attempt(service: JobService) -> None:
+    job, _ = await service.submit(request())
+    claim = await service.store.claim(job.id, worker="w1", lease_s=60)
+    assert isinstance(claim, Claim)
+    done = AttemptResult(
+        outcome=AttemptOutcome.SUCCEEDED,
+        latency_ms=12,
+        status_code=200,
+        result="four",
+        finish_reason="stop",
+        prompt_tokens=5,
+        completion_tokens=1,
+    )
+
+    assert await service.store.finish_attempt(claim, done, job_status=JobStatus.SUCCEEDED)
+    again = AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="five")
+    assert not await service.store.finish_attempt(claim, again, job_status=JobStatus.SUCCEEDED)
+
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.SUCCEEDED
+    assert (row.result, row.finish_reason, row.prompt_tokens, row.completion_tokens) == (
+        "four",
+        "stop",
+        5,
+        1,
+    )
+    assert row.lease_expires_at is None and row.finished_at is not None
+    async with service.store.sessionmaker() as session:
+        attempt = (
+            await session.execute(select(JobAttempt).where(JobAttempt.job_id == job.id))
+        ).scalar_one()
+    assert (attempt.outcome, attempt.latency_ms, attempt.status_code) == (
+        AttemptOutcome.SUCCEEDED,
+        12,
+        200,
+    )
+    assert attempt.finished_at == row.finished_at
+
+
+async def test_a_cancelled_job_keeps_its_status_when_the_attempt_succeeds(
+    service: JobService,
+) -> None:
+    job, _ = await service.submit(request())
+    claim = await service.store.claim(job.id, worker="w1", lease_s=60)
+    assert isinstance(claim, Claim)
+    await _set(service, job.id, status=JobStatus.CANCELLED)
+
+    done = AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="too late")
+    assert not await service.store.finish_attempt(claim, done, job_status=JobStatus.SUCCEEDED)
+
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.CANCELLED and row.result is None
+    [attempt] = await service.store.list_attempts(job.id)
+    assert attempt.outcome == AttemptOutcome.SUCCEEDED  # what happened is still recorded
+
+
+async def test_a_retry_then_a_second_claim_continues_the_numbering(service: JobService) -> None:
+    job, _ = await service.submit(request(max_attempts=3))
+    first = await service.store.claim(job.id, worker="w1", lease_s=60)
+    assert isinstance(first, Claim)
+    failed = AttemptResult(
+        outcome=AttemptOutcome.TRANSIENT_ERROR, status_code=503, error="overloaded"
+    )
+    assert await service.store.finish_attempt(first, failed, job_status=JobStatus.RETRYING)
+
+    second = await service.store.claim(job.id, worker="w2", lease_s=60)
+
+    assert isinstance(second, Claim) and (second.number, second.charged) == (2, 2)
+    attempts = await service.store.list_attempts(job.id)
+    assert [(a.number, a.outcome) for a in attempts] == [
+        (1, AttemptOutcome.TRANSIENT_ERROR),
+        (2, AttemptOutcome.RUNNING),
+    ]
