@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 from promptq.settings import Settings
 
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: SQLite waits this long for another process's write lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: A pooled PostgreSQL connection idle for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE_S = 1.0
 
 
 #: SQLSTATE classes of "cannot reach the server": connection exceptions (08) and operator
@@ -55,10 +59,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _check_alive(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Pool checkout: hand out only live PostgreSQL connections, without a ping per checkout.
+
+    SQLAlchemy's pool_pre_ping costs three round trips on asyncpg (BEGIN, a query, ROLLBACK) on
+    every checkout, i.e. on every unit of work. Instead: a connection the server closed (asyncpg
+    notices the socket closing) is replaced; one idle for more than PING_AFTER_IDLE_S is pinged
+    with one round trip; one in steady use is handed out as is. A connection that died
+    unnoticed fails its statement, which callers treat as "database unavailable" and retry.
+    """
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed():
+        raise DisconnectionError("the server closed this connection")
+    now = time.monotonic()
+    if now - record.info.get(_LAST_CHECKOUT, now) > PING_AFTER_IDLE_S:
+        try:
+            await_only(driver.fetchrow(";"))
+        except Exception as exc:
+            raise DisconnectionError("the connection failed its ping") from exc
+    record.info[_LAST_CHECKOUT] = now
+
+
+_LAST_CHECKOUT = "promptq_last_checkout"
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     """Create the process's engine for the configured database (not awaited: it is lazy)."""
     url = make_url(settings.resolved_database_url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # asyncpg connections are checked by _check_alive instead of SQLAlchemy's ping.
+    kwargs: dict[str, Any] = {"pool_pre_ping": url.get_driver_name() != "asyncpg"}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +95,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
     engine = create_async_engine(url, **kwargs)
     if url.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    elif url.get_driver_name() == "asyncpg":
+        event.listen(engine.sync_engine, "checkout", _check_alive)
     return engine
 
 

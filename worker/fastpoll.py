@@ -18,19 +18,31 @@ Everything added here survives a Redis restart too: the wake-up listener re-subs
 wakes the loop, in case it missed a message), and the next-due lookup and the burst-mode exit
 check treat a Redis error as "don't know yet" and let the loop back off and poll again.
 
-A wake-up is only a hint: jobs are still claimed by arq's own WATCH/MULTI `start_jobs`, so
-delivery stays at-least-once and a duplicate or lost message changes nothing but timing.
+A wake-up is only a hint, and a duplicate or lost message changes nothing but timing.
+
+Jobs are claimed by one Lua script per poll (`CLAIM_SCRIPT`) instead of arq's `start_jobs`.
+arq reads the first `queue_read_limit` due ids and then takes each with a WATCH / EXISTS /
+ZSCORE / MULTI-PSETEX-EXEC round of about four round trips; the script does the same checks
+(due, no in-progress marker) and sets the same marker atomically, for as many jobs as there are
+free slots, in one round trip. It also looks past ids that are running (they stay at the head
+of the queue until they finish), so a worker is not starved when other workers' running jobs
+fill arq's read window; and it returns when the next deferred job falls due, so that the loop
+knows how long it may sleep without asking again. Delivery stays at-least-once: a job is only
+started under its marker, exactly as arq would start it.
 
 arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
 
 * `Worker.main()` is replaced; its start-up (the pool, via ResilientWorker's retrying
   `_connect`; `ctx["redis"]`, `on_startup`) and its burst-mode exit are repeated here.
-* `Worker._poll_iteration()` runs one poll (claim, clean up finished tasks, heartbeat, cron).
-* `Worker.start_jobs()` is extended (skip ids known to be running) and then called.
-* `Worker._release_sem_dec_counter_on_complete()` is each job task's done callback.
+* `Worker._poll_iteration()` is replaced (via ResilientWorker's `_poll_once`): claim, clean up
+  finished tasks, heartbeat and cron, as arq does.
+* Each job runs as arq's `Worker.run_job(job_id, score)` task, with
+  `_release_sem_dec_counter_on_complete()` as its done callback, counted in `job_counter` and
+  `sem`, kept in `tasks`; arq's marker TTL is `in_progress_timeout_s`.
 * `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue.
 * Attributes `_pool`, `tasks`, `job_counter`, `max_jobs`, `poll_delay_s`, `burst`,
-  `max_burst_jobs`, `allow_pick_jobs`, `_jobs_started()`; the in-progress key prefix.
+  `max_burst_jobs`, `allow_pick_jobs`, `_jobs_started()`, `heart_beat()`; the in-progress key
+  prefix.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from typing import Any
 from arq.connections import log_redis_info
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from promptq.queue import wake_channel
@@ -53,8 +66,34 @@ logger = logging.getLogger(__name__)
 
 #: Extra sleep past a deferred job's due score, so that it is due when we look (timer slack).
 DUE_MARGIN_S = 0.001
-#: Fewest queued ids checked per round trip for "running on another worker".
-MIN_PREFILTER_BATCH = 4
+#: Most queue entries one claim looks at (running jobs at the head of the queue included).
+CLAIM_SCAN_LIMIT = 10_000
+#: KEYS[1]: the queue. ARGV: now (ms), slots to fill, in-progress key prefix, marker TTL (ms),
+#: scan limit. Takes up to ARGV[2] due jobs that have no in-progress marker, setting one on each
+#: as arq does; returns {{id, score, ...}, the score of the next job not yet due, or false}.
+CLAIM_SCRIPT = """
+local queue, now, want = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local prefix, ttl, scan = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local claimed, taken, offset = {}, 0, 0
+local page = math.max(2 * want, 32)
+while taken < want and offset < scan do
+  local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, page)
+  for i = 1, #due, 2 do
+    local marker = prefix .. due[i]
+    if redis.call('EXISTS', marker) == 0 then
+      redis.call('PSETEX', marker, ttl, '1')
+      claimed[#claimed + 1] = due[i]
+      claimed[#claimed + 1] = due[i + 1]
+      taken = taken + 1
+      if taken >= want then break end
+    end
+  end
+  if #due < 2 * page then break end
+  offset = offset + page
+end
+local later = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+return {claimed, later[2] or false}
+"""
 #: How long start-up waits for the wake-up subscription before it polls without it.
 SUBSCRIBE_TIMEOUT_S = 5.0
 #: Pause before re-subscribing after the wake-up connection failed.
@@ -68,6 +107,11 @@ class FastPollWorker(ResilientWorker):
         super().__init__(*args, **kwargs)
         self.wake_channel = wake_channel(self.queue_name)
         self._wake = asyncio.Event()
+        self._claim: AsyncScript | None = None
+        #: From the last claim: the due time (Unix ms) of the next deferred job, if any, and
+        #: whether that answer is still unused (the loop consumes it once).
+        self._next_due_ms: float | None = None
+        self._next_due_known = False
 
     def wake(self) -> None:
         """Make the main loop poll now."""
@@ -122,9 +166,58 @@ class FastPollWorker(ResilientWorker):
         except (RedisError, OSError):
             return False  # Redis is away: we can't tell; the loop polls (and backs off) again
 
+    async def _poll_once(self) -> None:
+        """Claim jobs for the free slots, clean up finished tasks, heartbeat (arq's order)."""
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            slots = self.max_jobs - self.job_counter
+            if self.burst and self.max_burst_jobs >= 0:
+                slots = min(slots, self.max_burst_jobs - self._jobs_started())
+                if slots < 1:
+                    return
+            await self._claim_and_start(slots)
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # re-raise what escaped arq's run_job, as arq does
+        await self.heart_beat()
+
+    async def _claim_and_start(self, slots: int) -> None:
+        """Take up to `slots` due jobs in one round trip and start each as arq would."""
+        if self._claim is None:
+            self._claim = self.pool.register_script(CLAIM_SCRIPT)
+        claimed, next_due = await self._claim(
+            keys=[self.queue_name],
+            args=[
+                timestamp_ms(),
+                slots,
+                in_progress_key_prefix,
+                int(self.in_progress_timeout_s * 1000),
+                CLAIM_SCAN_LIMIT,
+            ],
+        )
+        self._next_due_ms = None if next_due is None else float(next_due)
+        self._next_due_known = True
+        for i in range(0, len(claimed), 2):
+            job_id, score = claimed[i].decode(), int(float(claimed[i + 1]))
+            running = self.tasks.get(job_id)
+            if running is not None and not running.done():
+                # Already running here (its lease lapsed and the reconciler freed it): the
+                # marker we just set is this run's; don't start a second one.
+                continue
+            await self.sem.acquire()  # free: job_counter < max_jobs
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
     async def _seconds_until_next_due(self) -> float:
         """Seconds until the earliest job that is not yet due will be; inf if there is none."""
         now_ms = timestamp_ms()
+        if self._next_due_known:  # the claim just told us
+            self._next_due_known = False
+            if self._next_due_ms is None:
+                return math.inf
+            return max(0.0, (self._next_due_ms - now_ms) / 1000 + DUE_MARGIN_S)
         try:
             head = await self.pool.zrangebyscore(
                 self.queue_name, min=f"({now_ms}", max="+inf", start=0, num=1, withscores=True
@@ -159,27 +252,6 @@ class FastPollWorker(ResilientWorker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: refill it now
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """ResilientWorker's claim, skipping ids running here (free) or elsewhere (one trip).
-
-        Running jobs stay at the head of arq's queue, and arq checks each one with a WATCH
-        round trip: on every refill that would cost ~3 round trips per running job.
-        """
-        here = {job_id for job_id, task in self.tasks.items() if not task.done()}
-        candidates = [job_id for job_id in job_ids if job_id.decode() not in here]
-        if len(candidates) <= self.max_jobs - self.job_counter:
-            await super().start_jobs(candidates)  # they are checked anyway: no prefilter needed
-            return
-        while candidates and self.job_counter < self.max_jobs:
-            size = max(2 * (self.max_jobs - self.job_counter), MIN_PREFILTER_BATCH)
-            batch, candidates = candidates[:size], candidates[size:]
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id in batch:
-                    pipe.exists(in_progress_key_prefix + job_id.decode())
-                running = await pipe.execute()
-            idle = [job_id for job_id, busy in zip(batch, running, strict=True) if not busy]
-            await super().start_jobs(idle)
 
     async def finish_job(
         self,

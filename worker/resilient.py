@@ -10,7 +10,7 @@ Three arq methods are wrapped, each for one reason:
 * `main`: retry the first connection instead of giving up after arq's 5 tries (`_connect`,
   which `worker.fastpoll.FastPollWorker.main` uses too);
 * `_poll_iteration`: a Redis error (including one re-raised from a finished job's task)
-  backs off instead of ending the worker;
+  backs off instead of ending the worker (the poll itself is `_poll_once`, arq's by default);
 * `start_jobs`: a Redis error between taking a job slot and starting the job gives the slot
   back (arq would leak it, and after a few outages the worker would take no more jobs); and a
   job this worker already runs is not started a second time (after a lapsed lease the
@@ -74,13 +74,17 @@ class ResilientWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
-            await super()._poll_iteration()
+            await self._poll_once()
         except REDIS_DOWN as exc:
             await self._back_off(exc)
         else:
             if self._failures:
                 logger.warning("Redis is back after %d failed poll(s)", self._failures)
             self._failures = 0
+
+    async def _poll_once(self) -> None:
+        """One poll: arq's (worker.fastpoll.FastPollWorker claims jobs its own way)."""
+        await Worker._poll_iteration(self)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs, one id at a time, skipping ids this worker already runs."""
