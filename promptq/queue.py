@@ -10,7 +10,9 @@ from typing import Any
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from promptq.errors import ServiceUnavailable
@@ -22,6 +24,17 @@ logger = logging.getLogger(__name__)
 RUN_JOB = "run_job"
 #: arq drops a job whose key outlives this; the reconciler re-enqueues from SQL anyway.
 JOB_EXPIRES = timedelta(days=7)
+JOB_EXPIRES_MS = round(JOB_EXPIRES.total_seconds() * 1000)
+#: KEYS: the job's key, its result key, the queue. ARGV: the serialized job, its key's TTL
+#: (ms), the job id, its score (due time, Unix ms), the wake-up channel. Returns 1 if queued,
+#: 0 if the job (or its result) is already in Redis.
+ENQUEUE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('PUBLISH', ARGV[5], '')
+return 1
+"""
 #: Jobs whose Redis state one call of the states script looks up.
 STATES_PER_CALL = 1000
 #: For each job id (ARGV[4:]): does arq's job key exist, the PTTL of its in-progress marker,
@@ -67,6 +80,7 @@ class QueueClient:
         self.queue_name = queue_name
         self.wake_channel = wake_channel(queue_name)
         self._states_script = redis.register_script(STATES_SCRIPT)
+        self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
 
     @classmethod
     async def connect(cls, settings: Settings) -> QueueClient:
@@ -99,28 +113,25 @@ class QueueClient:
     async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
         """Put a job on the queue and wake idle workers; False if it is already there.
 
-        The wake-up is a separate PUBLISH after arq's WATCH/MULTI enqueue transaction (which
-        arq does not let us extend). It is only a hint: a lost one costs at most a poll delay.
-        A deferred job wakes workers too, so that they re-compute when the next job falls due.
+        One script (`ENQUEUE_SCRIPT`) does what arq's `enqueue_job` does in a WATCH/MULTI
+        transaction of three round trips (refuse a job whose key or result exists, store the
+        job, add it to the queue) and publishes the wake-up, atomically, in one round trip.
+        The job is stored exactly as arq stores it. A deferred job wakes workers too, so that
+        they re-compute when the next job falls due.
         """
+        enqueue_time_ms = timestamp_ms()
+        score = enqueue_time_ms + (round(defer_s * 1000) if defer_s > 0 else 0)
+        payload = serialize_job(RUN_JOB, (job_id,), {}, None, enqueue_time_ms, serializer=serialize)
         try:
-            job = await self.redis.enqueue_job(
-                RUN_JOB,
-                job_id,
-                _job_id=job_id,
-                _queue_name=self.queue_name,
-                _defer_by=timedelta(seconds=defer_s) if defer_s > 0 else None,
-                _expires=JOB_EXPIRES,
+            added = await self._enqueue_script(
+                keys=[job_key_prefix + job_id, result_key_prefix + job_id, self.queue_name],
+                args=[payload, JOB_EXPIRES_MS, job_id, score, self.wake_channel],
             )
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(
                 "Redis is unreachable; the job is saved and will be queued"
             ) from exc
-        if job is None:
-            return False
-        if not await self.wake_workers():
-            logger.warning("job %s queued, but idle workers were not woken (next poll)", job_id)
-        return True
+        return bool(added)
 
     async def wake_workers(self) -> bool:
         """Publish a wake-up to this queue's workers; False if Redis did not take it (a hint)."""
