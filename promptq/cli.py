@@ -17,8 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from promptq.cli_endpoints import show_endpoints
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import InvalidRequest, NotFound, PromptQError
+from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError
 from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
@@ -33,6 +34,7 @@ keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(submit_app, name="submit")
 app.add_typer(keys_app, name="keys")
+app.command("endpoints")(show_endpoints)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -255,7 +257,12 @@ def worker(
         overrides["worker_grace_s"] = grace_s
     if overrides:
         settings = settings.with_overrides(**overrides)
-    create_worker(settings, burst=burst).run()
+    try:
+        worker = create_worker(settings, burst=burst)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    worker.run()
 
 
 @app.command()

@@ -10,7 +10,8 @@ from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
 from worker.leases import LeaseKeeper
-from worker.llm import LLMClient
+from worker.limiter import Limiter
+from worker.routing import ModelRouter
 
 
 class WorkerContext(TypedDict, total=False):
@@ -21,7 +22,9 @@ class WorkerContext(TypedDict, total=False):
     #: Checkpoints of summarize jobs (`job_chunks`).
     checkpoints: ChunkStore
     queue: QueueClient
-    llm: LLMClient
+    #: Routes each call by model to its endpoint, inside the endpoint's global limits.
+    llm: ModelRouter
+    limiter: Limiter
     rng: random.Random
     #: Renews the leases of the attempts this worker is running.
     leases: LeaseKeeper

@@ -55,7 +55,19 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
-    """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
+    """Run the next attempt of `job_id`; on a transient error, schedule the one after.
+
+    If the job's endpoint is at its limits, the job goes back to the queue before it is
+    claimed (worker.limiter): it waits there, uncharged, and the slot runs another job.
+    """
+    await ctx["limiter"].before_claim(ctx["store"], ctx["settings"], job_id)
+    try:
+        await _claim_and_run(ctx, job_id)
+    finally:
+        await ctx["limiter"].after_job()
+
+
+async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     store, leases = ctx["store"], ctx["leases"]
     try:
         claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
