@@ -133,17 +133,26 @@ end
 return 1
 """
 
-# KEYS: aimd; ARGV: min, max, initial, latency ms (-1: none), overload (1/0),
+# KEYS: aimd, inflight; ARGV: min, max, initial, latency ms (-1: none), overload (1/0),
 #       decrease factor, latency ratio.
 # Windowed AIMD: observations add up in the current window; once it holds max(MIN_SAMPLES,
 # limit) calls it is judged once: repeated overload (or a latency rise) multiplies the limit
-# by the factor, a clean window adds one. Returns the limit (as a string: Lua drops fractions).
+# by the factor; a clean window in which the calls in flight reached the limit adds one (an
+# unused limit is not raised). Returns the limit (as a string: Lua drops fractions).
 _OBSERVE = """
 local lo, hi = tonumber(ARGV[1]), tonumber(ARGV[2])
 local factor, ratio = tonumber(ARGV[6]), tonumber(ARGV[7])
 local latency, overload = tonumber(ARGV[4]), tonumber(ARGV[5])
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit')) or tonumber(ARGV[3])
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local busy = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local peak = tonumber(redis.call('HGET', KEYS[1], 'peak')) or 0
+if busy > peak then
+  peak = busy
+  redis.call('HSET', KEYS[1], 'peak', peak)
+end
 local bad = redis.call('HINCRBY', KEYS[1], 'overloads', overload)
 local lat_n, lat_sum = 0, 0
 if latency >= 0 then
@@ -161,7 +170,7 @@ local slow = best ~= nil and mean ~= nil and lat_n >= 3 and mean > best * ratio
 if (bad >= 2 and bad >= 0.1 * n) or slow then
   limit = limit * factor
   redis.call('HINCRBY', KEYS[1], 'decreases', 1)
-elseif bad == 0 then
+elseif bad == 0 and peak >= math.floor(limit) then
   limit = limit + 1
 end
 limit = math.max(lo, math.min(hi, limit))
@@ -170,7 +179,7 @@ if mean ~= nil and not slow then
   redis.call('HSET', KEYS[1], 'best_ms', tostring(best))
 end
 redis.call('HSET', KEYS[1], 'limit', tostring(limit), 'n', 0, 'overloads', 0)
-redis.call('HSET', KEYS[1], 'lat_n', 0, 'lat_sum', 0)
+redis.call('HSET', KEYS[1], 'lat_n', 0, 'lat_sum', 0, 'peak', 0)
 redis.call('HINCRBY', KEYS[1], 'windows', 1)
 return tostring(limit)
 """
@@ -276,9 +285,12 @@ class RedisLimits:
     async def observe(
         self, scope: str, limits: ScopeLimits, *, latency_s: float | None, overload: bool
     ) -> float:
-        """Record one call's outcome in the adaptive window; returns the adaptive limit."""
+        """Record one call's outcome in the adaptive window; returns the adaptive limit.
+
+        Call it while the call's permit is still held: the calls in flight then include it.
+        """
         result = await self._observe(
-            keys=self.keys(scope)[3:],
+            keys=[self.keys(scope)[3], self.keys(scope)[0]],
             args=[
                 limits.min_in_flight,
                 limits.max_in_flight or limits.min_in_flight,

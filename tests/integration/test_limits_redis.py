@@ -129,9 +129,19 @@ ADAPTIVE = ScopeLimits(
 )
 
 
+async def busy(limits: RedisLimits, calls: int) -> None:
+    """Put `calls` calls in flight in scope "ep" (past the adaptive limit)."""
+    for _ in range(calls):
+        unlimited = ScopeLimits(max_in_flight=1000)
+        assert (
+            await limits.acquire("ep", unlimited, permit_id=pid(), lease_s=30, tokens=1)
+        ).granted
+
+
 async def observe_window(
     limits: RedisLimits, calls: int, *, overloads: int = 0, latency_s: float = 0.1
 ) -> float:
+    """One window's worth of observations."""
     limit = 0.0
     for i in range(calls):
         bad = i < overloads
@@ -150,14 +160,21 @@ async def test_adaptive_limit_starts_at_initial_and_is_enforced(limits: RedisLim
     assert (await limits.state("ep")).adaptive_limit == 4
 
 
-async def test_adaptive_increases_per_clean_window(limits: RedisLimits) -> None:
-    # A window holds max(5, limit) calls; each clean one adds 1
+async def test_adaptive_increases_per_clean_busy_window(limits: RedisLimits) -> None:
+    # A window holds max(5, limit) calls; each clean one in which the limit was used adds 1
+    await busy(limits, 10)
     assert await observe_window(limits, 5) == 5
     assert await observe_window(limits, 5) == 6
     assert await observe_window(limits, 4) == 6  # not judged before it is full
 
 
+async def test_an_unused_limit_is_not_raised(limits: RedisLimits) -> None:
+    await busy(limits, 3)  # fewer calls in flight than the limit of 4
+    assert await observe_window(limits, 5) == 4
+
+
 async def test_one_error_in_a_window_does_not_decrease(limits: RedisLimits) -> None:
+    await busy(limits, 10)
     assert await observe_window(limits, 5, overloads=1) == 4  # held, not raised, not cut
 
 
@@ -172,11 +189,13 @@ async def test_repeated_overload_decreases_by_the_factor_within_bounds(
 
 
 async def test_a_latency_rise_decreases(limits: RedisLimits) -> None:
+    await busy(limits, 10)
     assert await observe_window(limits, 5, latency_s=0.1) == 5
     assert await observe_window(limits, 5, latency_s=0.5) == pytest.approx(4.0)
 
 
 async def test_adaptive_never_exceeds_its_maximum(limits: RedisLimits) -> None:
+    await busy(limits, 20)
     for _ in range(10):
         limit = await observe_window(limits, 10)
     assert limit == 10
