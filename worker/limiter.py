@@ -28,11 +28,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from arq import Retry
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
 from promptq import clock
+from promptq.db import is_db_unavailable
 from promptq.endpoints import Endpoint, EndpointTable
-from promptq.limits import RedisLimits, ScopeLimits
+from promptq.limits import Grant, RedisLimits, ScopeLimits
 from promptq.models import Job, JobKind
 from promptq.settings import Settings
 from promptq.store import CLAIMABLE, JobStore
@@ -51,8 +53,10 @@ MAX_LOCAL_WAITERS = 2
 #: also set the job's next_attempt_at, so that it is not brought forward.
 MAX_DEFER_S = 60.0
 RECONCILER_TOLERANCE_S = 1.5
-#: Characters per token of the prompt estimate when settings give none.
+#: Tokens counted per message on top of its text (role, separators).
 MESSAGE_OVERHEAD_TOKENS = 4
+#: Pause before asking Redis again when it is unreachable (calls wait; jobs are handed back).
+REDIS_DOWN_PAUSE_S = 0.5
 
 _HELD: contextvars.ContextVar[list[Permit] | None] = contextvars.ContextVar(
     "promptq_held_permits", default=None
@@ -199,32 +203,18 @@ class Limiter:
         """
         if not self.table.has_limits:
             return
-        async with store.sessionmaker() as session:
-            row = (
-                await session.execute(
-                    select(Job.model, Job.kind, Job.status).where(Job.id == job_id)
-                )
-            ).first()
-            if row is None or row.status not in CLAIMABLE:
-                return
-            endpoint = self.table.resolve(row.model)
-            if not self.limited(endpoint):
-                return
-            if row.kind == JobKind.PROMPT:
-                data = (
-                    await session.execute(select(Job.input).where(Job.id == job_id))
-                ).scalar_one()
-                tokens = estimate_tokens(
-                    data.get("messages") or [],
-                    data.get("params") or {},
-                    chars_per_token=settings.chars_per_token,
-                    assumed=endpoint.limits.assumed_max_tokens,
-                )
-            else:  # a summarize call carries at most a window
-                tokens = settings.context_window_tokens
-        scope = self._scope(endpoint, row.model)
+        try:
+            found = await self._job_call(store, settings, job_id)
+        except Exception as exc:
+            if is_db_unavailable(exc):
+                return  # the claim that follows meets the outage too, and defers the job
+            raise
+        if found is None:
+            return
+        endpoint, model, tokens = found
+        scope = self._scope(endpoint, model)
         wait_s = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
-        permit = await self._try(endpoint, row.model, tokens, wait_s=wait_s)
+        permit = await self._try(endpoint, model, tokens, wait_s=wait_s)
         if permit is not None:
             held = _HELD.get()
             if held is None:
@@ -239,6 +229,32 @@ class Limiter:
             await self._mark_due(store, job_id, clock.now() + timedelta(seconds=defer_s))
         logger.debug("job %s waits for %s's limits; back in %.2f s", job_id, endpoint.name, defer_s)
         raise Retry(defer=timedelta(seconds=defer_s))
+
+    async def _job_call(
+        self, store: JobStore, settings: Settings, job_id: str
+    ) -> tuple[Endpoint, str, int] | None:
+        """(endpoint, model, tokens to reserve) of a waiting job whose endpoint has limits."""
+        async with store.sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(Job.model, Job.kind, Job.status).where(Job.id == job_id)
+                )
+            ).first()
+            if row is None or row.status not in CLAIMABLE:
+                return None
+            endpoint = self.table.resolve(row.model)
+            if not self.limited(endpoint):
+                return None
+            if row.kind != JobKind.PROMPT:  # a summarize call carries at most a window
+                return endpoint, row.model, settings.context_window_tokens
+            data = (await session.execute(select(Job.input).where(Job.id == job_id))).scalar_one()
+        tokens = estimate_tokens(
+            data.get("messages") or [],
+            data.get("params") or {},
+            chars_per_token=settings.chars_per_token,
+            assumed=endpoint.limits.assumed_max_tokens,
+        )
+        return endpoint, row.model, tokens
 
     async def after_job(self) -> None:
         """Give back, refunded, the permits this job took but never used."""
@@ -305,9 +321,14 @@ class Limiter:
         try:
             while True:
                 permit_id = uuid.uuid4().hex
-                grant = await self.redis.acquire(
-                    name, scope.limits, permit_id=permit_id, lease_s=self.lease_s, tokens=tokens
-                )
+                try:
+                    grant = await self.redis.acquire(
+                        name, scope.limits, permit_id=permit_id, lease_s=self.lease_s, tokens=tokens
+                    )
+                except (RedisError, OSError) as exc:
+                    # Limits can't be checked: wait (never call past them) until Redis is back.
+                    logger.warning("limits of %s unreachable (%r); waiting", name, exc)
+                    grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
                 if grant.granted:
                     permit = Permit(name, permit_id, grant.bucket, tokens)
                     scope.held[permit_id] = permit
@@ -323,6 +344,8 @@ class Limiter:
                     return None
                 waited = True
                 pause_s = min(max(grant.wait_s, MIN_POLL_S), MAX_POLL_S)
+                if grant.reason == "redis":
+                    pause_s = REDIS_DOWN_PAUSE_S
                 pause_s *= self.rng.uniform(0.5, 1.0)  # don't retry in lockstep
                 if left_s is not None:
                     pause_s = min(pause_s, left_s)
@@ -340,15 +363,20 @@ class Limiter:
 
     async def _correct(self, permit: Permit, tokens: int) -> None:
         """Re-reserve a held permit's tokens for the call it is used for."""
-        if tokens != permit.tokens:
+        if tokens == permit.tokens:
+            return
+        try:
             await self.redis.release(
                 permit.scope,
-                "",
+                "",  # no permit to drop: only the bucket's tokens change
                 bucket=permit.bucket,
                 refund_request=False,
                 token_delta=tokens - permit.tokens,
             )
-            permit.tokens = tokens
+        except (RedisError, OSError):  # the reservation stays as it was; usage corrects it
+            logger.warning("could not adjust a token reservation", exc_info=True)
+            return
+        permit.tokens = tokens
 
     async def _give_back(self, permit: Permit, *, token_delta: int, refund: bool) -> None:
         if permit.released:
