@@ -88,6 +88,19 @@ class ScopeStats:
     adaptive_limit: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LimitSnapshot:
+    """One scope's limit for metrics: global numbers from Redis, waits of this process."""
+
+    name: str
+    #: Calls holding a permit of this scope right now, across all workers (None: unknown).
+    in_flight: int | None
+    #: The in-flight limit now: the adaptive one, else max_in_flight (None: no such limit).
+    limit: float | None
+    waits_total: int
+    wait_seconds_total: float
+
+
 @dataclass(slots=True)
 class _Scope:
     limits: ScopeLimits
@@ -282,6 +295,30 @@ class Limiter:
     def stats(self) -> dict[str, ScopeStats]:
         """This process's counters per scope (for metrics)."""
         return {name: scope.stats for name, scope in self._scopes.items()}
+
+    async def snapshot(self) -> list[LimitSnapshot]:
+        """Every scope this worker has used: the calls in flight across all workers and the
+        current limit (from Redis), with this process's waits (for metrics)."""
+        readings = []
+        for name, scope in list(self._scopes.items()):
+            try:
+                state = await self.redis.state(name, window_s=scope.limits.window_s)
+            except (RedisError, OSError):
+                in_flight, limit = None, scope.stats.adaptive_limit
+            else:
+                in_flight, limit = state.in_flight, state.adaptive_limit
+            if limit is None and scope.limits.max_in_flight is not None:
+                limit = float(scope.limits.max_in_flight)
+            readings.append(
+                LimitSnapshot(
+                    name=name,
+                    in_flight=in_flight,
+                    limit=limit,
+                    waits_total=scope.stats.waits,
+                    wait_seconds_total=scope.stats.wait_seconds,
+                )
+            )
+        return readings
 
     async def renew(self) -> int:
         """Renew every held permit now; returns how many Redis still had."""
