@@ -7,8 +7,10 @@ Two ways in:
 * `before_claim()` runs before a job is claimed. It tries for `limit_wait_s`; if the job's
   endpoint is still full it raises arq's `Retry`, so the job goes back to the queue, due when
   the limiter expects room: no attempt is charged or recorded, and the worker slot is free for
-  another model's job. A permit it gets is held for the job's first call (a context
-  variable carries it there); one the job never uses is given back at the end, refunded.
+  another model's job (an interactive job, priority above bulk, waits in its slot instead:
+  handed back, it would queue up behind the bulk backlog). A permit it gets is held for the
+  job's first call (a context variable carries it there); one the job never uses is given
+  back at the end, refunded.
 
 Permits are leases: this worker renews the ones it holds every lease_s/3, and those of a
 worker that dies lapse by themselves. Local counters (waits, time waited, deferrals) are kept
@@ -35,7 +37,7 @@ from promptq import clock
 from promptq.db import is_db_unavailable
 from promptq.endpoints import Endpoint, EndpointTable
 from promptq.limits import Grant, RedisLimits, ScopeLimits
-from promptq.models import Job, JobKind
+from promptq.models import Job, JobKind, Priority
 from promptq.settings import Settings
 from promptq.store import CLAIMABLE, JobStore
 
@@ -224,9 +226,11 @@ class Limiter:
             raise
         if found is None:
             return
-        endpoint, model, tokens = found
+        endpoint, model, tokens, interactive = found
         scope = self._scope(endpoint, model)
-        wait_s = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
+        wait_s: float | None = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
+        if interactive:
+            wait_s = None  # handed back, it would queue up behind the bulk backlog: wait here
         permit = await self._try(endpoint, model, tokens, wait_s=wait_s)
         if permit is not None:
             held = _HELD.get()
@@ -245,12 +249,13 @@ class Limiter:
 
     async def _job_call(
         self, store: JobStore, settings: Settings, job_id: str
-    ) -> tuple[Endpoint, str, int] | None:
-        """(endpoint, model, tokens to reserve) of a waiting job whose endpoint has limits."""
+    ) -> tuple[Endpoint, str, int, bool] | None:
+        """(endpoint, model, tokens to reserve, interactive) of a waiting job whose endpoint
+        has limits."""
         async with store.sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(Job.model, Job.kind, Job.status).where(Job.id == job_id)
+                    select(Job.model, Job.kind, Job.status, Job.priority).where(Job.id == job_id)
                 )
             ).first()
             if row is None or row.status not in CLAIMABLE:
@@ -258,8 +263,9 @@ class Limiter:
             endpoint = self.table.resolve(row.model)
             if not self.limited(endpoint):
                 return None
+            interactive = row.priority > Priority.BULK
             if row.kind != JobKind.PROMPT:  # a summarize call carries at most a window
-                return endpoint, row.model, settings.context_window_tokens
+                return endpoint, row.model, settings.context_window_tokens, interactive
             data = (await session.execute(select(Job.input).where(Job.id == job_id))).scalar_one()
         tokens = estimate_tokens(
             data.get("messages") or [],
@@ -267,7 +273,7 @@ class Limiter:
             chars_per_token=settings.chars_per_token,
             assumed=endpoint.limits.assumed_max_tokens,
         )
-        return endpoint, row.model, tokens
+        return endpoint, row.model, tokens, interactive
 
     async def after_job(self) -> None:
         """Give back, refunded, the permits this job took but never used."""
