@@ -24,8 +24,18 @@ from worker.llm import Completion, LLMClient
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
+def client_options(endpoint: Endpoint) -> dict[str, Any]:
+    """The LLMClient keyword arguments for an endpoint (its key read from its env var)."""
+    return {
+        "base_url": endpoint.base_url,
+        "api_key": endpoint.api_key.get_secret_value() if endpoint.api_key else None,
+        "timeout_s": endpoint.timeout_s,
+    }
+
+
 class ModelRouter:
-    """One LLMClient per endpoint; picks the endpoint of each call's model."""
+    """One LLMClient per endpoint (made by `make_client`, plain ones by default); picks the
+    endpoint of each call's model."""
 
     def __init__(
         self,
@@ -34,19 +44,17 @@ class ModelRouter:
         limiter: Limiter | None = None,
         *,
         chars_per_token: float = 4.0,
+        make_client: Callable[[Endpoint], LLMClient] | None = None,
     ) -> None:
         self.table = table
         self.limiter = limiter
         self.chars_per_token = chars_per_token
-        self._clients = {
-            endpoint.name: LLMClient(
-                session,
-                base_url=endpoint.base_url,
-                api_key=endpoint.api_key.get_secret_value() if endpoint.api_key else None,
-                timeout_s=endpoint.timeout_s,
-            )
-            for endpoint in table.endpoints
-        }
+
+        def plain(endpoint: Endpoint) -> LLMClient:
+            return LLMClient(session, **client_options(endpoint))
+
+        make = make_client or plain
+        self._clients = {endpoint.name: make(endpoint) for endpoint in table.endpoints}
 
     def endpoint(self, model: str) -> Endpoint:
         """The endpoint that serves `model`."""
