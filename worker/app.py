@@ -16,6 +16,7 @@ from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.endpoints import load_endpoints
 from promptq.limits import RedisLimits
+from promptq.metrics import Metrics
 from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
@@ -25,8 +26,9 @@ from worker.fastpoll import FastPollWorker
 from worker.jobs import run_job
 from worker.leases import LeaseKeeper
 from worker.limiter import Limiter
+from worker.observe import MeteredLLMClient, Observability
 from worker.reconcile import Reconciler
-from worker.routing import ModelRouter
+from worker.routing import ModelRouter, client_options
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ def create_worker(
     """
     endpoints = load_endpoints(settings)
 
+    metrics = Metrics(refresh_s=settings.metrics_refresh_s)
+    observability = Observability(settings, metrics)
+
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
         try:
@@ -87,6 +92,7 @@ def create_worker(
         typed["store"] = JobStore(create_sessionmaker(engine))
         typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
+        typed["metrics"] = metrics
         limiter = Limiter(
             RedisLimits(ctx["redis"], settings.queue_name),
             endpoints,
@@ -95,8 +101,15 @@ def create_worker(
         )
         limiter.start()
         typed["limiter"] = limiter
+        metrics.limits_source = limiter.readings
         typed["llm"] = ModelRouter(
-            session, endpoints, limiter, chars_per_token=settings.chars_per_token
+            session,
+            endpoints,
+            limiter,
+            chars_per_token=settings.chars_per_token,
+            make_client=lambda endpoint: MeteredLLMClient(
+                session, metrics=metrics, **client_options(endpoint)
+            ),
         )
         typed["rng"] = random.Random()
         typed["worker_name"] = worker_name()
@@ -110,6 +123,12 @@ def create_worker(
             name="promptq-reconciler",
         )
         ctx["_engine"], ctx["_http"] = engine, session
+        ctx["_observability"] = observability
+        try:
+            await observability.start(ctx, lambda: (worker.job_counter, worker.max_jobs))
+        except BaseException:
+            await shutdown(ctx)
+            raise
         logger.info(
             "worker %s: concurrency=%d db=%s endpoints=%s queue=%s",
             typed["worker_name"],
@@ -121,6 +140,7 @@ def create_worker(
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         # arq has awaited every job task by now, so no lease is held any more.
+        await observability.stop()
         if "_reconciler" in ctx:
             ctx["_reconciler"].cancel()
             await asyncio.gather(ctx["_reconciler"], return_exceptions=True)

@@ -37,6 +37,7 @@ from promptq import clock
 from promptq.db import is_db_unavailable
 from promptq.endpoints import Endpoint, EndpointTable
 from promptq.limits import Grant, RedisLimits, ScopeLimits
+from promptq.metrics import LimitReading
 from promptq.models import Job, JobKind, Priority
 from promptq.settings import Settings
 from promptq.store import CLAIMABLE, JobStore
@@ -301,6 +302,19 @@ class Limiter:
     def stats(self) -> dict[str, ScopeStats]:
         """This process's counters per scope (for metrics)."""
         return {name: scope.stats for name, scope in self._scopes.items()}
+
+    async def readings(self) -> list[LimitReading]:
+        """`snapshot()` as the Prometheus metrics read it (`Metrics.limits_source`)."""
+        return [
+            LimitReading(
+                name=s.name,
+                in_flight=s.in_flight,
+                limit=s.limit,
+                waits_total=s.waits_total,
+                wait_seconds_total=s.wait_seconds_total,
+            )
+            for s in await self.snapshot()
+        ]
 
     async def snapshot(self) -> list[LimitSnapshot]:
         """Every scope this worker has used: the calls in flight across all workers and the
