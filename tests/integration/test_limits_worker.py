@@ -45,15 +45,17 @@ async def scope_state(settings: Settings, scope: str = "limited") -> Any:
 async def test_jobs_waiting_on_one_model_leave_slots_to_another(
     settings: Settings, service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
 ) -> None:
-    # Given model-a limited to one call at a time, each call taking 400 ms, and a worker of 3
-    # slots; six model-a jobs are queued before six model-b jobs (no limits)
-    await start_worker(
+    # Given model-a limited to one call at a time, each call taking 1.5 s, and a worker of 3
+    # slots; five model-a jobs are queued before six model-b jobs (no limits). Were waiting
+    # jobs to hold their slots, no model-b job could start before the third model-a job had
+    # finished (two slots would be held by waiting model-a jobs until then).
+    worker = await start_worker(
         worker_concurrency=3,
         endpoints=endpoints(fake_llm, "model-a", max_in_flight=1),
     )
     slow = [
-        (await service.submit(prompt(f"a{i} [[fake: sleep:400]]", "model-a")))[0].id
-        for i in range(6)
+        (await service.submit(prompt(f"a{i} [[fake: sleep:1500]]", "model-a")))[0].id
+        for i in range(5)
     ]
     fast = [(await service.submit(prompt(f"b{i}", "model-b")))[0].id for i in range(6)]
 
@@ -73,6 +75,15 @@ async def test_jobs_waiting_on_one_model_leave_slots_to_another(
     for job_id in slow:
         assert len(await service.store.list_attempts(job_id)) == 1
     assert (await scope_state(settings)).in_flight == 0
+
+    # The worker's Prometheus metrics show the limit, its calls in flight and the waits
+    metrics = worker.ctx["metrics"]
+    await metrics.refresh()
+    text = metrics.render().decode()
+    assert 'promptq_limit_in_flight{limit="limited"} 0.0' in text
+    assert 'promptq_adaptive_limit{limit="limited"} 1.0' in text
+    waits = [line for line in text.splitlines() if line.startswith("promptq_limiter_waits_total")]
+    assert waits and float(waits[0].split()[-1]) >= 1
 
 
 async def test_adaptive_limit_converges_under_a_hidden_capacity(
