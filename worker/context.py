@@ -9,6 +9,7 @@ from promptq.checkpoints import ChunkStore
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.cancel import CancelWatcher
 from worker.leases import LeaseKeeper
 from worker.llm import LLMClient
 
@@ -25,6 +26,8 @@ class WorkerContext(TypedDict, total=False):
     rng: random.Random
     #: Renews the leases of the attempts this worker is running.
     leases: LeaseKeeper
+    #: Aborts attempts whose job is cancelled while they run.
+    cancels: CancelWatcher
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
     # Set by arq for each job:
