@@ -10,20 +10,17 @@ and only then inserted, so an invalid upload creates nothing and memory stays fl
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import logging
 import tempfile
 from collections.abc import Iterable
-from datetime import datetime
-from typing import IO, Any
+from typing import IO
 
-import orjson
 from aiohttp import BodyPartReader, web
 
 from api.auth import principal
 from api.jobs import _limit, json_response, read_json
 from api.state import SERVICE
+from promptq import batch_export
 from promptq.batch_items import (
     ItemSpec,
     Validation,
@@ -34,7 +31,7 @@ from promptq.batch_items import (
     validate_list,
 )
 from promptq.batch_schemas import BatchCreatedOut, BatchPage, ComparePage
-from promptq.batches import RESULT_FIELDS, BatchCreated, BatchService, summarize_models
+from promptq.batches import BatchCreated, BatchService, summarize_models
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest, NotFound
 from promptq.settings import Settings
 
@@ -47,8 +44,8 @@ JSONL_TYPES = frozenset(
 )
 #: Bytes read from the request per chunk while spooling an upload.
 READ_BYTES = 256 * 1024
-#: Largest page of `GET /api/batches/{id}/compare`.
-MAX_COMPARE_PAGE = 1000
+#: Result records sent per write of the results stream.
+WRITE_RECORDS = 200
 #: Temporary files keep up to this much in memory before they go to disk.
 SPOOL_MEMORY_BYTES = 4 * 1024 * 1024
 
@@ -239,44 +236,24 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     """Every job's outcome in submission order, streamed as JSONL (default) or CSV."""
     batches = BatchService(request.app[SERVICE])
     batch_id = batch_id_param(request)
-    fmt = request.query.get("format", "jsonl") or "jsonl"
-    if fmt not in {"jsonl", "csv"}:
-        raise InvalidRequest(f"format must be jsonl or csv; got {fmt[:32]!r}")
+    fmt = batch_export.check_format(request.query.get("format"))
     await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
     response = web.StreamResponse(
         headers={
-            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+            "Content-Type": batch_export.CONTENT_TYPES[fmt],
             "Content-Disposition": f'attachment; filename="batch-{batch_id}.{fmt}"',
         }
     )
     await response.prepare(request)
-    if fmt == "csv":
-        await response.write(_csv_line(RESULT_FIELDS))
-    buffer: list[bytes] = []
+    buffer = [batch_export.header(fmt)]
     async for record in batches.results(batch_id):
-        if fmt == "csv":
-            buffer.append(_csv_line([_csv_value(record[f]) for f in RESULT_FIELDS]))
-        else:
-            buffer.append(orjson.dumps(record) + b"\n")
-        if len(buffer) >= 200:
+        buffer.append(batch_export.encode(record, fmt))
+        if len(buffer) >= WRITE_RECORDS:
             await response.write(b"".join(buffer))
             buffer.clear()
-    if buffer:
-        await response.write(b"".join(buffer))
+    await response.write(b"".join(buffer))
     await response.write_eof()
     return response
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return "" if value is None else value
-
-
-def _csv_line(values: Iterable[Any]) -> bytes:
-    out = io.StringIO()
-    csv.writer(out).writerow(values)
-    return out.getvalue().encode("utf-8")
 
 
 @routes.get("/api/batches/{id}/compare")

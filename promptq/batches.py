@@ -298,6 +298,24 @@ class BatchService:
         for key, value in values.items():
             setattr(batch, key, value)
 
+    async def reopen(self, batch_id: str) -> None:
+        """Mark a finished native batch in progress again (some of its jobs were re-queued)."""
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Batch)
+                .where(
+                    Batch.id == batch_id,
+                    Batch.api == "native",
+                    Batch.status.in_((BatchStatus.COMPLETED, BatchStatus.CANCELLED)),
+                )
+                .values(
+                    status=BatchStatus.IN_PROGRESS,
+                    completed_at=None,
+                    cancelled_at=None,
+                    updated_at=clock.now(),
+                )
+            )
+
     async def job_ids(
         self, batch_id: str, *, statuses: Iterable[str] | None = None
     ) -> AsyncIterator[str]:
