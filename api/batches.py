@@ -44,6 +44,8 @@ JSONL_TYPES = frozenset(
 )
 #: Bytes read from the request per chunk while spooling an upload.
 READ_BYTES = 256 * 1024
+#: Longest form field (name, models) of a multipart upload.
+MAX_FIELD_BYTES = 4096
 #: Result records sent per write of the results stream.
 WRITE_RECORDS = 200
 #: Temporary files keep up to this much in memory before they go to disk.
@@ -193,12 +195,21 @@ async def _create_from_multipart(
             raise InvalidRequest(
                 f"unknown form field {str(part.name)[:64]!r}; send name, models and one file"
             )
-        value = (await part.read(decode=False))[:4096].decode("utf-8", errors="replace")
+        value = (await _read_field(part)).decode("utf-8", errors="replace")
         if part.name == "name":
             name = check_name(value)
         else:
             models.extend(m for m in value.split(",") if m.strip())
     raise InvalidRequest("the form has no file part; attach the .jsonl file (-F file=@jobs.jsonl)")
+
+
+async def _read_field(part: BodyPartReader) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_FIELD_BYTES):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise InvalidRequest(f"the {part.name} field is longer than {MAX_FIELD_BYTES} bytes")
+    return bytes(data)
 
 
 def _too_many_bytes(limit: int) -> BatchTooLarge:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
+from pydantic import ValidationError
 
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest
-from promptq.schemas import PromptJobCreate, SummarizeJobCreate
-from promptq.service import parse_job_request
+from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
+from promptq.service import MAX_JSON_DEPTH, describe_validation_error, parse_job_request
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,18 @@ def check_name(name: Any) -> str | None:
     return name
 
 
-def parse_item(payload: Any, check: Check, *, multiplier: int = 1) -> tuple[JobRequest, str | None]:
+def plainly_storable(raw: bytes) -> bool:
+    """True when a JSON line certainly passes `check_storable`: it escapes no NUL and has too
+    few brackets to nest deeper than MAX_JSON_DEPTH. (Most lines; the rest get the full walk.)"""
+    return b"\\u0000" not in raw and raw.count(b"{") + raw.count(b"[") <= MAX_JSON_DEPTH
+
+
+def parse_item(
+    payload: Any, check: Check, *, multiplier: int = 1, storable: bool = False
+) -> tuple[JobRequest, str | None]:
     """Validate one item: a job request object, optionally with a `custom_id`.
 
+    `storable` says the item is known to pass `check_storable` (see plainly_storable).
     Raises InvalidRequest with a message that says what is wrong with it.
     """
     if not isinstance(payload, dict):
@@ -148,7 +158,13 @@ def parse_item(payload: Any, check: Check, *, multiplier: int = 1) -> tuple[JobR
             raise InvalidRequest(
                 f"custom_id must be a string of 1-{MAX_CUSTOM_ID_CHARS} characters"
             )
-    request = parse_job_request(payload)
+    if storable:
+        try:
+            request = job_create_adapter.validate_python(payload)
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+    else:
+        request = parse_job_request(payload)
     check(request)
     key = request.idempotency_key
     # In a comparison batch each model's job gets `<key>:<model>`: it must still fit the column.
@@ -166,7 +182,7 @@ class ItemValidator:
         self.multiplier = len(models) if models else 1
         self.report = Validation()
 
-    def feed(self, line: int, payload: Any) -> ItemSpec | None:
+    def feed(self, line: int, payload: Any, *, storable: bool = False) -> ItemSpec | None:
         """Validate one item; the ItemSpec, or None (the error is recorded)."""
         report = self.report
         report.items += 1
@@ -178,7 +194,9 @@ class ItemValidator:
                 "Split it into several batches."
             )
         try:
-            request, custom_id = parse_item(payload, self.check, multiplier=self.multiplier)
+            request, custom_id = parse_item(
+                payload, self.check, multiplier=self.multiplier, storable=storable
+            )
         except InvalidRequest as exc:
             report.add_error(line, exc.message)
             return None
@@ -214,7 +232,7 @@ def validate_jsonl(
             validator.report.items += 1
             validator.report.add_error(number, f"not valid JSON: {exc}")
             continue
-        spec = validator.feed(number, payload)
+        spec = validator.feed(number, payload, storable=plainly_storable(raw))
         if spec is not None and not validator.report.error_count:
             spool.write(spec.to_json())
             spool.write(b"\n")

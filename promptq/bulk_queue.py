@@ -3,9 +3,11 @@
 `ArqRedis.enqueue_job` costs a WATCH/MULTI transaction (four round trips) per job. For a batch
 of 100k that is most of the ingest time, so this writes exactly what `enqueue_job` writes (the
 serialized job under `arq:job:<id>` with its expiry, and the id in the queue's sorted set,
-scored by its due time in Unix ms) with one small Lua script per job, many per round trip. The
-script keeps arq's rule, atomically: a job whose job key or result key exists is left alone.
+scored by its due time in Unix ms) with one small Lua script call per PIPELINE_JOBS jobs. The
+script keeps arq's rule for each job: a job whose job key or result key exists is left alone.
 The job id is arq's `_job_id`, as in `QueueClient.enqueue`, so an enqueue is idempotent.
+(The script builds the job keys from their prefixes, so it assumes a single Redis, not a
+cluster; arq assumes the same.)
 """
 
 from __future__ import annotations
@@ -23,15 +25,23 @@ from promptq.queue import JOB_EXPIRES, RUN_JOB, QueueClient, serialize
 
 logger = logging.getLogger(__name__)
 
-#: Jobs per pipeline round trip.
+#: Jobs per script call (one round trip).
 PIPELINE_JOBS = 1000
 
-# KEYS: job key, result key, queue. ARGV: serialized job, expiry ms, score, job id.
+# KEYS[1]: the queue. ARGV: job key prefix, result key prefix, expiry ms, score, then
+# (job id, serialized job) pairs. Returns how many jobs it queued.
 _ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-return 1
+local queued = 0
+for i = 5, #ARGV, 2 do
+  local id = ARGV[i]
+  local job_key = ARGV[1] .. id
+  if redis.call('EXISTS', job_key, ARGV[2] .. id) == 0 then
+    redis.call('SET', job_key, ARGV[i + 1], 'PX', ARGV[3])
+    redis.call('ZADD', KEYS[1], ARGV[4], id)
+    queued = queued + 1
+  end
+end
+return queued
 """
 
 
@@ -64,12 +74,11 @@ async def enqueue_many(queue: QueueClient, job_ids: Iterable[str]) -> int:
 
 async def _pipeline(queue: QueueClient, sha: str, job_ids: list[str], expires_ms: str) -> int:
     now_ms = timestamp_ms()
-    async with queue.redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            data = serialize_job(RUN_JOB, (job_id,), {}, None, now_ms, serializer=serialize)
-            keys = (job_key_prefix + job_id, result_key_prefix + job_id, queue.queue_name)
-            pipe.evalsha(sha, 3, *keys, data, expires_ms, now_ms, job_id)  # type: ignore[arg-type]
-        results = await pipe.execute()
+    args: list[str | bytes | int] = [job_key_prefix, result_key_prefix, expires_ms, now_ms]
+    for job_id in job_ids:
+        args.append(job_id)
+        args.append(serialize_job(RUN_JOB, (job_id,), {}, None, now_ms, serializer=serialize))
+    queued = int(await queue.redis.evalsha(sha, 1, queue.queue_name, *args))  # type: ignore[arg-type,misc]
     if not await queue.wake_workers():
         logger.warning("%d job(s) queued; idle workers were not woken (next poll)", len(job_ids))
-    return sum(int(r) for r in results)
+    return queued
