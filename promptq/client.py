@@ -8,8 +8,9 @@ async with PromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +29,7 @@ from promptq.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from promptq.sse import ServerEvent, parse_events
 
 #: Statuses after which a job never changes again.
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -52,6 +54,8 @@ _BY_CODE: dict[str, type[PromptQError]] = {
 }
 
 Job = dict[str, Any]
+#: Called by `wait` with the job whenever its status, attempts or progress change.
+ProgressCallback = Callable[[Job], Awaitable[None] | None]
 
 
 class PromptQClient:
@@ -182,11 +186,27 @@ class PromptQClient:
             if cursor is None:
                 return
 
-    async def wait(self, job_id: str, *, timeout_s: float = 300.0, poll_s: float = 0.2) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s."""
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float = 300.0,
+        poll_s: float = 0.2,
+        progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s.
+
+        `progress(job)` (a function or a coroutine function) is called with the job first, and
+        again whenever its status, attempts or progress change, the final state included.
+        """
         deadline = time.monotonic() + timeout_s
+        seen: tuple[Any, ...] | None = None
         while True:
             job = await self.get(job_id)
+            if progress is not None and seen != (seen := _change_key(job)):
+                called = progress(job)
+                if inspect.isawaitable(called):
+                    await called
             if job["status"] in TERMINAL:
                 return job
             if time.monotonic() >= deadline:
@@ -249,7 +269,7 @@ class PromptQClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
         async with session.get(self.base_url + path, headers=self._headers, timeout=timeout) as r:
             if r.status >= 400:
-                _raise(r.status, await _json_or_none(r), path)
+                raise _error(r.status, await _json(r), path)
             async for line in r.content:
                 if line.strip():
                     yield orjson.loads(line)
@@ -274,6 +294,23 @@ class PromptQClient:
         batch: dict[str, Any] = await self._request("POST", f"/api/batches/{batch_id}/cancel")
         return batch
 
+    async def stream(
+        self, job_id: str, *, timeout_s: float | None = None
+    ) -> AsyncIterator[ServerEvent]:
+        """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
+        ends after the terminal `status` event, whose data carries the `result`."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        path = f"/api/jobs/{job_id}/stream"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.total)
+        async with self._session.get(
+            self.base_url + path, headers=self._headers, timeout=timeout
+        ) as response:
+            if response.status >= 400:
+                raise _error(response.status, await _json(response), path)
+            async for event in parse_events(response.content):
+                yield event
+
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession()
@@ -290,28 +327,34 @@ class PromptQClient:
             timeout=self._timeout,
             **kwargs,
         ) as response:
-            data = await _json_or_none(response)
+            data = await _json(response)
             if response.status >= 400:
-                _raise(response.status, data, path)
+                raise _error(response.status, data, path)
             return data
 
 
-async def _json_or_none(response: aiohttp.ClientResponse) -> Any:
+async def _json(response: aiohttp.ClientResponse) -> Any:
     try:
         return await response.json(content_type=None)
     except ValueError:
         return None
 
 
-def _raise(status: int, data: Any, path: str) -> None:
+def _error(status: int, data: Any, path: str) -> PromptQError:
+    """The exception for an API error answer (`{"error": {"code", "message"}}`)."""
     error = data.get("error") if isinstance(data, dict) else None
     error = error if isinstance(error, dict) else {}
     message = error.get("message") or f"HTTP {status} from {path}"
-    kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(status) or PromptQError
+    kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(status)
     if kind is InvalidBatch:
         lines = error.get("lines")
-        raise InvalidBatch(message, lines=lines if isinstance(lines, list) else [])
-    raise kind(message)
+        return InvalidBatch(message, lines=lines if isinstance(lines, list) else [])
+    return (kind or PromptQError)(message)
+
+
+def _change_key(job: Job) -> tuple[Any, ...]:
+    """What `wait(progress=...)` reports a change of."""
+    return (job.get("status"), job.get("attempts"), repr(job.get("progress")))
 
 
 async def _jsonl(

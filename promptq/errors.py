@@ -13,6 +13,7 @@ PromptQError
 ├── NotCancellable          a finished job or batch cannot be cancelled (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 ├── ClaimLost               a worker's attempt was overtaken (job cancelled or reclaimed)
+├── ConfigError             a configuration file or variable is invalid (CLI exit 1)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
     │   └── PromptTruncated the model evidently saw only part of the prompt
@@ -128,6 +129,13 @@ class ClaimLost(PromptQError):
 
     code = "claim_lost"
     http_status = 409
+
+
+class ConfigError(PromptQError):
+    """The configuration is invalid; the message names the file or variable and the field."""
+
+    code = "config_error"
+    http_status = 500
 
 
 class LLMError(PromptQError):
