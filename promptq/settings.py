@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
+    #: Most jobs one batch may create (items x models of a comparison batch).
+    batch_max_items: int = Field(default=100_000, ge=1)
+    #: Largest JSONL batch upload (`POST /api/batches`); it is spooled to a temporary file.
+    batch_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+
     #: The model's context window; a summarize job's `context_window` overrides it.
     context_window_tokens: int = Field(default=8192, ge=512)
     #: Calibration of the offline token estimate (see promptq.tokens): characters per token.

@@ -21,6 +21,7 @@ from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.cancel import CancelWatcher
 from worker.context import WorkerContext
 from worker.fastpoll import FastPollWorker
 from worker.jobs import run_job
@@ -113,7 +114,13 @@ def create_worker(
         )
         typed["rng"] = random.Random()
         typed["worker_name"] = worker_name()
-        typed["leases"] = LeaseKeeper(typed["store"], lease_s=settings.lease_s)
+        typed["cancels"] = CancelWatcher(
+            ctx["redis"], settings.queue_name, typed["store"].sessionmaker
+        )
+        typed["cancels"].start()
+        typed["leases"] = LeaseKeeper(
+            typed["store"], lease_s=settings.lease_s, on_renew=typed["cancels"].check
+        )
         typed["leases"].start()
         reconciler = Reconciler(typed["store"], typed["queue"], marker_ttl_s=marker_ttl_s(settings))
         ctx["_reconciler"] = asyncio.create_task(
@@ -146,6 +153,8 @@ def create_worker(
             await asyncio.gather(ctx["_reconciler"], return_exceptions=True)
         if "leases" in ctx:
             await ctx["leases"].stop()
+        if "cancels" in ctx:
+            await ctx["cancels"].stop()
         if "limiter" in ctx:
             await ctx["limiter"].stop()
         if "_http" in ctx:

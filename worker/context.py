@@ -10,6 +10,7 @@ from promptq.metrics import Metrics
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.cancel import CancelWatcher
 from worker.leases import LeaseKeeper
 from worker.limiter import Limiter
 from worker.routing import ModelRouter
@@ -29,6 +30,8 @@ class WorkerContext(TypedDict, total=False):
     rng: random.Random
     #: Renews the leases of the attempts this worker is running.
     leases: LeaseKeeper
+    #: Aborts attempts whose job is cancelled while they run.
+    cancels: CancelWatcher
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
     #: This worker's Prometheus metrics (in memory; served on --metrics-port).
