@@ -223,7 +223,7 @@ async def wait_until(
 
 def run_timeout_s(w: Workload) -> float:
     """A generous limit for one run: plain arq at its worst, plus start-up."""
-    return 120 + w.jobs * (w.latency_ms / 1000 + 0.6) / w.concurrency
+    return 300 + 2 * w.jobs * (w.latency_ms / 1000 + 0.6) / w.concurrency
 
 
 # -- the worker subprocess -----------------------------------------------------------------------

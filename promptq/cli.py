@@ -284,8 +284,8 @@ def worker(
     if overrides:
         settings = settings.with_overrides(**overrides)
     if settings.log_level.upper() != "DEBUG":
-        # arq logs two INFO lines per job; at hundreds of jobs/s that is most of the CPU
-        # the worker spends outside the LLM call. promptq's own job lines are DEBUG too.
+        # arq logs two INFO lines per job besides promptq's one; at hundreds of jobs/s they
+        # cost more CPU than the rest of the job's bookkeeping.
         logging.getLogger("arq.worker").setLevel(logging.WARNING)
     try:
         worker = create_worker(settings, burst=burst)

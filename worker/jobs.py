@@ -171,8 +171,7 @@ async def _record_success(
         ),
         job_status=JobStatus.SUCCEEDED,
     )
-    # DEBUG, not INFO: one line per job costs more CPU than the rest of the bookkeeping.
-    logger.debug("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
+    logger.info("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
 
 
 async def _record_cancelled(ctx: WorkerContext, claim: Claim, latency_ms: int) -> None:
