@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from pydantic import BaseModel
 
-from api import jobs, stream, uploads
+from api import jobs, openapi, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.state import SERVICE, SETTINGS
+from promptq import __version__
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ServiceUnavailable
 from promptq.keys import KeyStore
@@ -35,6 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
     app.router.add_routes(stream.routes)
+    openapi.setup(app, title="promptq", version=__version__)
     return app
 
 
@@ -71,6 +74,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await engine.dispose()
 
 
+class HealthOut(BaseModel):
+    """Every backing service answers."""
+
+    status: str
+    checks: dict[str, str]
+
+
+@openapi.operation(responses={200: HealthOut}, public=True, tags=("health",))
 async def healthz(request: web.Request) -> web.Response:
     """200 when both Redis and the database answer, else 503 naming what is down."""
     service = request.app[SERVICE]
