@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 MAX_FINISH_REASON_CHARS = 32
 #: Longest slice of an error body kept in an error message.
 MAX_ERROR_BODY_CHARS = 500
+#: `Bearer <token>` as an endpoint may quote it back in an error.
+_BEARER_TOKEN = re.compile(r"(?i)\b(bearer)\s+[^\s'\",}]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +166,12 @@ class LLMClient:
                 raise TypeError("not an object")
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise TransientLLMError(
-                self._scrub(f"the model endpoint streamed a malformed event: {_snippet(data)}"),
+                f"the model endpoint streamed a malformed event: {_snippet(data, self._scrub)}",
                 status_code=status,
             ) from exc
         if "error" in event:  # Ollama and others report mid-stream errors in-band
             raise TransientLLMError(
-                self._scrub(f"the model endpoint failed mid-stream: {_error_detail(data)}"),
+                f"the model endpoint failed mid-stream: {_error_detail(data, self._scrub)}",
                 status_code=status,
             )
         if isinstance(event.get("usage"), dict):
@@ -190,7 +193,7 @@ class LLMClient:
     def _http_error(
         self, status: int, raw: bytes, headers: Any
     ) -> TransientLLMError | PermanentLLMError:
-        detail = _error_detail(raw)
+        detail = _error_detail(raw, self._scrub)
         message = self._scrub(f"HTTP {status} from the model endpoint: {detail}")
         if is_transient_status(status):
             return TransientLLMError(
@@ -208,7 +211,7 @@ class LLMClient:
             usage = data.get("usage") or {}
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise TransientLLMError(
-                self._scrub(f"the model endpoint returned a malformed body: {_snippet(raw)}"),
+                f"the model endpoint returned a malformed body: {_snippet(raw, self._scrub)}",
                 status_code=status,
             ) from exc
         if not isinstance(content, str):
@@ -224,7 +227,10 @@ class LLMClient:
         )
 
     def _scrub(self, message: str) -> str:
-        return message.replace(self._secret, "***") if self._secret else message
+        """The text without the provider key, or any other Bearer token an endpoint echoes."""
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        return _BEARER_TOKEN.sub(r"\1 ***", message)
 
 
 @dataclass(slots=True)
@@ -238,17 +244,19 @@ class _StreamState:
     done: bool = False
 
 
-def _error_detail(raw: bytes) -> str:
+def _error_detail(raw: bytes, scrub: Callable[[str], str]) -> str:
+    """The error message of an error body, scrubbed of secrets before it is cut short."""
     try:
         data = orjson.loads(raw)
         message = data["error"]["message"] if isinstance(data.get("error"), dict) else data["error"]
-        return str(message)[:MAX_ERROR_BODY_CHARS]
+        return scrub(str(message))[:MAX_ERROR_BODY_CHARS]
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return _snippet(raw)
+        return _snippet(raw, scrub)
 
 
-def _snippet(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
+def _snippet(raw: bytes, scrub: Callable[[str], str]) -> str:
+    """The start of a body, scrubbed first: cutting first could leave half a key unmatched."""
+    text = scrub(raw.decode("utf-8", errors="replace")).strip()
     return repr(text[:MAX_ERROR_BODY_CHARS]) if text else "(empty body)"
 
 
