@@ -50,7 +50,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             413,
-            "request_too_large",
+            "request_entity_too_large",
             "the request body is larger than this server accepts: send less, or raise "
             "PROMPTQ_API_MAX_BODY_BYTES",
         )

@@ -48,7 +48,7 @@ async def test_a_body_over_the_limit_is_413_in_the_error_shape(
         api, key, data=b'{"kind": "prompt", "messages": [' + b" " * 5000 + b"]}"
     )
     assert (status, content_type) == (413, "application/json")
-    assert body["error"]["code"] == "request_too_large"
+    assert body["error"]["code"] == "request_entity_too_large"
     assert "PROMPTQ_API_MAX_BODY_BYTES" in body["error"]["message"]
     assert await service.store.list_jobs() == []
 
