@@ -47,12 +47,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(
             400, "bad_request", f"the request is malformed: {exc.message or 'bad syntax'}"[:300]
         )
-    except web.HTTPRequestEntityTooLarge:
+    except web.HTTPRequestEntityTooLarge as exc:  # its text names the limit and the size
         return error_response(
             413,
             "request_entity_too_large",
-            "the request body is larger than this server accepts: send less, or raise "
-            "PROMPTQ_API_MAX_BODY_BYTES",
+            f"{exc.text}; send less, or raise PROMPTQ_API_MAX_BODY_BYTES",
         )
     except web.HTTPException as exc:
         if exc.status < 400:
