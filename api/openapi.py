@@ -9,8 +9,9 @@ Each handler declares what it takes and returns with one decorator, under its ro
 `build_spec(app)` walks the app's router, so the spec lists exactly the routes that are served.
 Every operation also documents the answers the middlewares give on any route: 401 (except
 public routes), 503 (a backing service is down), and for routes with a body 400 (not JSON),
-413 (too large) and 422 (invalid). A route without the decorator is listed by
-`undocumented(app)`, which a test keeps empty.
+413 (too large) and 422 (invalid), all with `error` as their body (ErrorOut unless the route
+says otherwise, as OpenAI-compatible routes do). An API route without the decorator is listed
+by `undocumented(app)`, which a test keeps empty.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Operation:
     path_params: Mapping[str, str] = field(default_factory=dict)
     #: Response headers by status: {202: {"Location": "where the job is"}}.
     headers: Mapping[int, Mapping[str, str]] = field(default_factory=dict)
+    #: The body of the errors every route may answer (401, 503, 400/413/422 for bodies).
+    error: BodySpec = ErrorOut
 
 
 def operation(
@@ -77,6 +80,7 @@ def operation(
     tags: tuple[str, ...] = (),
     path_params: Mapping[str, str] | None = None,
     headers: Mapping[int, Mapping[str, str]] | None = None,
+    error: BodySpec = ErrorOut,
 ) -> Callable[[H], H]:
     """Document a handler. `responses` maps each status it returns itself to its body model."""
     spec = Operation(
@@ -89,6 +93,7 @@ def operation(
         tags=tags,
         path_params=path_params or {},
         headers=headers or {},
+        error=error,
     )
 
     def mark(handler: H) -> H:
@@ -132,12 +137,17 @@ def _routes(app: web.Application) -> list[tuple[str, str, object]]:
     return found
 
 
+#: Routes under these prefixes must be documented (pages for people, such as a dashboard,
+#: may be).
+API_PREFIXES = ("/api/", "/v1/", "/healthz", "/metrics")
+
+
 def undocumented(app: web.Application) -> list[tuple[str, str]]:
-    """Served routes without an `@operation` (the spec route itself excepted)."""
+    """Served API routes without an `@operation`."""
     return [
         (method, path)
         for method, path, handler in _routes(app)
-        if operation_of(handler) is None and path != SPEC_PATH
+        if operation_of(handler) is None and path.startswith(API_PREFIXES)
     ]
 
 
@@ -269,10 +279,10 @@ def _operation(
             },
         }
         for status in (400, 413, 422):
-            statuses.setdefault(status, ErrorOut)
+            statuses.setdefault(status, spec.error)
     if not spec.public:
-        statuses.setdefault(401, ErrorOut)
-    statuses.setdefault(503, ErrorOut)
+        statuses.setdefault(401, spec.error)
+    statuses.setdefault(503, spec.error)
     responses: dict[str, Any] = {}
     for status, response in sorted(statuses.items()):
         entry: dict[str, Any] = {"description": _REASONS.get(status, "See the error message")}

@@ -30,16 +30,19 @@ async def served_spec(start_api: ApiStarter) -> tuple[web.Application, dict[str,
 async def test_the_spec_is_public_and_lists_every_served_route(start_api: ApiStarter) -> None:
     app, spec = await served_spec(start_api)
     assert spec["openapi"] == "3.1.0"
-    assert openapi.undocumented(app) == []
+    missing = openapi.undocumented(app)
+    assert missing == [], (
+        f"document these routes with @openapi.operation(...) under their route: {missing}"
+    )
     served = {
         (route.method.lower(), route.resource.canonical)
         for route in app.router.routes()
         if route.resource is not None
         and route.method not in ("HEAD", "*")
-        and route.resource.canonical != openapi.SPEC_PATH
+        and route.resource.canonical.startswith(openapi.API_PREFIXES)
     }
     documented = {(method, path) for path, ops in spec["paths"].items() for method in ops}
-    assert documented == served
+    assert served <= documented
     assert ("post", "/api/jobs") in documented
 
 
@@ -68,5 +71,7 @@ async def test_every_operation_says_how_it_authenticates_and_how_it_fails(
                 assert {"400", "413", "422"} <= statuses, where
             for status, response in op["responses"].items():
                 if int(status) >= 400:
-                    assert response["content"]["application/json"]["schema"] == error_ref, where
+                    schema = response["content"]["application/json"]["schema"]
+                    if path.startswith("/api/"):  # /v1 answers in OpenAI's error shape
+                        assert schema == error_ref, where
             assert not any(status.startswith("5") and status != "503" for status in statuses)
