@@ -4,7 +4,7 @@ PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
 │   ├── IdempotencyConflict same idempotency_key, different request (409)
 │   ├── DocumentTooLarge    a document over PROMPTQ_MAX_DOCUMENT_BYTES (413)
-│   ├── LimitExceeded       too many messages, characters or batch items (413)
+│   ├── LimitExceeded       too many messages or characters in a job (413)
 │   └── UnsupportedDocument a file type promptq cannot read, or a file it cannot parse (422)
 ├── Unauthorized            missing, invalid or revoked API key (401)
 ├── NotFound                no such job, or not yours (404)
@@ -61,7 +61,7 @@ class DocumentTooLarge(InvalidRequest):
 
 
 class LimitExceeded(InvalidRequest):
-    """The request carries more than this server accepts (messages, characters, items)."""
+    """The request carries more than this server accepts (messages, characters)."""
 
     code = "limit_exceeded"
     http_status = 413

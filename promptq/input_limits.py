@@ -1,8 +1,8 @@
 """Input limits: how much one request may carry, each refusal naming the setting to raise.
 
 The HTTP body size is capped by aiohttp (`PROMPTQ_API_MAX_BODY_BYTES`), documents by
-`promptq.documents.check_size`; this module caps what a body may hold within that: messages
-per job, characters of message text per job, and items per batch.
+`promptq.documents.check_size`; this module caps what a job's messages may hold within that:
+how many messages, and how many characters of text.
 """
 
 from __future__ import annotations
@@ -41,13 +41,4 @@ def check_messages(messages: list[dict[str, Any]], settings: Settings) -> None:
         raise LimitExceeded(
             f"a job's messages may hold at most {settings.max_message_chars} characters; these "
             f"hold {chars} (PROMPTQ_MAX_MESSAGE_CHARS; summarize long documents instead)"
-        )
-
-
-def check_batch_items(count: int, settings: Settings) -> None:
-    """Refuse a batch of more items than the settings allow."""
-    if count > settings.max_batch_items:
-        raise LimitExceeded(
-            f"a batch may carry at most {settings.max_batch_items} items; this one has {count} "
-            "(PROMPTQ_MAX_BATCH_ITEMS; split it into several batches)"
         )

@@ -67,8 +67,6 @@ class Settings(BaseSettings):
     max_messages_per_job: int = Field(default=1000, ge=1)
     #: Most characters of text in one prompt job's messages, all together.
     max_message_chars: int = Field(default=1_000_000, ge=1000)
-    #: Most jobs (lines, items) one batch may carry.
-    max_batch_items: int = Field(default=50_000, ge=1)
     #: Largest document accepted for summarizing: an uploaded file, or a JSON `document`.
     max_document_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.

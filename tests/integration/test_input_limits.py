@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from promptq.errors import LimitExceeded
-from promptq.input_limits import check_batch_items, text_chars
+from promptq.input_limits import text_chars
 from promptq.service import JobService
-from promptq.settings import Settings
 from tests.conftest import ApiClient, ApiStarter, KeyFactory, bearer
 
 
@@ -120,10 +118,3 @@ async def test_job_options_out_of_range_are_422(
     assert status == 422, body
     assert next(iter(extra)) in body["error"]["message"]
     assert await service.store.list_jobs() == []
-
-
-def test_batches_are_capped_by_max_batch_items(settings: Settings) -> None:
-    capped = settings.with_overrides(max_batch_items=10)
-    check_batch_items(10, capped)
-    with pytest.raises(LimitExceeded, match="PROMPTQ_MAX_BATCH_ITEMS"):
-        check_batch_items(11, capped)
