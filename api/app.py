@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from api import jobs, openapi, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
+from api.metrics import setup_metrics
 from api.state import SERVICE, SETTINGS
 from promptq import __version__
 from promptq.db import create_engine, create_sessionmaker, redact_url
@@ -34,6 +35,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
+    setup_metrics(app, settings)
     app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
     app.router.add_routes(stream.routes)
