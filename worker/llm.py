@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ import aiohttp
 import orjson
 
 from promptq.errors import PermanentLLMError, TransientLLMError
+from promptq.logs import Redactor
 from worker.retry import is_transient_status, parse_retry_after_s
 
 logger = logging.getLogger(__name__)
@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 MAX_FINISH_REASON_CHARS = 32
 #: Longest slice of an error body kept in an error message.
 MAX_ERROR_BODY_CHARS = 500
-#: `Bearer <token>` as an endpoint may quote it back in an error.
-_BEARER_TOKEN = re.compile(r"(?i)\b(bearer)\s+[^\s'\",}]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,7 @@ class LLMClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._secret = api_key
+        self._redact = Redactor([api_key] if api_key else [])
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def chat(
@@ -227,10 +225,8 @@ class LLMClient:
         )
 
     def _scrub(self, message: str) -> str:
-        """The text without the provider key, or any other Bearer token an endpoint echoes."""
-        if self._secret:
-            message = message.replace(self._secret, "***")
-        return _BEARER_TOKEN.sub(r"\1 ***", message)
+        """The text without the provider key, or anything else shaped like a key it echoes."""
+        return self._redact(message)
 
 
 @dataclass(slots=True)
