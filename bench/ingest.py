@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,19 @@ async def wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the API did not come up")
 
 
+def api_phases(log: str) -> dict[str, float]:
+    """The full batch's phases, from the API's log: validation, insert, enqueue (seconds)."""
+    validated = re.findall(r"item\(s\) validated in ([0-9.]+) s", log)
+    stored = re.findall(r"created in ([0-9.]+) s, \d+ reused, \d+ queued in ([0-9.]+) s", log)
+    if not validated or not stored:
+        return {}
+    return {
+        "validate": float(validated[-1]),
+        "insert": float(stored[-1][0]),
+        "enqueue": float(stored[-1][1]),
+    }
+
+
 def calibrate_s() -> float:
     """Seconds for a fixed pure-Python loop (about 0.15 s on an idle modern core): how busy
     the machine was, to read the other numbers by."""
@@ -213,7 +227,7 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             "PROMPTQ_QUEUE_NAME": QUEUE,
             "PROMPTQ_AUTH_DISABLED": "true",
             "PROMPTQ_BATCH_MAX_ITEMS": str(settings.batch_max_items),
-            "PROMPTQ_LOG_LEVEL": "WARNING",
+            "PROMPTQ_LOG_LEVEL": "INFO",
         }
         log = (tmp / "api.log").open("wb")
         proc = start_api(port, env, log)
@@ -239,6 +253,7 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             proc.terminate()
             proc.wait(10)
             log.close()
+        phases = api_phases((tmp / "api.log").read_text(errors="replace"))
         floor_s = await raw_floor(pg_db, redis_url, full)
     finally:
         admin = await asyncpg.connect(args.pg_dsn)
@@ -269,6 +284,7 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             "after_warmup_batch": round(warm_mb, 1),
             "after_full_batch": round(full_mb, 1),
         },
+        "api_phases_seconds": phases,
         "per_job_api": {
             "sample": args.sample,
             "concurrency": PER_JOB_CONCURRENCY,
