@@ -52,8 +52,9 @@ BodySpec = type[BaseModel] | TypeAdapter[Any] | Content
 class Operation:
     """What one route takes and answers."""
 
-    responses: Mapping[int, BodySpec | None]
-    request: BodySpec | None = None
+    responses: Mapping[int, BodySpec | tuple[BodySpec, ...] | None]
+    #: The body, or the bodies (one per media type) the route accepts.
+    request: BodySpec | tuple[BodySpec, ...] | None = None
     #: A model whose fields are the query parameters.
     query: type[BaseModel] | None = None
     summary: str | None = None
@@ -71,8 +72,8 @@ class Operation:
 
 def operation(
     *,
-    responses: Mapping[int, BodySpec | None],
-    request: BodySpec | None = None,
+    responses: Mapping[int, BodySpec | tuple[BodySpec, ...] | None],
+    request: BodySpec | tuple[BodySpec, ...] | None = None,
     query: type[BaseModel] | None = None,
     summary: str | None = None,
     description: str | None = None,
@@ -270,13 +271,14 @@ def _operation(
             )
     if parameters:
         body["parameters"] = parameters
-    statuses: dict[int, BodySpec | None] = dict(spec.responses)
+    statuses: dict[int, BodySpec | tuple[BodySpec, ...] | None] = dict(spec.responses)
+    if spec.query is not None:
+        statuses.setdefault(422, spec.error)
     if spec.request is not None:
+        bodies = spec.request if isinstance(spec.request, tuple) else (spec.request,)
         body["requestBody"] = {
             "required": True,
-            "content": {
-                _media_type(spec.request): {"schema": schemas.add(spec.request, "validation")}
-            },
+            "content": {_media_type(b): {"schema": schemas.add(b, "validation")} for b in bodies},
         }
         for status in (400, 413, 422):
             statuses.setdefault(status, spec.error)
@@ -287,8 +289,9 @@ def _operation(
     for status, response in sorted(statuses.items()):
         entry: dict[str, Any] = {"description": _REASONS.get(status, "See the error message")}
         if response is not None:
+            bodies = response if isinstance(response, tuple) else (response,)
             entry["content"] = {
-                _media_type(response): {"schema": schemas.add(response, "serialization")}
+                _media_type(b): {"schema": schemas.add(b, "serialization")} for b in bodies
             }
         if status in spec.headers:
             entry["headers"] = {

@@ -51,9 +51,7 @@ def test_redactor_keeps_ordinary_text() -> None:
     )
 
 
-async def test_json_lines_carry_the_job_context_into_child_tasks(
-    tmp_path: object, restore_logging: None
-) -> None:
+async def test_json_lines_carry_the_job_context_into_child_tasks(restore_logging: None) -> None:
     stream = io.StringIO()
     settings = Settings(_env_file=None, log_format="json", llm_api_key="secret-llm-key-123")  # type: ignore[call-arg]
     configure_logging(settings, stream=stream)
@@ -95,3 +93,13 @@ def test_console_lines_name_the_job(restore_logging: None) -> None:
     asyncio.run(job())
     line = stream.getvalue().strip()
     assert line.endswith("promptq.test: hello [job=job-c attempt=2]")
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "up"])
+def test_services_take_a_log_format(command: str) -> None:
+    from tests.unit.cli_args import check_promptq_command
+
+    for fmt in ("json", "console", "JSON"):
+        check_promptq_command([command, "--log-format", fmt], "test")
+    with pytest.raises(Exception, match="xml"):
+        check_promptq_command([command, "--log-format", "xml"], "test")
