@@ -24,6 +24,7 @@ from api.auth import principal
 from api.errors import ErrorOut
 from api.jobs import _limit, json_response, read_json
 from api.state import SERVICE
+from api.uploads import open_multipart
 from promptq import batch_export
 from promptq.batch_items import (
     ItemSpec,
@@ -247,7 +248,7 @@ async def _create_from_multipart(
     request: web.Request, batches: BatchService, owner: str | None, settings: Settings
 ) -> BatchCreated:
     """Form fields `name` and `models` (or repeated `model`) first, then one file part."""
-    reader = await request.multipart()
+    reader = await open_multipart(request)
     name: str | None = None
     models: list[str] = []
     while (part := await reader.next()) is not None:

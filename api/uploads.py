@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from pydantic import BaseModel, ValidationError
 
 from api import openapi
@@ -113,17 +113,22 @@ async def upload_documents(request: web.Request) -> web.Response:
     return json_response(UploadOut(jobs=jobs), status=202)
 
 
-async def _read_parts(
-    request: web.Request, max_document_bytes: int, max_upload_bytes: int
-) -> tuple[list[tuple[str, str | None, bytes]], dict[str, Any]]:
-    """(filename, content type, bytes) of each file part, and the option fields."""
+async def open_multipart(request: web.Request) -> MultipartReader:
+    """The multipart reader of a request; InvalidRequest (not a 500) when it has no boundary."""
     try:
-        reader = await request.multipart()
+        return await request.multipart()
     except ValueError:  # no boundary, or not multipart after all
         raise InvalidRequest(
             "the multipart/form-data body has no boundary; let your HTTP client build it "
             "(curl -F file=@report.pdf ...)"
         ) from None
+
+
+async def _read_parts(
+    request: web.Request, max_document_bytes: int, max_upload_bytes: int
+) -> tuple[list[tuple[str, str | None, bytes]], dict[str, Any]]:
+    """(filename, content type, bytes) of each file part, and the option fields."""
+    reader = await open_multipart(request)
     files: list[tuple[str, str | None, bytes]] = []
     options: dict[str, Any] = {}
     total_bytes = 0

@@ -19,7 +19,13 @@ import pytest
 from promptq.testing.fake_llm import FakeLLM
 from tests.e2e.conftest import Procs
 
-pytestmark = pytest.mark.e2e
+# PostgreSQL only: the stricter of the two databases (NUL characters, integer widths), and one
+# run keeps the suite quick; the other tests cover both.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("database_url", ["postgres"], indirect=True),
+]
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 CHECKS = ",".join(
