@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import enum
 from datetime import UTC, datetime
 from typing import Any
@@ -210,7 +211,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(Integer)
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), default="processed")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

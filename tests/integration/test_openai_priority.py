@@ -1,0 +1,93 @@
+"""Interactive work goes ahead of bulk work.
+
+Given 2,000 bulk jobs queued and a worker busy with them against a fake LLM with a fixed
+latency, when an interactive request comes in through /v1/chat/completions (once plainly, once
+failing its first attempt), then it is answered after only a few more bulk calls, not after
+the backlog: arq hands out due jobs in score order and interactive jobs are scored ahead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from promptq import clock
+from promptq.models import Job, JobKind, JobStatus, Priority
+from promptq.service import JobService
+from promptq.testing.fake_llm import FakeLLM
+from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_for
+
+BULK_JOBS = 2000
+CONCURRENCY = 4
+#: Bulk calls that may be served while the interactive request waits: the calls already in
+#: flight when it arrives, plus a few rounds (this test's "a few backend latencies").
+MAX_BULK_CALLS_MEANWHILE = CONCURRENCY * 4
+
+
+async def queue_bulk_jobs(service: JobService, count: int) -> None:
+    now = clock.now()
+    jobs = [
+        Job(
+            id=clock.new_id(),
+            kind=JobKind.PROMPT,
+            status=JobStatus.QUEUED,
+            model="fake-small",
+            input={"messages": [{"role": "user", "content": f"bulk {i}"}], "params": {}},
+            attempts=0,
+            interruptions=0,
+            max_attempts=3,
+            attempt_budget=3,
+            priority=Priority.BULK,
+            created_at=now,
+            updated_at=now,
+        )
+        for i in range(count)
+    ]
+    async with service.store.sessionmaker() as session, session.begin():
+        session.add_all(jobs)
+    for job in jobs:
+        await service.queue.enqueue(job.id)
+
+
+def bulk_calls(fake_llm: FakeLLM) -> int:
+    return sum(n for p, n in fake_llm.stats.requests_by_prompt.items() if p.startswith("bulk"))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_interactive_request_overtakes_two_thousand_bulk_jobs(
+    start_api: ApiStarter,
+    make_key: KeyFactory,
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+) -> None:
+    key = await make_key("interactive")
+    api = await start_api(bearer(key))
+    fake_llm.config.latency_ms = 50
+    await queue_bulk_jobs(service, BULK_JOBS)
+    await start_worker(worker_concurrency=CONCURRENCY)
+    await wait_for(lambda: _at_least(fake_llm, CONCURRENCY * 2))
+
+    async def ask(content: str) -> dict[str, Any]:
+        before = bulk_calls(fake_llm)
+        body = {"model": "fake-small", "messages": [{"role": "user", "content": content}]}
+        async with api.post("/v1/chat/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+            data: dict[str, Any] = await response.json()
+        data["bulk_meanwhile"] = bulk_calls(fake_llm) - before
+        return data
+
+    # A plain interactive request, and one whose first attempt fails (its retry keeps its place)
+    plain = await ask("interactive now")
+    retried = await ask("[[fake: 500, ok]] interactive retried")
+
+    assert plain["bulk_meanwhile"] <= MAX_BULK_CALLS_MEANWHILE, plain["bulk_meanwhile"]
+    assert retried["bulk_meanwhile"] <= MAX_BULK_CALLS_MEANWHILE, retried["bulk_meanwhile"]
+    assert fake_llm.stats.requests_by_prompt["[[fake: 500, ok]] interactive retried"] == 2
+    # And the backlog really was there all along
+    assert bulk_calls(fake_llm) < BULK_JOBS / 2
+
+
+async def _at_least(fake_llm: FakeLLM, calls: int) -> bool:
+    return bulk_calls(fake_llm) >= calls
