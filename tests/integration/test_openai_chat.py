@@ -9,6 +9,7 @@ in SQL; identical deterministic requests are answered from the cache without a m
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -41,9 +42,29 @@ async def api(start_api: ApiStarter) -> ApiClient:
     return await start_api()
 
 
+SdkFactory = Callable[..., openai.AsyncOpenAI]
+
+
 @pytest.fixture
-def client(api: ApiClient, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url(api), api_key=key, max_retries=0)
+async def sdk(api: ApiClient) -> AsyncIterator[SdkFactory]:
+    """Make AsyncOpenAI clients for promptq's /v1 (closed after the test): `sdk(key)`."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(key: str, server: ApiClient | None = None) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(
+            base_url=base_url(server or api), api_key=key, max_retries=0
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+def client(sdk: SdkFactory, key: str) -> openai.AsyncOpenAI:
+    return sdk(key)
 
 
 async def test_sync_and_async_clients_get_completions_stored_as_interactive_jobs(
@@ -137,7 +158,7 @@ async def test_streaming_relays_tokens_as_the_backend_sends_them_and_persists_th
 
 
 async def test_errors_are_the_sdks_own_exceptions(
-    api: ApiClient, client: openai.AsyncOpenAI, start_worker: WorkerFactory, service: JobService
+    sdk: SdkFactory, client: openai.AsyncOpenAI, start_worker: WorkerFactory, service: JobService
 ) -> None:
     await start_worker()
     # An unknown model is refused at submit, listing the backend's models
@@ -159,7 +180,7 @@ async def test_errors_are_the_sdks_own_exceptions(
     assert rejected.value.response.headers["x-should-retry"] == "false"
 
     # A wrong key is an AuthenticationError in OpenAI's error shape
-    stranger = openai.AsyncOpenAI(base_url=base_url(api), api_key="pq_" + "x" * 43)
+    stranger = sdk("pq_" + "x" * 43)
     with pytest.raises(openai.AuthenticationError) as denied:
         await stranger.models.list()
     body = denied.value.body
@@ -201,7 +222,7 @@ async def test_a_fallback_model_answers_when_the_model_is_unavailable(
 
 
 async def test_deterministic_requests_are_answered_from_the_cache_without_a_model_call(
-    api: ApiClient,
+    sdk: SdkFactory,
     client: openai.AsyncOpenAI,
     make_key: KeyFactory,
     fake_llm: FakeLLM,
@@ -239,9 +260,7 @@ async def test_deterministic_requests_are_answered_from_the_cache_without_a_mode
         model="fake-small", messages=messages, temperature=0, extra_body={"cache": False}
     )
     await client.chat.completions.create(model="fake-small", messages=messages)
-    other = openai.AsyncOpenAI(
-        base_url=base_url(api), api_key=await make_key("other-tenant"), max_retries=0
-    )
+    other = sdk(await make_key("other-tenant"))
     await other.chat.completions.create(model="fake-small", messages=messages, temperature=0)
     assert fake_llm.stats.total_requests == calls + 3
 
@@ -253,11 +272,11 @@ async def test_deterministic_requests_are_answered_from_the_cache_without_a_mode
 
 
 async def test_the_cache_can_be_turned_off_globally(
-    start_api: ApiStarter, key: str, fake_llm: FakeLLM, start_worker: WorkerFactory
+    start_api: ApiStarter, sdk: SdkFactory, key: str, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
     await start_worker()
     api = await start_api(cache_enabled=False)
-    client = openai.AsyncOpenAI(base_url=base_url(api), api_key=key, max_retries=0)
+    client = sdk(key, api)
     for _ in range(2):
         await client.chat.completions.create(
             model="fake-small", messages=user("no cache"), seed=7, extra_body={"cache": True}
