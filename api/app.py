@@ -10,6 +10,7 @@ from aiohttp import web
 from api import jobs, openai_api, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
+from api.metrics import setup_metrics
 from api.state import SERVICE, SETTINGS
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ServiceUnavailable
@@ -32,6 +33,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
+    setup_metrics(app, settings)
     app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
     app.router.add_routes(stream.routes)

@@ -21,7 +21,7 @@ from promptq.keys import LOCAL_OPERATOR, KeyStore, Principal, hash_key, looks_li
 logger = logging.getLogger(__name__)
 
 #: Paths anyone may call without a key.
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
 #: Most keys one API process remembers; past it the cache starts over.
 CACHE_MAX_ENTRIES = 10_000
 

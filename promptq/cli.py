@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from promptq.cli_observe import LogFormatOption, check_worker
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import InvalidRequest, NotFound, PromptQError
 from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
@@ -39,14 +40,14 @@ err_console = Console(stderr=True)
 T = TypeVar("T")
 
 
-def load_settings() -> Settings:
+def load_settings(log_format: str | None = None) -> Settings:
     """Settings from the environment, with logging configured from them."""
+    from promptq.logs import configure_logging
+
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    if log_format is not None:
+        settings = settings.with_overrides(log_format=log_format)
+    configure_logging(settings)
     return settings
 
 
@@ -209,13 +210,14 @@ def _when(moment: datetime | None) -> str:
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
-    """Serve the HTTP API until Ctrl-C / SIGTERM."""
+    """Serve the HTTP API (and its Prometheus /metrics) until Ctrl-C / SIGTERM."""
     from aiohttp import web
 
     from api.app import create_app
 
-    settings = load_settings()
+    settings = load_settings(log_format)
     web.run_app(
         create_app(settings),
         host=host or settings.api_host,
@@ -238,6 +240,23 @@ def worker(
             help="On SIGTERM, seconds in-flight jobs may finish [env PROMPTQ_WORKER_GRACE_S].",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics on this port [env PROMPTQ_WORKER_METRICS_PORT].",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Don't run a worker: exit 0 if a worker on this host has a fresh heartbeat, "
+            "else 1 (for health probes).",
+        ),
+    ] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run a worker daemon until Ctrl-C / SIGTERM.
 
@@ -247,12 +266,16 @@ def worker(
     """
     from worker.app import create_worker
 
-    settings = load_settings()
+    settings = load_settings(log_format)
+    if check:
+        check_worker(settings)
     overrides: dict[str, Any] = {}
     if concurrency is not None:
         overrides["worker_concurrency"] = concurrency
     if grace_s is not None:
         overrides["worker_grace_s"] = grace_s
+    if metrics_port is not None:
+        overrides["worker_metrics_port"] = metrics_port
     if overrides:
         settings = settings.with_overrides(**overrides)
     create_worker(settings, burst=burst).run()
@@ -270,11 +293,11 @@ def demo() -> None:
 
 
 @app.command()
-def up() -> None:
+def up(log_format: LogFormatOption = None) -> None:
     """Start Redis (if needed), the API and a worker on embedded defaults, and keep serving."""
     from promptq.demo import serve_forever
 
-    settings = load_settings()
+    settings = load_settings(log_format)
     explicit = "llm_base_url" in settings.model_fields_set
     with suppress(KeyboardInterrupt):
         raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))

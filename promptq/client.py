@@ -8,8 +8,9 @@ async with PromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +25,7 @@ from promptq.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from promptq.sse import ServerEvent, parse_events
 
 #: Statuses after which a job never changes again.
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -45,6 +47,8 @@ _BY_CODE: dict[str, type[PromptQError]] = {
 }
 
 Job = dict[str, Any]
+#: Called by `wait` with the job whenever its status, attempts or progress change.
+ProgressCallback = Callable[[Job], Awaitable[None] | None]
 
 
 class PromptQClient:
@@ -175,16 +179,49 @@ class PromptQClient:
             if cursor is None:
                 return
 
-    async def wait(self, job_id: str, *, timeout_s: float = 300.0, poll_s: float = 0.2) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s."""
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float = 300.0,
+        poll_s: float = 0.2,
+        progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s.
+
+        `progress(job)` (a function or a coroutine function) is called with the job first, and
+        again whenever its status, attempts or progress change, the final state included.
+        """
         deadline = time.monotonic() + timeout_s
+        seen: tuple[Any, ...] | None = None
         while True:
             job = await self.get(job_id)
+            if progress is not None and seen != (seen := _change_key(job)):
+                called = progress(job)
+                if inspect.isawaitable(called):
+                    await called
             if job["status"] in TERMINAL:
                 return job
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
             await asyncio.sleep(poll_s)
+
+    async def stream(
+        self, job_id: str, *, timeout_s: float | None = None
+    ) -> AsyncIterator[ServerEvent]:
+        """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
+        ends after the terminal `status` event, whose data carries the `result`."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        path = f"/api/jobs/{job_id}/stream"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.total)
+        async with self._session.get(
+            self.base_url + path, headers=self._headers, timeout=timeout
+        ) as response:
+            if response.status >= 400:
+                raise _error(response.status, await _json(response), path)
+            async for event in parse_events(response.content):
+                yield event
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         if self._session is None:
@@ -192,17 +229,31 @@ class PromptQClient:
         async with self._session.request(
             method, self.base_url + path, headers=self._headers, timeout=self._timeout, **kwargs
         ) as response:
-            try:
-                data = await response.json(content_type=None)
-            except ValueError:
-                data = None
+            data = await _json(response)
             if response.status >= 400:
-                error = data.get("error") if isinstance(data, dict) else None
-                error = error if isinstance(error, dict) else {}
-                message = error.get("message") or f"HTTP {response.status} from {path}"
-                kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(response.status)
-                raise (kind or PromptQError)(message)
+                raise _error(response.status, data, path)
             return data
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _error(status: int, data: Any, path: str) -> PromptQError:
+    """The exception for an API error answer (`{"error": {"code", "message"}}`)."""
+    error = data.get("error") if isinstance(data, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message") or f"HTTP {status} from {path}"
+    kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(status)
+    return (kind or PromptQError)(message)
+
+
+def _change_key(job: Job) -> tuple[Any, ...]:
+    """What `wait(progress=...)` reports a change of."""
+    return (job.get("status"), job.get("attempts"), repr(job.get("progress")))
 
 
 def _with_options(

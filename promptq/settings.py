@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     chat_wait_s: float = Field(default=600.0, gt=0)
 
     log_level: str = "INFO"
+    #: `console` (human-readable) or `json` (one object per line, for log shippers).
+    log_format: Literal["console", "json"] = "console"
+    #: A worker serves Prometheus metrics on this port (`--metrics-port`); None: it doesn't.
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    #: How often a worker refreshes its heartbeat key (`promptq worker --check` reads it);
+    #: the key expires after three missed beats.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    #: Seconds a scrape reuses what `/metrics` read from SQL, Redis and the limiter.
+    metrics_refresh_s: float = Field(default=2.0, ge=0)
 
     @field_validator("llm_base_url", "api_url")
     @classmethod

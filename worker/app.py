@@ -14,6 +14,7 @@ from arq import Worker, func
 
 from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
+from promptq.metrics import Metrics
 from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
@@ -22,7 +23,7 @@ from worker.context import WorkerContext
 from worker.fastpoll import FastPollWorker
 from worker.jobs import run_job
 from worker.leases import LeaseKeeper
-from worker.llm import LLMClient
+from worker.observe import MeteredLLMClient, Observability
 from worker.reconcile import Reconciler
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def create_worker(
     renews the leases of this worker's running attempts, and the reconciler.
     """
 
+    metrics = Metrics(refresh_s=settings.metrics_refresh_s)
+    observability = Observability(settings, metrics)
+
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
         try:
@@ -82,8 +86,10 @@ def create_worker(
         typed["store"] = JobStore(create_sessionmaker(engine))
         typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
-        typed["llm"] = LLMClient(
+        typed["metrics"] = metrics
+        typed["llm"] = MeteredLLMClient(
             session,
+            metrics=metrics,
             base_url=settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
             timeout_s=settings.llm_timeout_s,
@@ -100,6 +106,12 @@ def create_worker(
             name="promptq-reconciler",
         )
         ctx["_engine"], ctx["_http"] = engine, session
+        ctx["_observability"] = observability
+        try:
+            await observability.start(ctx, lambda: (worker.job_counter, worker.max_jobs))
+        except BaseException:
+            await shutdown(ctx)
+            raise
         logger.info(
             "worker %s: concurrency=%d db=%s llm=%s queue=%s",
             typed["worker_name"],
@@ -111,6 +123,7 @@ def create_worker(
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         # arq has awaited every job task by now, so no lease is held any more.
+        await observability.stop()
         if "_reconciler" in ctx:
             ctx["_reconciler"].cancel()
             await asyncio.gather(ctx["_reconciler"], return_exceptions=True)

@@ -6,6 +6,7 @@ import random
 from typing import TypedDict
 
 from promptq.checkpoints import ChunkStore
+from promptq.metrics import Metrics
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
@@ -27,6 +28,8 @@ class WorkerContext(TypedDict, total=False):
     leases: LeaseKeeper
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
+    #: This worker's Prometheus metrics (in memory; served on --metrics-port).
+    metrics: Metrics
     # Set by arq for each job:
     job_id: str
     job_try: int

@@ -11,7 +11,7 @@ from typing import Any
 
 from arq import Retry
 
-from promptq import clock, events
+from promptq import clock, events, logs
 from promptq.db import is_db_unavailable
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
@@ -19,6 +19,7 @@ from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadlin
 from worker.context import WorkerContext
 from worker.db_retry import retry_db
 from worker.llm import Completion
+from worker.observe import record_attempt
 from worker.prompt_call import complete_prompt
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
@@ -73,6 +74,7 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
     if isinstance(claim, Busy):
         # Another worker holds the lease: look again when it would have expired.
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
+    logs.bind_job(job_id, claim.number)
     leases.hold(claim)
     try:
         await _attempt(ctx, claim)
@@ -231,6 +233,7 @@ async def _finish(
 ) -> bool:
     """store.finish_attempt, retried through a database outage (see worker.db_retry)."""
     store = ctx["store"]
+    record_attempt(ctx, claim, result, retrying=job_status == JobStatus.RETRYING)
 
     async def write() -> bool:
         return await store.finish_attempt(
