@@ -51,9 +51,7 @@ async def sdk(api: ApiClient) -> AsyncIterator[SdkFactory]:
     made: list[openai.AsyncOpenAI] = []
 
     def make(key: str, server: ApiClient | None = None) -> openai.AsyncOpenAI:
-        client = openai.AsyncOpenAI(
-            base_url=base_url(server or api), api_key=key, max_retries=0
-        )
+        client = openai.AsyncOpenAI(base_url=base_url(server or api), api_key=key, max_retries=0)
         made.append(client)
         return client
 
