@@ -45,10 +45,10 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": models})
 
 
-@routes.get("/v1/models/{model:.+}")
+@routes.get("/v1/models/{id:.+}")
 async def retrieve_model(request: web.Request) -> web.Response:
     """One of the backend's models; 404 if it does not serve it."""
-    name = request.match_info["model"]
+    name = request.match_info["id"]
     for model in await request.app[CATALOG].models():
         if model.get("id") == name:
             return json_response(model)

@@ -5,7 +5,7 @@ malformed header, a wrong key or a revoked key, then it gets 401 and nothing hap
 valid key it sees only its own jobs (another tenant's are 404, as if they did not exist), and an
 admin key sees everything.
 
-ROUTES lists every `/api` route. Adding a route to the app without adding it here fails
+ROUTES lists every `/api` and `/v1` route. Adding a route to the app without adding it here fails
 `test_the_route_table_covers_every_registered_route`.
 """
 
@@ -52,7 +52,7 @@ class Route:
     @property
     def per_job(self) -> bool:
         """True for routes that name a job id."""
-        return "{id}" in self.path
+        return self.path.startswith("/api/jobs/{id}")
 
     def url(self, job_id: str) -> str:
         """The path with the job id filled in."""
@@ -73,6 +73,10 @@ ROUTES = [
     Route("POST", "/api/jobs/{id}/retry", owner_status=409),
     Route("POST", "/api/jobs/summarize/upload"),
     Route("GET", "/api/jobs/{id}/stream", streams=True),
+    # The OpenAI-compatible API (tenant isolation of its files and batches: test_openai_batches)
+    Route("POST", "/v1/chat/completions", {"model": "fake-small", "messages": []}),
+    Route("GET", "/v1/models"),
+    Route("GET", "/v1/models/{id}"),
 ]
 PER_JOB_ROUTES = [r for r in ROUTES if r.per_job]
 #: Prefixes that must never be reachable without a key.
