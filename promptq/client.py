@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+import orjson
 
 from promptq.errors import (
+    BatchTooLarge,
     IdempotencyConflict,
+    InvalidBatch,
     InvalidRequest,
     JobNotRetryable,
+    NotCancellable,
     NotFound,
     PromptQError,
     ServiceUnavailable,
@@ -44,6 +48,9 @@ _BY_STATUS: dict[int, type[PromptQError]] = {
 _BY_CODE: dict[str, type[PromptQError]] = {
     IdempotencyConflict.code: IdempotencyConflict,
     JobNotRetryable.code: JobNotRetryable,
+    NotCancellable.code: NotCancellable,
+    BatchTooLarge.code: BatchTooLarge,
+    InvalidBatch.code: InvalidBatch,
 }
 
 Job = dict[str, Any]
@@ -206,6 +213,87 @@ class PromptQClient:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
             await asyncio.sleep(poll_s)
 
+    # -- batches (see the README's "Batches" section) ------------------------------------
+
+    async def submit_batch(
+        self,
+        jobs: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]],
+        *,
+        name: str | None = None,
+        models: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Submit job requests (each may carry a `custom_id`) as one batch, streamed as JSONL
+        so that a large iterable is never held in memory. An invalid item raises InvalidBatch
+        (its `lines` say which) and creates nothing."""
+        params = [("name", name)] if name else []
+        params += [("model", str(model)) for model in models or ()]
+        batch: dict[str, Any] = await self._request(
+            "POST",
+            "/api/batches",
+            params=params,
+            data=_jsonl(jobs),
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        return batch
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """One batch: status, counts per status, progress and token usage."""
+        batch: dict[str, Any] = await self._request("GET", f"/api/batches/{batch_id}")
+        return batch
+
+    async def list_batches(self, *, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+        """One page: `{"batches": [...], "next_cursor": str | None}`, newest first."""
+        params = {"limit": str(limit)} | ({"cursor": cursor} if cursor else {})
+        page: dict[str, Any] = await self._request("GET", "/api/batches", params=params)
+        return page
+
+    async def wait_batch(
+        self, batch_id: str, *, timeout_s: float = 3600.0, poll_s: float = 1.0
+    ) -> dict[str, Any]:
+        """Poll until every job of the batch has finished; TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batch = await self.get_batch(batch_id)
+            if batch["status"] not in ("validating", "in_progress", "finalizing", "cancelling"):
+                return batch
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"batch {batch_id} still {batch['status']} after {timeout_s:g} s"
+                )
+            await asyncio.sleep(poll_s)
+
+    async def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Each job's outcome, in submission order, streamed (one dict per job)."""
+        session = self._open()
+        path = f"/api/batches/{batch_id}/results"
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
+        async with session.get(self.base_url + path, headers=self._headers, timeout=timeout) as r:
+            if r.status >= 400:
+                raise _error(r.status, await _json(r), path)
+            async for line in r.content:
+                if line.strip():
+                    yield orjson.loads(line)
+
+    async def compare(
+        self, batch_id: str, *, limit: int = 50, cursor: int | None = None
+    ) -> dict[str, Any]:
+        """A page of a comparison batch: each item with every model's answer side by side."""
+        params = {"limit": str(limit)} | ({"cursor": str(cursor)} if cursor is not None else {})
+        page: dict[str, Any] = await self._request(
+            "GET", f"/api/batches/{batch_id}/compare", params=params
+        )
+        return page
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job (a running one is aborted); NotCancellable if it had finished."""
+        job: Job = await self._request("POST", f"/api/jobs/{job_id}/cancel")
+        return job
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Cancel a batch's unfinished jobs; finished ones keep their results."""
+        batch: dict[str, Any] = await self._request("POST", f"/api/batches/{batch_id}/cancel")
+        return batch
+
     async def stream(
         self, job_id: str, *, timeout_s: float | None = None
     ) -> AsyncIterator[ServerEvent]:
@@ -223,11 +311,21 @@ class PromptQClient:
             async for event in parse_events(response.content):
                 yield event
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        async with self._session.request(
-            method, self.base_url + path, headers=self._headers, timeout=self._timeout, **kwargs
+        return self._session
+
+    async def _request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        session = self._open()
+        async with session.request(
+            method,
+            self.base_url + path,
+            headers=self._headers | (headers or {}),
+            timeout=self._timeout,
+            **kwargs,
         ) as response:
             data = await _json(response)
             if response.status >= 400:
@@ -248,12 +346,36 @@ def _error(status: int, data: Any, path: str) -> PromptQError:
     error = error if isinstance(error, dict) else {}
     message = error.get("message") or f"HTTP {status} from {path}"
     kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(status)
+    if kind is InvalidBatch:
+        lines = error.get("lines")
+        return InvalidBatch(message, lines=lines if isinstance(lines, list) else [])
     return (kind or PromptQError)(message)
 
 
 def _change_key(job: Job) -> tuple[Any, ...]:
     """What `wait(progress=...)` reports a change of."""
     return (job.get("status"), job.get("attempts"), repr(job.get("progress")))
+
+
+async def _jsonl(
+    jobs: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """The jobs as JSONL, about 256 KB per chunk."""
+    buffer = bytearray()
+    if isinstance(jobs, AsyncIterable):
+        async for job in jobs:
+            buffer += orjson.dumps(job) + b"\n"
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+    else:
+        for job in jobs:
+            buffer += orjson.dumps(job) + b"\n"
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
 
 def _with_options(

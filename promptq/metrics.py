@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -262,11 +263,11 @@ def jobs_by_status_refresher(
     return refresh
 
 
-def queue_depth_refresher(metrics: Metrics, redis: object, queue_name: str) -> Refresher:
+def queue_depth_refresher(metrics: Metrics, redis: Redis, queue_name: str) -> Refresher:
     """Reads the arq queue's length (`ZCARD`) into `promptq_queue_depth`."""
 
     async def refresh() -> None:
-        metrics.queue_depth.set(await redis.zcard(queue_name))  # type: ignore[attr-defined]
+        metrics.queue_depth.set(await redis.zcard(queue_name))
 
     return refresh
 

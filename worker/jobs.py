@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -52,7 +53,19 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
-    """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
+    """Run the next attempt of `job_id`; on a transient error, schedule the one after.
+
+    If the job's endpoint is at its limits, the job goes back to the queue before it is
+    claimed (worker.limiter): it waits there, uncharged, and the slot runs another job.
+    """
+    await ctx["limiter"].before_claim(ctx["store"], ctx["settings"], job_id)
+    try:
+        await _claim_and_run(ctx, job_id)
+    finally:
+        await ctx["limiter"].after_job()
+
+
+async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     store, leases = ctx["store"], ctx["leases"]
     try:
         claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
@@ -103,9 +116,14 @@ async def _announce(ctx: WorkerContext, job_id: str) -> None:
 
 
 async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
+    cancels = ctx.get("cancels")
     try:
-        completion = await complete(ctx, claim)
+        with cancels.cancellable(claim) if cancels else contextlib.nullcontext():
+            completion = await complete(ctx, claim)
     except asyncio.CancelledError:
+        if cancels is not None and cancels.consume(claim):
+            await _record_cancelled(ctx, claim, elapsed_ms())
+            return
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
         await _finish(
             ctx,
@@ -150,6 +168,22 @@ async def _record_success(
         job_status=JobStatus.SUCCEEDED,
     )
     logger.info("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
+
+
+async def _record_cancelled(ctx: WorkerContext, claim: Claim, latency_ms: int) -> None:
+    """The job was cancelled while this attempt waited on the model: record both as such."""
+    await _finish(
+        ctx,
+        claim,
+        AttemptResult(
+            outcome=AttemptOutcome.CANCELLED,
+            latency_ms=latency_ms,
+            error="cancelled on request while this attempt ran",
+            error_code="cancelled",
+        ),
+        job_status=JobStatus.CANCELLED,
+    )
+    logger.info("job %s cancelled during attempt %d", claim.job_id, claim.number)
 
 
 async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, latency_ms: int) -> None:

@@ -51,9 +51,7 @@ def test_redactor_keeps_ordinary_text() -> None:
     )
 
 
-async def test_json_lines_carry_the_job_context_into_child_tasks(
-    tmp_path: object, restore_logging: None
-) -> None:
+async def test_json_lines_carry_the_job_context_into_child_tasks(restore_logging: None) -> None:
     stream = io.StringIO()
     settings = Settings(_env_file=None, log_format="json", llm_api_key="secret-llm-key-123")  # type: ignore[call-arg]
     configure_logging(settings, stream=stream)
