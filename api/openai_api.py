@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
+from contextlib import suppress
 
 import aiohttp
 from aiohttp import web
 
-from api import openai_chat
+from api import openai_batches, openai_chat, openai_files
 from api.openai_errors import openai_error_middleware
 from api.state import SERVICE, SETTINGS
 from promptq.chat import ChatService
-from promptq.model_catalog import ModelCatalog
+from promptq.endpoints import load_endpoints
+from promptq.model_catalog import ModelCatalog, ModelSource
+from promptq.openai_batch import OpenAIBatches
+
+logger = logging.getLogger(__name__)
+
+#: The Redis lock (under the queue name) that lets one API process per interval sweep batches.
+SWEEP_LOCK = "openai-batch-sweep"
 
 
 def setup(app: web.Application) -> None:
@@ -21,14 +31,39 @@ def setup(app: web.Application) -> None:
     """
     app.middlewares.insert(0, openai_error_middleware)  # outermost: sees every error response
     app.router.add_routes(openai_chat.routes)
+    app.router.add_routes(openai_files.routes)
+    app.router.add_routes(openai_batches.routes)
     app.cleanup_ctx.append(_resources)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession()
-    app[openai_chat.CATALOG] = ModelCatalog(session, app[SETTINGS])
+    settings = app[SETTINGS]
+    sources = [
+        ModelSource(e.name, e.base_url, e.api_key, e.patterns)
+        for e in load_endpoints(settings).endpoints  # routed as the workers route calls
+    ]
+    app[openai_chat.CATALOG] = ModelCatalog(session, sources, ttl_s=settings.models_cache_s)
     app[openai_chat.CHAT] = ChatService(app[SERVICE])
+    sweeper = asyncio.create_task(_sweep_batches(app), name="promptq-openai-batch-sweep")
     try:
         yield
     finally:
+        sweeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await sweeper
         await session.close()
+
+
+async def _sweep_batches(app: web.Application) -> None:
+    """Move OpenAI batches along (finalize, expire) even when nobody reads them."""
+    service = app[SERVICE]
+    interval_s = service.settings.reconcile_interval_s
+    batches = OpenAIBatches(service, app[openai_chat.CATALOG])
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if await service.queue.try_lock(SWEEP_LOCK, owner="api", ttl_s=interval_s * 0.9):
+                await batches.sweep()
+        except Exception:  # the database or Redis is away; try again next interval
+            logger.warning("OpenAI batch sweep failed", exc_info=True)

@@ -88,6 +88,15 @@ ROUTES = [
     Route("POST", "/v1/chat/completions", {"model": "fake-small", "messages": []}),
     Route("GET", "/v1/models"),
     Route("GET", "/v1/models/{id}", job_checks=False),
+    Route("POST", "/v1/files"),
+    Route("GET", "/v1/files"),
+    Route("GET", "/v1/files/{id}", job_checks=False),
+    Route("GET", "/v1/files/{id}/content", job_checks=False),
+    Route("DELETE", "/v1/files/{id}", job_checks=False),
+    Route("POST", "/v1/batches", {"input_file_id": "file-x"}),
+    Route("GET", "/v1/batches"),
+    Route("GET", "/v1/batches/{id}", job_checks=False),
+    Route("POST", "/v1/batches/{id}/cancel", job_checks=False),
 ]
 PER_JOB_ROUTES = [r for r in ROUTES if r.per_job]
 #: Prefixes that must never be reachable without a key.

@@ -299,3 +299,20 @@ async def test_twenty_concurrent_plain_aiohttp_posts_all_get_their_own_answer(
         answers = await asyncio.gather(*(ask(http, i) for i in range(20)))
     for i, content in answers:
         assert content == expected_reply("fake-small", user(f"question {i}"))
+
+
+async def test_a_stream_cut_by_the_backend_resumes_on_retry_without_repeating_text(
+    client: openai.AsyncOpenAI, start_worker: WorkerFactory, service: JobService
+) -> None:
+    await start_worker()
+    # The backend sends two chunks, drops the connection, then answers in full on the retry
+    messages = user("[[fake: stream_drop, ok]] cut short then whole")
+    raw = await client.chat.completions.with_raw_response.create(
+        model="fake-small", messages=messages, stream=True
+    )
+    stream = raw.parse()
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert text == expected_reply("fake-small", messages)
+    job = await service.store.get_job(raw.headers[JOB_ID_HEADER])
+    assert job is not None and job.attempts == 2 and job.result == text

@@ -8,15 +8,21 @@ the backlog: arq hands out due jobs in score order and interactive jobs are scor
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from arq.constants import job_key_prefix
+from sqlalchemy import update
 
 from promptq import clock
+from promptq.chat import ChatService
 from promptq.models import Job, JobKind, JobStatus, Priority
+from promptq.openai_schemas import parse_chat_request
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_for
+from worker.reconcile import Reconciler
 
 BULK_JOBS = 2000
 CONCURRENCY = 4
@@ -91,3 +97,32 @@ async def test_an_interactive_request_overtakes_two_thousand_bulk_jobs(
 
 async def _at_least(fake_llm: FakeLLM, calls: int) -> bool:
     return bulk_calls(fake_llm) >= calls
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_reconciler_requeues_a_lost_interactive_job_ahead_of_bulk_work(
+    service: JobService,
+) -> None:
+    # Given an interactive job and a bulk job that SQL says are queued but Redis has lost
+    await queue_bulk_jobs(service, 1)
+    chat = ChatService(service)
+    request = parse_chat_request(
+        {"model": "fake-small", "messages": [{"role": "user", "content": "x"}]}
+    )
+    interactive = await chat.create(request, owner_key_id=None)
+    redis = service.queue.redis
+    await redis.delete(service.queue.queue_name, *await redis.keys(job_key_prefix + "*"))
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(update(Job).values(updated_at=clock.now() - timedelta(minutes=1)))
+
+    # When the reconciler runs, both are queued again, the interactive one scored ahead
+    await Reconciler(service.store, service.queue, marker_ttl_s=60).run_once()
+
+    scores = dict(
+        await service.queue.redis.zrange(service.queue.queue_name, 0, -1, withscores=True)
+    )
+    assert len(scores) == 2
+    now_ms = clock.now().timestamp() * 1000
+    interactive_score = scores.pop(interactive.id.encode())
+    (bulk_score,) = scores.values()
+    assert interactive_score < now_ms - 7 * 24 * 3600 * 1000 < bulk_score
