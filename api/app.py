@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import jobs, stream, uploads
+from api import dashboard, jobs, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.state import SERVICE, SETTINGS
@@ -35,6 +35,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
     app.router.add_routes(stream.routes)
+    dashboard.setup(app)
     return app
 
 

@@ -79,6 +79,7 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
     leases.hold(claim)
     try:
+        await _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
         await _attempt(ctx, claim)
     finally:
         leases.release(claim)
