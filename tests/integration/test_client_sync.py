@@ -131,3 +131,25 @@ async def test_async_stream_and_progress(api: tuple[str, str], start_worker: Wor
         with pytest.raises(NotFound):
             async for _ in pq.stream("01a2aaaa-0000-7000-8000-000000000000"):
                 pass
+
+
+async def test_sync_client_has_the_batch_methods_too(
+    api: tuple[str, str], start_worker: WorkerFactory
+) -> None:
+    """Methods added to the async client (here: batches) work blocking, unchanged."""
+    url, key = api
+    await start_worker()
+    items = [
+        {"kind": "prompt", "custom_id": f"b{i}", "messages": user(f"batch item {i}")}
+        for i in range(3)
+    ]
+
+    def produce() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with Client(url, api_key=key, timeout_s=10) as pq:
+            batch = pq.submit_batch(items, name="sync")
+            done = pq.wait_batch(batch["id"], timeout_s=30, poll_s=0.05)
+            return done, list(pq.batch_results(batch["id"]))
+
+    done, results = await asyncio.to_thread(produce)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 3
+    assert [r["custom_id"] for r in results] == ["b0", "b1", "b2"]
