@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import IO
 
@@ -153,6 +154,7 @@ async def _create_from_stream(
                 raise _too_many_bytes(limit)
             upload.write(chunk)
         upload.seek(0)
+        started = time.perf_counter()
         report: Validation = await asyncio.to_thread(
             validate_jsonl,
             upload,
@@ -162,6 +164,12 @@ async def _create_from_stream(
             models=models,
         )
         report.raise_if_invalid()
+        logger.info(
+            "batch upload: %d bytes, %d item(s) validated in %.2f s",
+            size,
+            report.items,
+            time.perf_counter() - started,
+        )
         return await batches.create(
             _spooled(spool),
             owner_key_id=owner,

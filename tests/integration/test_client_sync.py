@@ -25,6 +25,9 @@ from promptq.sse import ServerEvent
 from promptq.testing.fake_llm import expected_reply
 from tests.conftest import KeyFactory, WorkerFactory
 
+#: The clients don't depend on the database (tests/integration/test_client.py covers both).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
 
 @pytest.fixture
 async def api(settings: Settings, make_key: KeyFactory) -> AsyncIterator[tuple[str, str]]:
@@ -56,6 +59,7 @@ def test_every_async_method_is_there_and_blocking() -> None:
             _ = pq._request
 
 
+@SQLITE_ONLY
 async def test_sync_client_waits_with_progress_then_streams(
     api: tuple[str, str], start_worker: WorkerFactory
 ) -> None:
@@ -110,6 +114,7 @@ async def test_sync_client_waits_with_progress_then_streams(
         await asyncio.to_thread(pq.close)  # idempotent
 
 
+@SQLITE_ONLY
 async def test_async_stream_and_progress(api: tuple[str, str], start_worker: WorkerFactory) -> None:
     url, key = api
     await start_worker()
@@ -131,3 +136,26 @@ async def test_async_stream_and_progress(api: tuple[str, str], start_worker: Wor
         with pytest.raises(NotFound):
             async for _ in pq.stream("01a2aaaa-0000-7000-8000-000000000000"):
                 pass
+
+
+@SQLITE_ONLY
+async def test_sync_client_has_the_batch_methods_too(
+    api: tuple[str, str], start_worker: WorkerFactory
+) -> None:
+    """Methods added to the async client (here: batches) work blocking, unchanged."""
+    url, key = api
+    await start_worker()
+    items = [
+        {"kind": "prompt", "custom_id": f"b{i}", "messages": user(f"batch item {i}")}
+        for i in range(3)
+    ]
+
+    def produce() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with Client(url, api_key=key, timeout_s=10) as pq:
+            batch = pq.submit_batch(items, name="sync")
+            done = pq.wait_batch(batch["id"], timeout_s=30, poll_s=0.05)
+            return done, list(pq.batch_results(batch["id"]))
+
+    done, results = await asyncio.to_thread(produce)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 3
+    assert [r["custom_id"] for r in results] == ["b0", "b1", "b2"]

@@ -93,3 +93,13 @@ def test_console_lines_name_the_job(restore_logging: None) -> None:
     asyncio.run(job())
     line = stream.getvalue().strip()
     assert line.endswith("promptq.test: hello [job=job-c attempt=2]")
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "up"])
+def test_services_take_a_log_format(command: str) -> None:
+    from tests.unit.cli_args import check_promptq_command
+
+    for fmt in ("json", "console", "JSON"):
+        check_promptq_command([command, "--log-format", fmt], "test")
+    with pytest.raises(Exception, match="xml"):
+        check_promptq_command([command, "--log-format", "xml"], "test")
