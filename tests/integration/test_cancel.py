@@ -118,7 +118,7 @@ async def test_lease_renewal_aborts_when_the_message_is_lost(
     job, _ = await service.submit(parse_job_request(prompt(SLOW_ONCE)))
     await fake_llm.wait_for_requests(1)
     # Flag it in SQL only, as if the pub/sub message never arrived.
-    assert await Canceller(service)._request_running([job.id]) == [job.id]
+    assert await Canceller(service)._request_running([job.id]) == [(job.id, 1)]
     await wait_terminal(service.store, [job.id], timeout_s=10)
     assert await job_status(service, job.id) == JobStatus.CANCELLED
 
