@@ -94,6 +94,7 @@ async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     logs.bind_job(job_id, claim.number)
     leases.hold(claim)
     try:
+        await _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
         await _attempt(ctx, claim)
     finally:
         leases.release(claim)
