@@ -18,13 +18,16 @@ from api.dashboard.render import partial_requested, render
 from api.jobs import _choice
 from api.state import SERVICE
 from promptq import clock
-from promptq.errors import InvalidRequest
+from promptq.batches import BatchService
+from promptq.errors import InvalidRequest, NotFound
 from promptq.models import TERMINAL_STATUSES, JobKind, JobStatus
 
 routes = web.RouteTableDef()
 
 #: Jobs on one page of the listing.
 PAGE_SIZE = 50
+#: The newest batches the overview shows.
+BATCHES_SHOWN = 50
 #: Characters of a document shown on a job's page; the rest is in the API and SQL.
 DOCUMENT_PREVIEW_CHARS = 20_000
 RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
@@ -39,9 +42,12 @@ def reader(request: web.Request) -> DashboardReader:
 async def overview(request: web.Request) -> web.Response:
     """Jobs per status, the newest batches with their progress, and the chart."""
     owned_by = principal(request).owner_filter
+    batches = BatchService(request.app[SERVICE])
     context = {
         "counts": await reader(request).status_counts(owned_by=owned_by),
-        "batches": await reader(request).batches(owned_by=owned_by),
+        "batches": await batches.list_batches(
+            limit=BATCHES_SHOWN, before_id=None, owned_by=owned_by
+        ),
     }
     if partial_requested(request):
         return render(request, "_overview.html", context)
@@ -108,8 +114,11 @@ async def batch(request: web.Request) -> web.Response:
     """One batch: its progress, counts per status, and its newest jobs."""
     batch_id = _uuid(request.match_info["id"], "batch", missing_is_404=True)
     owned_by = principal(request).owner_filter
-    view = None if batch_id is None else await reader(request).batch(batch_id, owned_by=owned_by)
-    if view is None:
+    try:
+        if batch_id is None:
+            raise NotFound("not an id")
+        view = await BatchService(request.app[SERVICE]).get(batch_id, owned_by=owned_by)
+    except NotFound:  # also when it is another tenant's: never say which
         what = f"batch {request.match_info['id'][:64]}"
         return render(request, "not_found.html", {"what": what}, status=404)
     rows = await reader(request).jobs(
@@ -119,7 +128,7 @@ async def batch(request: web.Request) -> web.Response:
         "batch": view,
         "jobs": rows[:PAGE_SIZE],
         "more_jobs": len(rows) > PAGE_SIZE,
-        "can_cancel": view.finished < view.total,
+        "can_cancel": view.counts.active > 0,
     }
     if partial_requested(request):
         return render(request, "_batch.html", context)

@@ -1,20 +1,23 @@
-"""The dashboard's reads: batches with counts per status, filtered job listings, chart buckets.
+"""The dashboard's reads: jobs per status, filtered job listings, chart buckets.
+
+(Batches with their counts come from promptq.batches.BatchService, as in the batch routes.)
 
 Every read takes `owned_by` (a key id, or None for admins) so a tenant sees only its own rows.
-Listings select the columns a table shows, never a job's input or result.
+Listings select the columns a table shows, never a job's input or result (a summarize job's
+input holds its whole document), which is why they don't use JobStore.list_jobs.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, ColumnElement, Integer, cast, extract, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from promptq.models import TERMINAL_STATUSES, Batch, Job, JobAttempt, JobStatus
+from promptq.models import TERMINAL_STATUSES, Job, JobAttempt, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -26,34 +29,6 @@ CHART_WINDOWS_S: dict[str, tuple[int, int]] = {
     "24h": (24 * 3600, 24 * 60),
 }
 STATUSES = [s.value for s in JobStatus]
-
-
-@dataclass(frozen=True, slots=True)
-class BatchView:
-    """A batch with its jobs counted per status (computed, never stored)."""
-
-    id: str
-    name: str | None
-    api: str
-    status: str
-    job_count: int
-    created_at: datetime
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        """Jobs in the batch: those counted, or the number accepted if none are visible yet."""
-        return sum(self.counts.values()) or self.job_count
-
-    @property
-    def finished(self) -> int:
-        """Jobs that will not run again."""
-        return sum(n for status, n in self.counts.items() if status in TERMINAL_STATUSES)
-
-    @property
-    def percent(self) -> int:
-        """Finished jobs as a whole percentage of the total."""
-        return (100 * self.finished) // self.total if self.total else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,28 +81,6 @@ class DashboardReader:
             for status, count in await session.execute(query):
                 counts[status] = int(count)
         return counts
-
-    async def batches(self, *, owned_by: str | None, limit: int = 50) -> list[BatchView]:
-        """The newest batches with their counts per status."""
-        query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
-        async with self._sessionmaker() as session:
-            rows = list((await session.execute(query)).scalars())
-            counts = await _batch_counts(session, [b.id for b in rows])
-        return [_batch_view(b, counts.get(b.id, {})) for b in rows]
-
-    async def batch(self, batch_id: str, *, owned_by: str | None) -> BatchView | None:
-        """One batch with its counts, or None (also when it is not the caller's)."""
-        query = select(Batch).where(Batch.id == batch_id)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
-        async with self._sessionmaker() as session:
-            row = (await session.execute(query)).scalar_one_or_none()
-            if row is None:
-                return None
-            counts = await _batch_counts(session, [row.id])
-        return _batch_view(row, counts.get(row.id, {}))
 
     async def jobs(
         self,
@@ -233,29 +186,3 @@ def _bucket(column: Any, bucket_s: int, dialect: str) -> ColumnElement[int]:
     else:
         epoch = cast(func.floor(extract("epoch", column)), BigInteger)
     return epoch - epoch % bucket_s
-
-
-async def _batch_counts(session: AsyncSession, batch_ids: list[str]) -> dict[str, dict[str, int]]:
-    if not batch_ids:
-        return {}
-    query = (
-        select(Job.batch_id, Job.status, func.count())
-        .where(Job.batch_id.in_(batch_ids))
-        .group_by(Job.batch_id, Job.status)
-    )
-    counts: dict[str, dict[str, int]] = {}
-    for batch_id, status, count in await session.execute(query):
-        counts.setdefault(str(batch_id), {})[status] = int(count)
-    return counts
-
-
-def _batch_view(batch: Batch, counts: dict[str, int]) -> BatchView:
-    return BatchView(
-        id=batch.id,
-        name=batch.name,
-        api=batch.api,
-        status=batch.status,
-        job_count=batch.job_count,
-        created_at=batch.created_at,
-        counts=counts,
-    )

@@ -159,3 +159,48 @@ async def test_retry_a_failed_job_from_its_page(
     await assert_not_reloaded(page)
     row = await service.store.get_job(job_id)
     assert row is not None and row.status == "succeeded" and row.attempts == 2
+
+
+async def test_cancel_a_running_job_then_retry_it_from_the_list(
+    page: Page, start_api: ApiStarter, start_worker: WorkerFactory
+) -> None:
+    # Given the job list showing a job whose model call never returns
+    api = await start_api(auth_disabled=True)
+    job_id = await submit(api, "never answered [[fake: hang]]")
+    await start_worker()
+    await page.goto(url(api, "/jobs"))
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    await expect(row).to_have_attribute("data-status", "running")
+    await mark_page(page)
+
+    # When Cancel is clicked, then the worker aborts it and the row says cancelled
+    await row.locator("button[data-action=cancel]").click()
+    await expect(row).to_have_attribute("data-status", "cancelled")
+
+    # And when Retry is clicked, it runs again
+    await row.locator("button[data-action=retry]").click()
+    await expect(row).to_have_attribute("data-status", "running")
+    await expect(row.locator("td", has_text="2/")).to_have_count(1)
+    await assert_not_reloaded(page)
+
+
+async def test_cancel_a_batch_from_the_overview(page: Page, start_api: ApiStarter) -> None:
+    # Given a batch of three queued jobs (no worker runs)
+    api = await start_api(auth_disabled=True)
+    jobs = [
+        {"kind": "prompt", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)
+    ]
+    async with api.post("/api/batches", json={"name": "to-cancel", "jobs": jobs}) as response:
+        assert response.status == 201, await response.text()
+        batch_id = (await response.json())["id"]
+    await page.goto(url(api, "/"))
+    row = page.locator(f'tr[data-batch-id="{batch_id}"]')
+    await expect(row.locator(".progress-text")).to_have_text("0/3 (0%)")
+    await mark_page(page)
+
+    # When its Cancel is clicked, then all three are cancelled and the batch is finished
+    await row.locator("button[data-action=cancel-batch]").click()
+    await expect(row.locator('[data-count="cancelled"]')).to_have_text("cancelled 3")
+    await expect(row.locator(".progress-text")).to_have_text("3/3 (100%)")
+    await expect(row.locator("button[data-action=cancel-batch]")).to_have_count(0)
+    await assert_not_reloaded(page)

@@ -25,6 +25,7 @@ from promptq.models import Batch, Job, JobStatus
 from promptq.service import JobService, parse_job_request
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_terminal
+from tests.summaries import generate_document
 
 Client = TestClient[web.Request, web.Application]
 
@@ -398,3 +399,25 @@ async def test_the_cli_s_jobs_show_for_the_local_operator(
     api = await start_api(auth_disabled=True)
     status, html = await page(api, "/jobs")
     assert status == 200 and listed_ids(html) == {job.id}
+
+
+async def test_a_summarize_jobs_page_lists_its_chunks(
+    start_api: ApiStarter, start_worker: WorkerFactory, service: JobService
+) -> None:
+    # Given a document too long for one call, summarized through map and reduce calls
+    api = await start_api(auth_disabled=True)
+    body = {"kind": "summarize", "document": generate_document(3_000), "context_window": 1024}
+    async with api.post("/api/jobs", json=body) as response:
+        assert response.status == 202, await response.text()
+        job_id = (await response.json())["id"]
+    await start_worker()
+    await wait_terminal(service.store, [job_id], timeout_s=60)
+
+    # Then its page lists every chunk the job planned, map calls and reduce calls
+    chunks = await service.checkpoints.list_chunks(job_id)
+    assert len(chunks) > 2 and {c.level for c in chunks} >= {0, 1}
+    status, html = await page(api, f"/jobs/{job_id}")
+    assert status == 200 and 'data-status="succeeded"' in html
+    rows = re.findall(r'data-chunk="(\d+)-(\d+)"', html)
+    assert sorted(rows) == sorted((str(c.level), str(c.chunk_index)) for c in chunks)
+    assert "(map)" in html and "(reduce)" in html

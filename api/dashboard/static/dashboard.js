@@ -4,13 +4,14 @@
 "use strict";
 
 (function () {
-  const REFRESH_MIN_MS = 400; // at most ~2 re-renders a second, however many jobs change
   const CHART_REFRESH_MS = 10000;
   const live = document.getElementById("live");
   const csrfHeader = document.body.dataset.csrfHeader || "X-PromptQ-CSRF";
   let refreshing = false;
   let pending = false;
   let lastRefresh = 0;
+  // Re-render at most this often however many jobs change (the page sets it: its queries' cost)
+  const refreshMinMs = live ? Number(live.dataset.refreshMs || 400) : 0;
 
   function flash(message) {
     const box = document.getElementById("flash");
@@ -25,7 +26,7 @@
       pending = true;
       return;
     }
-    const wait = lastRefresh + REFRESH_MIN_MS - Date.now();
+    const wait = lastRefresh + refreshMinMs - Date.now();
     if (wait > 0) {
       refreshing = true;
       await new Promise((resolve) => setTimeout(resolve, wait));
