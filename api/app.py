@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from api import batches, cancel, jobs, openapi, stream, uploads
+from api import batches, cancel, dashboard, jobs, openai_api, openapi, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.metrics import setup_metrics
@@ -41,6 +41,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(stream.routes)
     app.router.add_routes(batches.routes)
     app.router.add_routes(cancel.routes)
+    dashboard.setup(app)
+    openai_api.setup(app)  # /v1: the OpenAI-compatible API
     openapi.setup(app, title="promptq", version=__version__)
     return app
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -39,7 +40,6 @@ from promptq.batch_schemas import (
 from promptq.bulk_queue import enqueue_many
 from promptq.errors import IdempotencyConflict, NotFound, ServiceUnavailable
 from promptq.models import (
-    TERMINAL_STATUSES,
     Batch,
     BatchStatus,
     Job,
@@ -533,11 +533,6 @@ def prompt_preview(job_input: dict[str, Any]) -> str:
     return text
 
 
-def is_finished(status: str) -> bool:
-    """True for a job status that never changes again."""
-    return status in TERMINAL_STATUSES
-
-
 async def _chunks(
     items: Iterable[ItemSpec] | AsyncIterable[ItemSpec], size: int
 ) -> AsyncIterator[list[ItemSpec]]:
@@ -591,6 +586,7 @@ _ROW_KEYS = (
     "attempt_budget", "deadline_s", "deadline_at", "idempotency_key", "owner_key_id",
     "batch_id", "batch_index", "custom_id", "priority", "created_at", "updated_at",
 )  # fmt: skip
+_ROW_VALUES = itemgetter(*_ROW_KEYS)
 _PG_INSERT = (
     f"INSERT INTO jobs ({', '.join(k.removesuffix('_json') for k in _ROW_KEYS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_ROW_KEYS) + 1))})"
@@ -607,7 +603,7 @@ async def _insert(conn: AsyncConnection, statement: Any, rows: list[dict[str, An
     goes through the compiled Core statement, whose types store datetimes its own way.
     """
     if conn.dialect.name == "postgresql":
-        await conn.exec_driver_sql(_PG_INSERT, [tuple(row[k] for k in _ROW_KEYS) for row in rows])
+        await conn.exec_driver_sql(_PG_INSERT, [_ROW_VALUES(row) for row in rows])
     else:
         await conn.execute(statement, rows)
 

@@ -130,6 +130,10 @@ async def test_jsonl_batch_runs_in_order_with_counts_and_usage(
         assert line["result"] == expected_reply("fake-small", items[i]["messages"])
         assert line["latency_ms"] is not None and line["prompt_tokens"] > 0
 
+    async with admin.get(f"/api/jobs/{lines[5]['job_id']}") as response:
+        job = await response.json()
+    assert (job["batch_id"], job["batch_index"], job["custom_id"]) == (created["id"], 5, "c-5")
+
     async with admin.get(f"/api/batches/{created['id']}/results?format=csv") as response:
         assert response.headers["Content-Type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(await response.text())))

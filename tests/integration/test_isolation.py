@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import ApiClient, ApiStarter, KeyFactory, bearer
@@ -31,6 +33,8 @@ class ObjectRoute:
     path: str
     #: Status the owner (or an admin) gets for a fresh object; several are fine for POSTs.
     owner_statuses: tuple[int, ...] = (200,)
+    #: The owner's call removes the object: each owner call gets a fresh one.
+    destructive: bool = False
 
     def url(self, object_id: str) -> str:
         """The path with the id filled in."""
@@ -47,11 +51,31 @@ OBJECT_ROUTES = [
     ObjectRoute("batch", "GET", "/api/batches/{id}/results"),
     ObjectRoute("batch", "GET", "/api/batches/{id}/compare"),
     ObjectRoute("batch", "POST", "/api/batches/{id}/cancel", (200, 202, 409)),
+    ObjectRoute("file", "GET", "/v1/files/{id}"),
+    ObjectRoute("file", "GET", "/v1/files/{id}/content"),
+    ObjectRoute("file", "DELETE", "/v1/files/{id}", destructive=True),
+    ObjectRoute("v1batch", "GET", "/v1/batches/{id}"),
+    ObjectRoute("v1batch", "POST", "/v1/batches/{id}/cancel", (200, 409)),
+    # The dashboard's pages (a browser sends the key as a cookie; a header works as well)
+    ObjectRoute("job", "GET", "/jobs/{id}"),
+    ObjectRoute("batch", "GET", "/batches/{id}"),
 ]
 #: Listing routes, and the key under which each lists its objects.
-LISTINGS = {"/api/jobs": ("job", "jobs"), "/api/batches": ("batch", "batches")}
+LISTINGS = {
+    "/api/jobs": ("job", "jobs"),
+    "/api/batches": ("batch", "batches"),
+    "/v1/files": ("file", "data"),
+    "/v1/batches": ("v1batch", "data"),
+}
 #: Routes with a path parameter that is not an owned object.
-NOT_OWNED: set[tuple[str, str]] = set()
+NOT_OWNED = {("GET", "/v1/models/{id}")}
+#: Where each kind of object is read by its id.
+READ_URLS = {
+    "job": "/api/jobs/{id}",
+    "batch": "/api/batches/{id}",
+    "file": "/v1/files/{id}",
+    "v1batch": "/v1/batches/{id}",
+}
 
 
 def prompt(content: str) -> dict[str, Any]:
@@ -77,7 +101,40 @@ async def create_batch(api: ApiClient, key: str) -> str:
         return str((await r.json())["id"])
 
 
-CREATORS: dict[str, Creator] = {"job": create_job, "batch": create_batch}
+async def create_file(api: ApiClient, key: str) -> str:
+    """An OpenAI batch input file owned by `key`."""
+    line = {
+        "custom_id": "a-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "fake-small", "messages": prompt("a's secret line")["messages"]},
+    }
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", orjson.dumps(line) + b"\n", filename="secret.jsonl")
+    async with api.post("/v1/files", data=form, headers=bearer(key)) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["id"])
+
+
+async def create_v1_batch(api: ApiClient, key: str) -> str:
+    """An OpenAI batch owned by `key`."""
+    body = {
+        "input_file_id": await create_file(api, key),
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    async with api.post("/v1/batches", json=body, headers=bearer(key)) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["id"])
+
+
+CREATORS: dict[str, Creator] = {
+    "job": create_job,
+    "batch": create_batch,
+    "file": create_file,
+    "v1batch": create_v1_batch,
+}
 
 
 async def call(api: ApiClient, method: str, url: str, key: str) -> tuple[int, str]:
@@ -92,7 +149,7 @@ async def state(api: ApiClient, url: str, key: str) -> tuple[str, str | None]:
     async with api.get(url, headers=bearer(key)) as response:
         assert response.status == 200, await response.text()
         body = await response.json()
-        return body["status"], body.get("cancelled_at")
+        return body.get("status"), body.get("cancelled_at")
 
 
 @pytest.fixture
@@ -110,8 +167,7 @@ async def test_another_tenants_object_is_404_and_untouched(
     admin = await make_key("admin", admin=True)
     object_id = await CREATORS[route.kind](api, tenant_a)
     missing_id = str(uuid.uuid4())
-    kind_url = f"/api/{route.kind}es/{object_id}" if route.kind == "batch" else None
-    kind_url = kind_url or f"/api/{route.kind}s/{object_id}"
+    kind_url = READ_URLS[route.kind].replace("{id}", object_id)
     before = await state(api, kind_url, tenant_a)
 
     # When B calls the route with A's id, then 404 exactly as for an id that does not exist
@@ -126,6 +182,8 @@ async def test_another_tenants_object_is_404_and_untouched(
 
     # And A and the admin do get it
     for key in (admin, tenant_a):
+        if route.destructive and key == tenant_a:
+            object_id = await CREATORS[route.kind](api, tenant_a)
         status, body = await call(api, route.method, route.url(object_id), key)
         assert status in route.owner_statuses, (status, body)
 
@@ -187,4 +245,4 @@ async def test_every_route_with_an_id_is_in_the_table(api: ApiClient) -> None:
 
 
 #: GET routes without an id that list nothing owned.
-NOT_LISTINGS: set[str] = set()
+NOT_LISTINGS = {"/v1/models"}

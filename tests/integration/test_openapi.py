@@ -74,4 +74,6 @@ async def test_every_operation_says_how_it_authenticates_and_how_it_fails(
                     schema = response["content"]["application/json"]["schema"]
                     if path.startswith("/api/"):  # /v1 answers in OpenAI's error shape
                         assert schema == error_ref, where
-            assert not any(status.startswith("5") and status != "503" for status in statuses)
+            # 503 (a backing service is down) and, for a chat completion, 502/504 (the job
+            # failed or is still running) are answers; a 500 never is
+            assert "500" not in statuses, where
