@@ -38,7 +38,7 @@ CHECKS = ",".join(
     ]
 )
 #: Generated requests per operation and phase; enough to hit every boundary, quick to run.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 15
 RUN_TIMEOUT_S = 240
 
 
