@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import jobs, stream, uploads
+from api import batches, cancel, dashboard, jobs, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
+from api.metrics import setup_metrics
 from api.state import SERVICE, SETTINGS
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ServiceUnavailable
@@ -32,9 +33,13 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
+    setup_metrics(app, settings)
     app.router.add_routes(uploads.routes)
     app.router.add_routes(jobs.routes)
     app.router.add_routes(stream.routes)
+    app.router.add_routes(batches.routes)
+    app.router.add_routes(cancel.routes)
+    dashboard.setup(app)
     return app
 
 

@@ -64,10 +64,13 @@ async def create_job(request: web.Request) -> web.Response:
 
 @routes.get("/api/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    """Newest first, filtered by `status` and `kind`, paginated by `limit` and `cursor`."""
+    """Newest first, filtered by `status`, `kind`, `batch_id` and `model`, paginated by `limit`
+    and `cursor`."""
     query = request.query
     status = _choice(query.get("status"), "status", [s.value for s in JobStatus])
     kind = _choice(query.get("kind"), "kind", [k.value for k in JobKind])
+    batch_id = _batch_filter(query.get("batch_id") or None)
+    model = query.get("model") or None
     limit = _limit(query.get("limit"))
     cursor = query.get("cursor") or None
     if cursor is not None:
@@ -79,6 +82,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit=limit + 1,
         before_id=cursor,
         owned_by=principal(request).owner_filter,
+        batch_id=batch_id,
+        model=model,
     )
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
@@ -140,6 +145,15 @@ def _job_id(value: str, *, what: str = "job id") -> str:
         raise InvalidRequest(
             f"{what} {value[:64]!r} is not valid; pass next_cursor back as is"
         ) from None
+
+
+def _batch_filter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidRequest(f"batch_id {value[:64]!r} is not a batch id") from None
 
 
 def _choice(value: str | None, name: str, allowed: list[str]) -> str | None:

@@ -17,8 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from promptq.cli_batch import batch_app, cancel_job
+from promptq.cli_endpoints import show_endpoints
+from promptq.cli_observe import LogFormatOption, check_worker
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import InvalidRequest, NotFound, PromptQError
+from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError
 from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
@@ -33,20 +36,23 @@ keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(submit_app, name="submit")
 app.add_typer(keys_app, name="keys")
+app.add_typer(batch_app, name="batch")
+app.command("cancel")(cancel_job)
+app.command("endpoints")(show_endpoints)
 
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
 
 
-def load_settings() -> Settings:
+def load_settings(log_format: str | None = None) -> Settings:
     """Settings from the environment, with logging configured from them."""
+    from promptq.logs import configure_logging
+
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    if log_format is not None:
+        settings = settings.with_overrides(log_format=log_format)
+    configure_logging(settings)
     return settings
 
 
@@ -209,13 +215,14 @@ def _when(moment: datetime | None) -> str:
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
-    """Serve the HTTP API until Ctrl-C / SIGTERM."""
+    """Serve the HTTP API (and its Prometheus /metrics) until Ctrl-C / SIGTERM."""
     from aiohttp import web
 
     from api.app import create_app
 
-    settings = load_settings()
+    settings = load_settings(log_format)
     web.run_app(
         create_app(settings),
         host=host or settings.api_host,
@@ -238,6 +245,23 @@ def worker(
             help="On SIGTERM, seconds in-flight jobs may finish [env PROMPTQ_WORKER_GRACE_S].",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics on this port [env PROMPTQ_WORKER_METRICS_PORT].",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Don't run a worker: exit 0 if a worker on this host has a fresh heartbeat, "
+            "else 1 (for health probes).",
+        ),
+    ] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run a worker daemon until Ctrl-C / SIGTERM.
 
@@ -247,15 +271,24 @@ def worker(
     """
     from worker.app import create_worker
 
-    settings = load_settings()
+    settings = load_settings(log_format)
+    if check:
+        check_worker(settings)
     overrides: dict[str, Any] = {}
     if concurrency is not None:
         overrides["worker_concurrency"] = concurrency
     if grace_s is not None:
         overrides["worker_grace_s"] = grace_s
+    if metrics_port is not None:
+        overrides["worker_metrics_port"] = metrics_port
     if overrides:
         settings = settings.with_overrides(**overrides)
-    create_worker(settings, burst=burst).run()
+    try:
+        worker = create_worker(settings, burst=burst)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    worker.run()
 
 
 @app.command()
@@ -281,11 +314,11 @@ def demo(
 
 
 @app.command()
-def up() -> None:
+def up(log_format: LogFormatOption = None) -> None:
     """Start Redis (if needed), the API and a worker on embedded defaults, and keep serving."""
     from promptq.demo import serve_forever
 
-    settings = load_settings()
+    settings = load_settings(log_format)
     explicit = "llm_base_url" in settings.model_fields_set
     with suppress(KeyboardInterrupt):
         raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))
@@ -401,9 +434,22 @@ def submit_summarize(
         for document in documents
     ]
     labels = [document.filename for document in documents]
+    # "Each file is a job, and a folder or glob becomes a batch" (so do several files).
+    batch_name = " ".join(paths)[:255] if len(documents) > 1 or _names_many(paths) else None
     _submit_and_report(
-        bodies, wait=wait, timeout_s=timeout_s, labels=labels, settings=settings, progress=True
+        bodies,
+        wait=wait,
+        timeout_s=timeout_s,
+        labels=labels,
+        settings=settings,
+        progress=True,
+        batch_name=batch_name,
     )
+
+
+def _names_many(paths: list[str]) -> bool:
+    """True if an argument is a folder or a glob (which name a batch even of one file)."""
+    return any(Path(p).is_dir() or (not Path(p).exists() and set("*?[") & set(p)) for p in paths)
 
 
 def _submit_and_report(
@@ -414,6 +460,7 @@ def _submit_and_report(
     labels: list[str] | None = None,
     settings: Settings | None = None,
     progress: bool = False,
+    batch_name: str | None = None,
 ) -> None:
     settings = settings or load_settings()
     try:
@@ -425,7 +472,10 @@ def _submit_and_report(
 
     async def go() -> list[Job]:
         async with open_service(settings) as service:
-            jobs = [job for job, _ in await service.submit_all(specs)]
+            if batch_name is not None:
+                jobs = await _submit_batch(service, specs, batch_name)
+            else:
+                jobs = [job for job, _ in await service.submit_all(specs)]
             if not wait:
                 return jobs
             ids = [j.id for j in jobs]
@@ -448,6 +498,19 @@ def _submit_and_report(
         _print_outcome(job)
     if wait and any(job.status != JobStatus.SUCCEEDED for job in jobs):
         raise typer.Exit(1)
+
+
+async def _submit_batch(service: JobService, specs: list[Any], name: str) -> list[Job]:
+    """Submit the requests as one batch; its jobs in order."""
+    from promptq.batches import BatchService
+    from promptq.cli_batch import item_specs
+
+    batches = BatchService(service)
+    created = await batches.create(item_specs(specs), owner_key_id=None, name=name)
+    err_console.print(f"batch {created.batch.id}: {created.created} job(s)", highlight=False)
+    ids = [job_id async for job_id in batches.job_ids(created.batch.id)]
+    jobs = [await service.store.get_job(job_id) for job_id in ids]
+    return [job for job in jobs if job is not None]
 
 
 async def _wait_all(store: JobStore, job_ids: list[str], timeout_s: float) -> list[Job]:
@@ -557,14 +620,18 @@ def retry(
         str | None,
         typer.Option(help="Instead of ids: every job in this status (failed/cancelled)."),
     ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(help="Instead of ids: the failed and cancelled jobs of this batch."),
+    ] = None,
 ) -> None:
     """Run failed or cancelled jobs again, each with a fresh attempt budget.
 
     Their earlier attempts are kept; new attempts continue the numbering.
     """
     settings = load_settings()
-    if bool(job_ids) == (status is not None):
-        err_console.print("[red]error:[/red] give job ids or --status, not both or neither")
+    if bool(job_ids) == (status is not None or batch is not None):
+        err_console.print("[red]error:[/red] give job ids or --status/--batch, not both or neither")
         raise typer.Exit(2)
     if status is not None and status not in RETRYABLE:
         err_console.print(f"[red]error:[/red] --status must be one of {', '.join(RETRYABLE)}")
@@ -572,6 +639,10 @@ def retry(
 
     async def go() -> tuple[list[str], list[str]]:
         async with open_service(settings) as service:
+            if batch is not None:
+                from promptq.cli_batch import retry_batch
+
+                return await retry_batch(service, batch, status), []
             if status is None:
                 ids = list(dict.fromkeys(job_ids or []))
                 requeued = await service.retry(ids)

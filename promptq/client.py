@@ -8,22 +8,28 @@ async with PromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+import orjson
 
 from promptq.errors import (
+    BatchTooLarge,
     IdempotencyConflict,
+    InvalidBatch,
     InvalidRequest,
     JobNotRetryable,
+    NotCancellable,
     NotFound,
     PromptQError,
     ServiceUnavailable,
     Unauthorized,
 )
+from promptq.sse import ServerEvent, parse_events
 
 #: Statuses after which a job never changes again.
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -42,9 +48,14 @@ _BY_STATUS: dict[int, type[PromptQError]] = {
 _BY_CODE: dict[str, type[PromptQError]] = {
     IdempotencyConflict.code: IdempotencyConflict,
     JobNotRetryable.code: JobNotRetryable,
+    NotCancellable.code: NotCancellable,
+    BatchTooLarge.code: BatchTooLarge,
+    InvalidBatch.code: InvalidBatch,
 }
 
 Job = dict[str, Any]
+#: Called by `wait` with the job whenever its status, attempts or progress change.
+ProgressCallback = Callable[[Job], Awaitable[None] | None]
 
 
 class PromptQClient:
@@ -175,34 +186,196 @@ class PromptQClient:
             if cursor is None:
                 return
 
-    async def wait(self, job_id: str, *, timeout_s: float = 300.0, poll_s: float = 0.2) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s."""
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float = 300.0,
+        poll_s: float = 0.2,
+        progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; TimeoutError after timeout_s.
+
+        `progress(job)` (a function or a coroutine function) is called with the job first, and
+        again whenever its status, attempts or progress change, the final state included.
+        """
         deadline = time.monotonic() + timeout_s
+        seen: tuple[Any, ...] | None = None
         while True:
             job = await self.get(job_id)
+            if progress is not None and seen != (seen := _change_key(job)):
+                called = progress(job)
+                if inspect.isawaitable(called):
+                    await called
             if job["status"] in TERMINAL:
                 return job
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
             await asyncio.sleep(poll_s)
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    # -- batches (see the README's "Batches" section) ------------------------------------
+
+    async def submit_batch(
+        self,
+        jobs: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]],
+        *,
+        name: str | None = None,
+        models: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Submit job requests (each may carry a `custom_id`) as one batch, streamed as JSONL
+        so that a large iterable is never held in memory. An invalid item raises InvalidBatch
+        (its `lines` say which) and creates nothing."""
+        params = [("name", name)] if name else []
+        params += [("model", str(model)) for model in models or ()]
+        batch: dict[str, Any] = await self._request(
+            "POST",
+            "/api/batches",
+            params=params,
+            data=_jsonl(jobs),
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        return batch
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """One batch: status, counts per status, progress and token usage."""
+        batch: dict[str, Any] = await self._request("GET", f"/api/batches/{batch_id}")
+        return batch
+
+    async def list_batches(self, *, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+        """One page: `{"batches": [...], "next_cursor": str | None}`, newest first."""
+        params = {"limit": str(limit)} | ({"cursor": cursor} if cursor else {})
+        page: dict[str, Any] = await self._request("GET", "/api/batches", params=params)
+        return page
+
+    async def wait_batch(
+        self, batch_id: str, *, timeout_s: float = 3600.0, poll_s: float = 1.0
+    ) -> dict[str, Any]:
+        """Poll until every job of the batch has finished; TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batch = await self.get_batch(batch_id)
+            if batch["status"] not in ("validating", "in_progress", "finalizing", "cancelling"):
+                return batch
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"batch {batch_id} still {batch['status']} after {timeout_s:g} s"
+                )
+            await asyncio.sleep(poll_s)
+
+    async def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Each job's outcome, in submission order, streamed (one dict per job)."""
+        session = self._open()
+        path = f"/api/batches/{batch_id}/results"
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
+        async with session.get(self.base_url + path, headers=self._headers, timeout=timeout) as r:
+            if r.status >= 400:
+                raise _error(r.status, await _json(r), path)
+            async for line in r.content:
+                if line.strip():
+                    yield orjson.loads(line)
+
+    async def compare(
+        self, batch_id: str, *, limit: int = 50, cursor: int | None = None
+    ) -> dict[str, Any]:
+        """A page of a comparison batch: each item with every model's answer side by side."""
+        params = {"limit": str(limit)} | ({"cursor": str(cursor)} if cursor is not None else {})
+        page: dict[str, Any] = await self._request(
+            "GET", f"/api/batches/{batch_id}/compare", params=params
+        )
+        return page
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job (a running one is aborted); NotCancellable if it had finished."""
+        job: Job = await self._request("POST", f"/api/jobs/{job_id}/cancel")
+        return job
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Cancel a batch's unfinished jobs; finished ones keep their results."""
+        batch: dict[str, Any] = await self._request("POST", f"/api/batches/{batch_id}/cancel")
+        return batch
+
+    async def stream(
+        self, job_id: str, *, timeout_s: float | None = None
+    ) -> AsyncIterator[ServerEvent]:
+        """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
+        ends after the terminal `status` event, whose data carries the `result`."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        async with self._session.request(
-            method, self.base_url + path, headers=self._headers, timeout=self._timeout, **kwargs
+        path = f"/api/jobs/{job_id}/stream"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.total)
+        async with self._session.get(
+            self.base_url + path, headers=self._headers, timeout=timeout
         ) as response:
-            try:
-                data = await response.json(content_type=None)
-            except ValueError:
-                data = None
             if response.status >= 400:
-                error = data.get("error") if isinstance(data, dict) else None
-                error = error if isinstance(error, dict) else {}
-                message = error.get("message") or f"HTTP {response.status} from {path}"
-                kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(response.status)
-                raise (kind or PromptQError)(message)
+                raise _error(response.status, await _json(response), path)
+            async for event in parse_events(response.content):
+                yield event
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        session = self._open()
+        async with session.request(
+            method,
+            self.base_url + path,
+            headers=self._headers | (headers or {}),
+            timeout=self._timeout,
+            **kwargs,
+        ) as response:
+            data = await _json(response)
+            if response.status >= 400:
+                raise _error(response.status, data, path)
             return data
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _error(status: int, data: Any, path: str) -> PromptQError:
+    """The exception for an API error answer (`{"error": {"code", "message"}}`)."""
+    error = data.get("error") if isinstance(data, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message") or f"HTTP {status} from {path}"
+    kind = _BY_CODE.get(str(error.get("code"))) or _BY_STATUS.get(status)
+    if kind is InvalidBatch:
+        lines = error.get("lines")
+        return InvalidBatch(message, lines=lines if isinstance(lines, list) else [])
+    return (kind or PromptQError)(message)
+
+
+def _change_key(job: Job) -> tuple[Any, ...]:
+    """What `wait(progress=...)` reports a change of."""
+    return (job.get("status"), job.get("attempts"), repr(job.get("progress")))
+
+
+async def _jsonl(
+    jobs: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """The jobs as JSONL, about 256 KB per chunk."""
+    buffer = bytearray()
+    if isinstance(jobs, AsyncIterable):
+        async for job in jobs:
+            buffer += orjson.dumps(job) + b"\n"
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+    else:
+        for job in jobs:
+            buffer += orjson.dumps(job) + b"\n"
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
 
 def _with_options(

@@ -4,12 +4,16 @@ PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
 │   ├── IdempotencyConflict same idempotency_key, different request (409)
 │   ├── DocumentTooLarge    a document over PROMPTQ_MAX_DOCUMENT_BYTES (413)
+│   ├── BatchTooLarge       a batch over PROMPTQ_BATCH_MAX_ITEMS / _BYTES (413)
+│   ├── InvalidBatch        a batch with invalid items, listed per line (422)
 │   └── UnsupportedDocument a file type promptq cannot read, or a file it cannot parse (422)
 ├── Unauthorized            missing, invalid or revoked API key (401)
 ├── NotFound                no such job, or not yours (404)
 ├── JobNotRetryable         only failed or cancelled jobs can be retried (409)
+├── NotCancellable          a finished job or batch cannot be cancelled (409)
 ├── ServiceUnavailable      Redis or the database is unreachable (503)
 ├── ClaimLost               a worker's attempt was overtaken (job cancelled or reclaimed)
+├── ConfigError             a configuration file or variable is invalid (CLI exit 1)
 └── LLMError                a call to the model endpoint failed
     ├── TransientLLMError   worth retrying: 408/409/429/5xx, timeouts, bad bodies
     │   └── PromptTruncated the model evidently saw only part of the prompt
@@ -66,6 +70,25 @@ class UnsupportedDocument(InvalidRequest):
     http_status = 422
 
 
+class BatchTooLarge(InvalidRequest):
+    """The batch has more items, or more bytes, than this server accepts."""
+
+    code = "batch_too_large"
+    http_status = 413
+
+
+class InvalidBatch(InvalidRequest):
+    """Some items of the batch are invalid; nothing was created."""
+
+    code = "invalid_batch"
+    http_status = 422
+
+    def __init__(self, message: str, *, lines: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        #: `{"line": n, "message": ...}` for the first invalid items (1-based line numbers).
+        self.lines = lines or []
+
+
 class Unauthorized(PromptQError):
     """A valid API key is required: send `Authorization: Bearer <key>`."""
 
@@ -87,6 +110,13 @@ class JobNotRetryable(PromptQError):
     http_status = 409
 
 
+class NotCancellable(PromptQError):
+    """Only queued, retrying or running jobs (and unfinished batches) can be cancelled."""
+
+    code = "not_cancellable"
+    http_status = 409
+
+
 class ServiceUnavailable(PromptQError):
     """A backing service (Redis or the database) is unreachable; try again shortly."""
 
@@ -99,6 +129,13 @@ class ClaimLost(PromptQError):
 
     code = "claim_lost"
     http_status = 409
+
+
+class ConfigError(PromptQError):
+    """The configuration is invalid; the message names the file or variable and the field."""
+
+    code = "config_error"
+    http_status = 500
 
 
 class LLMError(PromptQError):

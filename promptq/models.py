@@ -83,6 +83,8 @@ class AttemptOutcome(enum.StrEnum):
     TRANSIENT_ERROR = "transient_error"
     PERMANENT_ERROR = "permanent_error"
     INTERRUPTED = "interrupted"
+    #: Aborted because someone cancelled the job while this attempt ran.
+    CANCELLED = "cancelled"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -143,6 +143,12 @@ class JobOut(BaseModel):
     next_attempt_at: datetime | None
     #: Summarize jobs only; None for other kinds.
     progress: Progress | None = None
+    #: The batch the job belongs to, its position there and the caller's id for it.
+    batch_id: str | None = None
+    batch_index: int | None = None
+    custom_id: str | None = None
+    #: When a cancel was asked for while the job ran (it is `cancelled` once its worker stops).
+    cancel_requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, job: Job, progress: Progress | None = None) -> JobOut:
@@ -168,6 +174,10 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             next_attempt_at=job.next_attempt_at,
             progress=progress,
+            batch_id=job.batch_id,
+            batch_index=job.batch_index,
+            custom_id=job.custom_id,
+            cancel_requested_at=job.cancel_requested_at,
         )
 
 

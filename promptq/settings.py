@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     #: `promptq demo`/`up` with no LLM configured and no Ollama: start the bundled local model
     #: (the `local` extra) instead of going straight to the built-in fake one.
     bundled_llm: bool = True
+    #: Endpoints and their limits (see promptq.endpoints): a TOML file, or the same as JSON.
+    #: Without either, every model goes to PROMPTQ_LLM_BASE_URL without limits.
+    endpoints_file: Path | None = None
+    endpoints: str = ""
+    #: How long a job waits in a worker slot for its endpoint's limits to let it call, before
+    #: it goes back to the queue (uncharged) so that the slot can run another model's job.
+    limit_wait_s: float = Field(default=0.5, ge=0)
 
     worker_concurrency: int = Field(default=10, ge=1, le=10_000)
     #: Fallback poll interval. Enqueues and freed slots wake a worker at once, and it wakes when
@@ -71,6 +78,11 @@ class Settings(BaseSettings):
     #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
+    #: Most jobs one batch may create (items x models of a comparison batch).
+    batch_max_items: int = Field(default=100_000, ge=1)
+    #: Largest JSONL batch upload (`POST /api/batches`); it is spooled to a temporary file.
+    batch_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+
     #: The model's context window; a summarize job's `context_window` overrides it.
     context_window_tokens: int = Field(default=8192, ge=512)
     #: Calibration of the offline token estimate (see promptq.tokens): characters per token.
@@ -90,6 +102,16 @@ class Settings(BaseSettings):
     summary_stream_final: bool = True
 
     log_level: str = "INFO"
+    #: `console` (human-readable) or `json` (one object per line, for log shippers).
+    log_format: Literal["console", "json"] = "console"
+    #: A worker serves Prometheus metrics on this port (`--metrics-port`); None: it doesn't.
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    #: How often a worker refreshes its heartbeat key (`promptq worker --check` reads it);
+    #: the key expires after three missed beats.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    #: Seconds a scrape reuses what `/metrics` read from SQL, Redis and the limiter.
+    metrics_refresh_s: float = Field(default=2.0, ge=0)
 
     @field_validator("llm_base_url", "api_url")
     @classmethod

@@ -214,10 +214,13 @@ class JobStore:
         limit: int = 50,
         before_id: str | None = None,
         owned_by: str | None = None,
+        batch_id: str | None = None,
+        model: str | None = None,
     ) -> list[Job]:
         """Newest first; pass the last id seen as `before_id` for the next page.
 
-        With `owned_by`, only the jobs that key id owns.
+        With `owned_by`, only the jobs that key id owns; with `batch_id` / `model`, only
+        those of that batch / model.
         """
         query = select(Job).order_by(Job.id.desc()).limit(limit)
         if owned_by is not None:
@@ -226,6 +229,10 @@ class JobStore:
             query = query.where(Job.status == status)
         if kind is not None:
             query = query.where(Job.kind == kind)
+        if batch_id is not None:
+            query = query.where(Job.batch_id == batch_id)
+        if model is not None:
+            query = query.where(Job.model == model)
         if before_id is not None:
             query = query.where(Job.id < before_id)
         async with self._sessionmaker() as session:
@@ -324,6 +331,7 @@ class JobStore:
                             finished_at=None,
                             next_attempt_at=None,
                             lease_expires_at=None,
+                            cancel_requested_at=None,
                             updated_at=now,
                         )
                         .returning(Job.id)

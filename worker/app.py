@@ -14,16 +14,22 @@ from arq import Worker, func
 
 from promptq.checkpoints import ChunkStore
 from promptq.db import create_engine, create_sessionmaker, redact_url
+from promptq.endpoints import load_endpoints
+from promptq.limits import RedisLimits
+from promptq.metrics import Metrics
 from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.cancel import CancelWatcher
 from worker.context import WorkerContext
 from worker.fastpoll import FastPollWorker
 from worker.jobs import run_job
 from worker.leases import LeaseKeeper
-from worker.llm import LLMClient
+from worker.limiter import Limiter
+from worker.observe import MeteredLLMClient, Observability
 from worker.reconcile import Reconciler
+from worker.routing import ModelRouter, client_options
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +71,14 @@ def create_worker(
 
     The worker is a `FastPollWorker` (worker.fastpoll): arq's Worker kept alive through Redis
     outages (worker.resilient) and woken at once by enqueues, freed slots and due deferred
-    jobs. Besides its poll loop, the worker runs two background tasks: the lease keeper, which
-    renews the leases of this worker's running attempts, and the reconciler.
+    jobs. Besides its poll loop, the worker runs background tasks: the lease keeper, which
+    renews the leases of this worker's running attempts, the limiter's permit renewal, and the
+    reconciler. A bad endpoints config raises ConfigError here, before anything starts.
     """
+    endpoints = load_endpoints(settings)
+
+    metrics = Metrics(refresh_s=settings.metrics_refresh_s)
+    observability = Observability(settings, metrics)
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -82,15 +93,34 @@ def create_worker(
         typed["store"] = JobStore(create_sessionmaker(engine))
         typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
-        typed["llm"] = LLMClient(
+        typed["metrics"] = metrics
+        limiter = Limiter(
+            RedisLimits(ctx["redis"], settings.queue_name),
+            endpoints,
+            lease_s=settings.lease_s,
+            wait_s=settings.limit_wait_s,
+        )
+        limiter.start()
+        typed["limiter"] = limiter
+        metrics.limits_source = limiter.readings
+        typed["llm"] = ModelRouter(
             session,
-            base_url=settings.llm_base_url,
-            api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
-            timeout_s=settings.llm_timeout_s,
+            endpoints,
+            limiter,
+            chars_per_token=settings.chars_per_token,
+            make_client=lambda endpoint: MeteredLLMClient(
+                session, metrics=metrics, **client_options(endpoint)
+            ),
         )
         typed["rng"] = random.Random()
         typed["worker_name"] = worker_name()
-        typed["leases"] = LeaseKeeper(typed["store"], lease_s=settings.lease_s)
+        typed["cancels"] = CancelWatcher(
+            ctx["redis"], settings.queue_name, typed["store"].sessionmaker
+        )
+        typed["cancels"].start()
+        typed["leases"] = LeaseKeeper(
+            typed["store"], lease_s=settings.lease_s, on_renew=typed["cancels"].check
+        )
         typed["leases"].start()
         reconciler = Reconciler(typed["store"], typed["queue"], marker_ttl_s=marker_ttl_s(settings))
         ctx["_reconciler"] = asyncio.create_task(
@@ -100,22 +130,33 @@ def create_worker(
             name="promptq-reconciler",
         )
         ctx["_engine"], ctx["_http"] = engine, session
+        ctx["_observability"] = observability
+        try:
+            await observability.start(ctx, lambda: (worker.job_counter, worker.max_jobs))
+        except BaseException:
+            await shutdown(ctx)
+            raise
         logger.info(
-            "worker %s: concurrency=%d db=%s llm=%s queue=%s",
+            "worker %s: concurrency=%d db=%s endpoints=%s queue=%s",
             typed["worker_name"],
             settings.worker_concurrency,
             redact_url(settings.resolved_database_url),
-            settings.llm_base_url,
+            ", ".join(f"{e.name}={e.base_url}" for e in endpoints.endpoints),
             settings.queue_name,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         # arq has awaited every job task by now, so no lease is held any more.
+        await observability.stop()
         if "_reconciler" in ctx:
             ctx["_reconciler"].cancel()
             await asyncio.gather(ctx["_reconciler"], return_exceptions=True)
         if "leases" in ctx:
             await ctx["leases"].stop()
+        if "cancels" in ctx:
+            await ctx["cancels"].stop()
+        if "limiter" in ctx:
+            await ctx["limiter"].stop()
         if "_http" in ctx:
             await ctx["_http"].close()
         if "_engine" in ctx:

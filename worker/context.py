@@ -6,11 +6,14 @@ import random
 from typing import TypedDict
 
 from promptq.checkpoints import ChunkStore
+from promptq.metrics import Metrics
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.cancel import CancelWatcher
 from worker.leases import LeaseKeeper
-from worker.llm import LLMClient
+from worker.limiter import Limiter
+from worker.routing import ModelRouter
 
 
 class WorkerContext(TypedDict, total=False):
@@ -21,12 +24,18 @@ class WorkerContext(TypedDict, total=False):
     #: Checkpoints of summarize jobs (`job_chunks`).
     checkpoints: ChunkStore
     queue: QueueClient
-    llm: LLMClient
+    #: Routes each call by model to its endpoint, inside the endpoint's global limits.
+    llm: ModelRouter
+    limiter: Limiter
     rng: random.Random
     #: Renews the leases of the attempts this worker is running.
     leases: LeaseKeeper
+    #: Aborts attempts whose job is cancelled while they run.
+    cancels: CancelWatcher
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
+    #: This worker's Prometheus metrics (in memory; served on --metrics-port).
+    metrics: Metrics
     # Set by arq for each job:
     job_id: str
     job_try: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 from arq import Retry
 
-from promptq import clock, events
+from promptq import clock, events, logs
 from promptq.db import is_db_unavailable
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
@@ -19,6 +20,7 @@ from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadlin
 from worker.context import WorkerContext
 from worker.db_retry import retry_db
 from worker.llm import Completion
+from worker.observe import record_attempt
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
 from worker.summarize import summarize
@@ -55,7 +57,19 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
-    """Run the next attempt of `job_id`; on a transient error, schedule the one after."""
+    """Run the next attempt of `job_id`; on a transient error, schedule the one after.
+
+    If the job's endpoint is at its limits, the job goes back to the queue before it is
+    claimed (worker.limiter): it waits there, uncharged, and the slot runs another job.
+    """
+    await ctx["limiter"].before_claim(ctx["store"], ctx["settings"], job_id)
+    try:
+        await _claim_and_run(ctx, job_id)
+    finally:
+        await ctx["limiter"].after_job()
+
+
+async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     store, leases = ctx["store"], ctx["leases"]
     try:
         claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
@@ -77,8 +91,10 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
     if isinstance(claim, Busy):
         # Another worker holds the lease: look again when it would have expired.
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
+    logs.bind_job(job_id, claim.number)
     leases.hold(claim)
     try:
+        await _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
         await _attempt(ctx, claim)
     finally:
         leases.release(claim)
@@ -105,9 +121,14 @@ async def _announce(ctx: WorkerContext, job_id: str) -> None:
 
 
 async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
+    cancels = ctx.get("cancels")
     try:
-        completion = await complete(ctx, claim)
+        with cancels.cancellable(claim) if cancels else contextlib.nullcontext():
+            completion = await complete(ctx, claim)
     except asyncio.CancelledError:
+        if cancels is not None and cancels.consume(claim):
+            await _record_cancelled(ctx, claim, elapsed_ms())
+            return
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
         await _finish(
             ctx,
@@ -152,6 +173,22 @@ async def _record_success(
         job_status=JobStatus.SUCCEEDED,
     )
     logger.info("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
+
+
+async def _record_cancelled(ctx: WorkerContext, claim: Claim, latency_ms: int) -> None:
+    """The job was cancelled while this attempt waited on the model: record both as such."""
+    await _finish(
+        ctx,
+        claim,
+        AttemptResult(
+            outcome=AttemptOutcome.CANCELLED,
+            latency_ms=latency_ms,
+            error="cancelled on request while this attempt ran",
+            error_code="cancelled",
+        ),
+        job_status=JobStatus.CANCELLED,
+    )
+    logger.info("job %s cancelled during attempt %d", claim.job_id, claim.number)
 
 
 async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, latency_ms: int) -> None:
@@ -224,6 +261,7 @@ async def _finish(
 ) -> bool:
     """store.finish_attempt, retried through a database outage (see worker.db_retry)."""
     store = ctx["store"]
+    record_attempt(ctx, claim, result, retrying=job_status == JobStatus.RETRYING)
 
     async def write() -> bool:
         return await store.finish_attempt(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 
 from promptq.store import Claim, JobStore
 
@@ -28,8 +29,16 @@ RENEWALS_PER_LEASE = 3
 class LeaseKeeper:
     """Tracks this worker's running attempts and renews their leases in one UPDATE per tick."""
 
-    def __init__(self, store: JobStore, *, lease_s: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        lease_s: float,
+        on_renew: Callable[[Mapping[str, int]], Awaitable[None]] | None = None,
+    ) -> None:
         self.store = store
+        #: Called with the held attempts after each renewal (worker.cancel checks for cancels).
+        self.on_renew = on_renew
         self.lease_s = lease_s
         self.renew_every_s = lease_s / RENEWALS_PER_LEASE
         #: job id -> attempt number, for every attempt this worker is running.
@@ -92,5 +101,7 @@ class LeaseKeeper:
             await asyncio.sleep(self.renew_every_s)
             try:
                 await self.renew()
+                if self.on_renew is not None and self.held:
+                    await self.on_renew(dict(self.held))
             except Exception:  # the database may be briefly away; the next tick tries again
                 logger.warning("could not renew %d lease(s)", len(self.held), exc_info=True)

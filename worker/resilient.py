@@ -33,6 +33,8 @@ from arq.connections import create_pool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from promptq import logs
+
 logger = logging.getLogger(__name__)
 
 #: What counts as "Redis is away": refused, reset, timed out, still loading its data.
@@ -81,6 +83,11 @@ class ResilientWorker(Worker):
             if self._failures:
                 logger.warning("Redis is back after %d failed poll(s)", self._failures)
             self._failures = 0
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, in a task whose log lines all carry the job id (promptq.logs)."""
+        logs.bind_job(job_id)
+        await super().run_job(job_id, score)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs, one id at a time, skipping ids this worker already runs."""

@@ -48,11 +48,15 @@ class Route:
     owner_status: int = 200
     #: Answers with server-sent events (`call` returns the first event's data).
     streams: bool = False
+    #: The `{id}` is a job's and a second call by the owner answers as the first (not true of
+    #: batch routes, which tests/integration/test_batches.py checks, nor of cancel, which
+    #: tests/integration/test_cancel.py checks).
+    job_checks: bool = True
 
     @property
     def per_job(self) -> bool:
-        """True for routes that name a job id."""
-        return "{id}" in self.path
+        """True for routes that name a job id and get the isolation checks below."""
+        return "{id}" in self.path and self.job_checks
 
     def url(self, job_id: str) -> str:
         """The path with the job id filled in."""
@@ -73,6 +77,13 @@ ROUTES = [
     Route("POST", "/api/jobs/{id}/retry", owner_status=409),
     Route("POST", "/api/jobs/summarize/upload"),
     Route("GET", "/api/jobs/{id}/stream", streams=True),
+    Route("POST", "/api/jobs/{id}/cancel", job_checks=False),
+    Route("POST", "/api/batches", {"jobs": [prompt_body("from the route table")]}),
+    Route("GET", "/api/batches"),
+    Route("GET", "/api/batches/{id}", job_checks=False),
+    Route("GET", "/api/batches/{id}/results", job_checks=False),
+    Route("GET", "/api/batches/{id}/compare", job_checks=False),
+    Route("POST", "/api/batches/{id}/cancel", job_checks=False),
 ]
 PER_JOB_ROUTES = [r for r in ROUTES if r.per_job]
 #: Prefixes that must never be reachable without a key.

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from promptq.cli import app
 from promptq.settings import Settings
+from tests.unit.cli_args import check_promptq_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,18 +34,53 @@ def test_worker_can_be_scaled(compose: dict[str, Any]) -> None:
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
-@pytest.mark.parametrize("service", ["migrate", "api", "worker"])
-def test_service_commands_exist_in_the_real_cli(compose: dict[str, Any], service: str) -> None:
-    command = compose["services"][service]["command"]
-    assert command[0] == "promptq"
-    words = [w for w in command[1:] if not w.startswith("-")]
-    options = [w for w in command[1:] if w.startswith("--")]
-    path = [w for w in words if not re.fullmatch(r"[\d.]+", w)]
-    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert "Commands" not in result.output, f"{command} names a command group, not a command"
-    for option in options:
-        assert option in result.output, f"{service}: {option} is not an option of {path}"
+def promptq_commands(compose: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Every `promptq ...` command line in the file: service commands and healthchecks."""
+    found = []
+    for name, service in compose["services"].items():
+        lines = [service.get("command") or [], service.get("healthcheck", {}).get("test") or []]
+        for line in lines:
+            words = [w for w in line if w != "CMD"] if isinstance(line, list) else line.split()
+            if words and words[0] == "promptq":
+                found.append((name, words[1:]))
+    return found
+
+
+def test_every_promptq_command_matches_the_real_cli(compose: dict[str, Any]) -> None:
+    commands = promptq_commands(compose)
+    assert {name for name, _ in commands} >= {"migrate", "api", "worker"}
+    for name, argv in commands:
+        check_promptq_command(argv, f"docker-compose.yml service {name}")
+
+
+def test_ollama_pulls_the_default_model_once(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["ollama"]["healthcheck"]["test"]
+    pull = services["ollama-pull"]
+    assert pull["depends_on"]["ollama"]["condition"] == "service_healthy"
+    assert pull["restart"] == "no"
+    assert [*pull["entrypoint"], *pull["command"]][:2] == ["ollama", "pull"]
+    assert "PROMPTQ_DEFAULT_MODEL" in pull["command"][1]  # the model the workers ask for
+    worker_needs = services["worker"]["depends_on"]["ollama-pull"]["condition"]
+    assert worker_needs == "service_completed_successfully"
+
+
+def test_health_checks(compose: dict[str, Any]) -> None:
+    worker, api = compose["services"]["worker"], compose["services"]["api"]
+    assert [w for w in worker["healthcheck"]["test"] if w != "CMD"] == [
+        "promptq",
+        "worker",
+        "--check",
+    ]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+
+
+def test_stop_grace_outlasts_the_worker_grace(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    command = worker["command"]
+    grace_s = float(command[command.index("--grace-s") + 1])
+    assert worker["stop_signal"] == "SIGTERM"
+    assert float(worker["stop_grace_period"].rstrip("s")) > grace_s
 
 
 def test_environment_names_are_real_settings(compose: dict[str, Any]) -> None:

@@ -1,0 +1,321 @@
+"""Routes under /api/batches: submit many jobs at once, follow them, export their results.
+
+`POST /api/batches` takes either a JSON body `{"jobs": [...], "name"?, "models"?}` (bounded by
+PROMPTQ_API_MAX_BODY_BYTES) or a JSONL upload of any size up to PROMPTQ_BATCH_MAX_BYTES:
+`Content-Type: application/x-ndjson` (or application/jsonl), or a multipart form with one file
+part. A JSONL body is streamed to a temporary file, validated line by line in a worker thread,
+and only then inserted, so an invalid upload creates nothing and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import IO
+
+from aiohttp import BodyPartReader, web
+
+from api.auth import principal
+from api.jobs import _limit, json_response, read_json
+from api.state import SERVICE
+from promptq import batch_export
+from promptq.batch_items import (
+    ItemSpec,
+    Validation,
+    check_models,
+    check_name,
+    read_spool,
+    validate_jsonl,
+    validate_list,
+)
+from promptq.batch_schemas import BatchCreatedOut, BatchPage, ComparePage
+from promptq.batches import BatchCreated, BatchService, summarize_models
+from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest, NotFound
+from promptq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+JSONL_TYPES = frozenset(
+    {"application/x-ndjson", "application/jsonl", "application/jsonlines", "application/x-jsonl"}
+)
+#: Bytes read from the request per chunk while spooling an upload.
+READ_BYTES = 256 * 1024
+#: Longest form field (name, models) of a multipart upload.
+MAX_FIELD_BYTES = 4096
+#: Result records sent per write of the results stream.
+WRITE_RECORDS = 200
+#: Temporary files keep up to this much in memory before they go to disk.
+SPOOL_MEMORY_BYTES = 4 * 1024 * 1024
+
+
+@routes.post("/api/batches")
+async def create_batch(request: web.Request) -> web.Response:
+    """Create a batch; 201 with the batch, or 422 listing the invalid lines (nothing created)."""
+    batches = BatchService(request.app[SERVICE])
+    settings = batches.settings
+    owner = principal(request).key_id
+    try:
+        if request.content_type == "application/json":
+            created = await _create_from_json(request, batches, owner)
+        elif request.content_type in JSONL_TYPES:
+            name, models = _query_options(request)
+            created = await _create_from_stream(request, batches, owner, name, models, None)
+        elif request.content_type == "multipart/form-data":
+            created = await _create_from_multipart(request, batches, owner, settings)
+        else:
+            raise InvalidRequest(
+                'send {"jobs": [...]} as application/json, or one job per line as '
+                "application/x-ndjson (or a multipart form with the .jsonl file)"
+            )
+    except InvalidBatch as exc:
+        return _invalid_batch(exc)
+    out = await batch_created_out(batches, created)
+    return json_response(out, status=201, headers={"Location": f"/api/batches/{out.id}"})
+
+
+async def batch_created_out(batches: BatchService, created: BatchCreated) -> BatchCreatedOut:
+    """The response body of a created batch."""
+    (out,) = await batches.describe([created.batch])
+    return BatchCreatedOut(**out.model_dump(), created=created.created, reused=created.reused)
+
+
+def _invalid_batch(exc: InvalidBatch) -> web.Response:
+    body = {"error": {"code": exc.code, "message": exc.message, "lines": exc.lines}}
+    return json_response(body, status=exc.http_status)
+
+
+async def _create_from_json(
+    request: web.Request, batches: BatchService, owner: str | None
+) -> BatchCreated:
+    body = await read_json(request)
+    if not isinstance(body, dict) or "jobs" not in body:
+        raise InvalidRequest('the body must be {"jobs": [<job request>, ...], "name"?, "models"?}')
+    unknown = set(body) - {"jobs", "name", "models", "metadata"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    name = check_name(body.get("name"))
+    models = check_models(body.get("models"))
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be a JSON object")
+    specs = validate_list(
+        body["jobs"],
+        batches.service.check,
+        max_jobs=batches.settings.batch_max_items,
+        models=models,
+    )
+    return await batches.create(
+        specs, owner_key_id=owner, name=name, models=models, metadata=metadata
+    )
+
+
+def _query_options(request: web.Request) -> tuple[str | None, list[str] | None]:
+    query = request.query
+    name = check_name(query.get("name"))
+    return name, _models_param(query.getall("model", []) + query.getall("models", []))
+
+
+def _models_param(values: Iterable[str]) -> list[str] | None:
+    models = [m for value in values for m in value.split(",")]
+    return check_models(models) if models else None
+
+
+async def _create_from_stream(
+    request: web.Request,
+    batches: BatchService,
+    owner: str | None,
+    name: str | None,
+    models: list[str] | None,
+    part: BodyPartReader | None,
+) -> BatchCreated:
+    settings = batches.settings
+    limit = settings.batch_max_bytes
+    if request.content_length is not None and part is None and request.content_length > limit:
+        raise _too_many_bytes(limit)
+    with (
+        tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as upload,
+        tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as spool,
+    ):
+        size = 0
+        while True:
+            if part is not None:
+                chunk = await part.read_chunk(READ_BYTES)
+            else:
+                chunk = await request.content.read(READ_BYTES)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise _too_many_bytes(limit)
+            upload.write(chunk)
+        upload.seek(0)
+        started = time.perf_counter()
+        report: Validation = await asyncio.to_thread(
+            validate_jsonl,
+            upload,
+            spool,
+            batches.service.check,
+            max_jobs=settings.batch_max_items,
+            models=models,
+        )
+        report.raise_if_invalid()
+        logger.info(
+            "batch upload: %d bytes, %d item(s) validated in %.2f s",
+            size,
+            report.items,
+            time.perf_counter() - started,
+        )
+        return await batches.create(
+            _spooled(spool),
+            owner_key_id=owner,
+            name=name,
+            models=models,
+        )
+
+
+def _spooled(spool: IO[bytes]) -> Iterable[ItemSpec]:
+    return read_spool(spool)
+
+
+async def _create_from_multipart(
+    request: web.Request, batches: BatchService, owner: str | None, settings: Settings
+) -> BatchCreated:
+    """Form fields `name` and `models` (or repeated `model`) first, then one file part."""
+    reader = await request.multipart()
+    name: str | None = None
+    models: list[str] = []
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequest("nested multipart bodies are not supported")
+        if part.filename is not None:
+            created = await _create_from_stream(
+                request, batches, owner, name, check_models(models) if models else None, part
+            )
+            if await reader.next() is not None:
+                logger.info("batch upload: ignored parts after the file")
+            return created
+        if part.name not in {"name", "model", "models"}:
+            raise InvalidRequest(
+                f"unknown form field {str(part.name)[:64]!r}; send name, models and one file"
+            )
+        value = (await _read_field(part)).decode("utf-8", errors="replace")
+        if part.name == "name":
+            name = check_name(value)
+        else:
+            models.extend(m for m in value.split(",") if m.strip())
+    raise InvalidRequest("the form has no file part; attach the .jsonl file (-F file=@jobs.jsonl)")
+
+
+async def _read_field(part: BodyPartReader) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_FIELD_BYTES):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise InvalidRequest(f"the {part.name} field is longer than {MAX_FIELD_BYTES} bytes")
+    return bytes(data)
+
+
+def _too_many_bytes(limit: int) -> BatchTooLarge:
+    return BatchTooLarge(
+        f"the upload is larger than {limit} bytes (PROMPTQ_BATCH_MAX_BYTES); split it into "
+        "several batches"
+    )
+
+
+@routes.get("/api/batches")
+async def list_batches(request: web.Request) -> web.Response:
+    """Newest first, paginated by `limit` and `cursor`."""
+    limit = _limit(request.query.get("limit"))
+    cursor = request.query.get("cursor") or None
+    if cursor is not None:
+        cursor = _uuid(cursor, what="cursor")
+    batches = BatchService(request.app[SERVICE])
+    page = await batches.list_batches(
+        limit=limit + 1, before_id=cursor, owned_by=principal(request).owner_filter
+    )
+    next_cursor = page[limit - 1].id if len(page) > limit else None
+    return json_response(BatchPage(batches=page[:limit], next_cursor=next_cursor))
+
+
+@routes.get("/api/batches/{id}")
+async def get_batch(request: web.Request) -> web.Response:
+    """One batch: counts per status, progress, usage."""
+    batches = BatchService(request.app[SERVICE])
+    batch_id = batch_id_param(request)
+    return json_response(await batches.get(batch_id, owned_by=principal(request).owner_filter))
+
+
+@routes.get("/api/batches/{id}/results")
+async def batch_results(request: web.Request) -> web.StreamResponse:
+    """Every job's outcome in submission order, streamed as JSONL (default) or CSV."""
+    batches = BatchService(request.app[SERVICE])
+    batch_id = batch_id_param(request)
+    fmt = batch_export.check_format(request.query.get("format"))
+    await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": batch_export.CONTENT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="batch-{batch_id}.{fmt}"',
+        }
+    )
+    await response.prepare(request)
+    buffer = [batch_export.header(fmt)]
+    async for record in batches.results(batch_id):
+        buffer.append(batch_export.encode(record, fmt))
+        if len(buffer) >= WRITE_RECORDS:
+            await response.write(b"".join(buffer))
+            buffer.clear()
+    await response.write(b"".join(buffer))
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/batches/{id}/compare")
+async def compare_batch(request: web.Request) -> web.Response:
+    """Each item with every model's answer, latency and tokens side by side (paginated)."""
+    batches = BatchService(request.app[SERVICE])
+    batch_id = batch_id_param(request)
+    batch = await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
+    limit = _limit(request.query.get("limit"))
+    after = request.query.get("cursor") or None
+    after_index: int | None = None
+    if after is not None:
+        try:
+            after_index = int(after)
+        except ValueError:
+            raise InvalidRequest(
+                f"cursor {after[:32]!r} is not valid; pass next_cursor back"
+            ) from None
+    rows, next_cursor = await batches.compare(batch, after_index=after_index, limit=limit)
+    models = batch.models or sorted({m for row in rows for m in row.answers})
+    page = ComparePage(
+        batch_id=batch.id,
+        models=models,
+        rows=rows,
+        summary=summarize_models(models, rows),
+        next_cursor=next_cursor,
+    )
+    return json_response(page)
+
+
+def batch_id_param(request: web.Request) -> str:
+    """The `{id}` of the route as a canonical id; NotFound when it cannot be one."""
+    return _uuid(request.match_info["id"], what="batch id")
+
+
+def _uuid(value: str, *, what: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        if what == "batch id":
+            raise NotFound(f"no batch with id {value[:64]!r}") from None
+        raise InvalidRequest(
+            f"{what} {value[:64]!r} is not valid; pass next_cursor back as is"
+        ) from None

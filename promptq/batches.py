@@ -1,0 +1,622 @@
+"""Batches: create many jobs in one go, and read a batch back (counts, results, comparison).
+
+`BatchService.create` is the one way batches are made: by `POST /api/batches`, the CLI and the
+OpenAI Batch API alike. It takes items that are already valid (see promptq.batch_items) and
+
+1. inserts the `batches` row and the jobs in one transaction, a thousand rows per INSERT
+   (SQLAlchemy Core executemany), never building ORM objects, so memory stays flat;
+2. after the commit, queues the jobs through Redis pipelines (promptq.bulk_queue).
+
+Jobs saved but not queued because Redis is down stay `queued` in SQL; the reconciler queues
+them. Counts per status are aggregated from `jobs` with one GROUP BY, never stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from operator import itemgetter
+from typing import Any
+
+import orjson
+from sqlalchemy import Row, Table, Text, and_, bindparam, cast, func, insert, select, tuple_, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from promptq import clock
+from promptq.batch_items import ItemSpec
+from promptq.batch_schemas import (
+    BatchCounts,
+    BatchOut,
+    BatchUsage,
+    CompareRow,
+    ModelAnswer,
+    ModelSummary,
+)
+from promptq.bulk_queue import enqueue_many
+from promptq.errors import IdempotencyConflict, NotFound, ServiceUnavailable
+from promptq.models import (
+    Batch,
+    BatchStatus,
+    Job,
+    JobAttempt,
+    JobStatus,
+    Priority,
+)
+from promptq.service import JobService
+
+logger = logging.getLogger(__name__)
+
+#: Rows per INSERT statement (and per idempotency-key lookup).
+INSERT_CHUNK = 1000
+#: Jobs read per query when streaming a batch's results.
+RESULTS_PAGE = 500
+#: Characters of an item's prompt a comparison shows.
+PROMPT_PREVIEW_CHARS = 200
+_ID_CHARS = 36
+#: Batch statuses that may still change as their jobs run.
+OPEN_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
+
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCreated:
+    """What `BatchService.create` did."""
+
+    batch: Batch
+    #: Jobs inserted.
+    created: int
+    #: Items whose idempotency_key named an existing identical job (not inserted again).
+    reused: int
+    #: Jobs put on the Redis queue now (the reconciler queues the rest if Redis was down).
+    enqueued: int
+
+
+class BatchService:
+    """Create batches and read them back. Built per use from a JobService (no state)."""
+
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.sessionmaker = service.store.sessionmaker
+
+    # -- creating --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        items: Iterable[ItemSpec] | AsyncIterable[ItemSpec],
+        *,
+        owner_key_id: str | None,
+        name: str | None = None,
+        models: list[str] | None = None,
+        api: str = "native",
+        metadata: dict[str, Any] | None = None,
+        status: BatchStatus = BatchStatus.IN_PROGRESS,
+        expires_at: datetime | None = None,
+        priority: int = Priority.BULK,
+        enqueue: bool = True,
+    ) -> BatchCreated:
+        """Insert a batch of validated items in one transaction, then queue its jobs.
+
+        With `models`, each item becomes one job per model, all at the item's batch_index
+        (a comparison batch); an item's own `model` is then ignored. An item with an
+        idempotency_key that the owner already used for the same request keeps that job
+        (counted as reused); for a different request the whole batch is refused
+        (IdempotencyConflict) and nothing is created. In a comparison batch the key of each
+        model's job is `<key>:<model>`.
+        """
+        now = clock.now()
+        started = time.perf_counter()
+        batch = Batch(
+            id=clock.new_id(),
+            api=api,
+            name=name,
+            status=status,
+            job_count=0,
+            models=models,
+            metadata_=metadata,
+            owner_key_id=owner_key_id,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+        )
+        ids = bytearray()  # the created ids, 36 ASCII bytes each: 3.6 MB for 100k jobs
+        created = reused = 0
+        try:
+            async with self.sessionmaker() as session, session.begin():
+                session.add(batch)
+                await session.flush()
+                conn = await session.connection()
+                statement = _insert_jobs(conn.dialect.name)
+                shared = {  # the same in every row
+                    "status": JobStatus.QUEUED.value,
+                    "attempts": 0,
+                    "interruptions": 0,
+                    "owner_key_id": owner_key_id,
+                    "batch_id": batch.id,
+                    "priority": priority,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                index = 0
+                async for chunk in _chunks(items, INSERT_CHUNK):
+                    rows: list[dict[str, Any]] = []
+                    for spec in chunk:
+                        rows.extend(self._rows(spec, index, models, shared, now))
+                        index += 1
+                    fresh = await _drop_reused(conn, rows, owner_key_id)
+                    reused += len(rows) - len(fresh)
+                    if fresh:
+                        await _insert(conn, statement, fresh)
+                        created += len(fresh)
+                        for row in fresh:
+                            ids.extend(row["id"].encode())
+                batch.job_count = created
+        except IntegrityError as exc:
+            if "idempotency" not in str(exc.orig).lower():
+                raise
+            raise IdempotencyConflict(
+                "another request used one of this batch's idempotency keys at the same time; "
+                "nothing was created: send the batch again"
+            ) from None
+        inserted = time.perf_counter()
+        enqueued = await self.enqueue_ids(_split_ids(ids)) if enqueue and created else 0
+        logger.info(
+            "batch %s: %d job(s) created in %.2f s, %d reused, %d queued in %.2f s",
+            batch.id,
+            created,
+            inserted - started,
+            reused,
+            enqueued,
+            time.perf_counter() - inserted,
+        )
+        return BatchCreated(batch=batch, created=created, reused=reused, enqueued=enqueued)
+
+    def _rows(
+        self,
+        spec: ItemSpec,
+        index: int,
+        models: list[str] | None,
+        shared: dict[str, Any],
+        now: datetime,
+    ) -> Iterator[dict[str, Any]]:
+        max_attempts = spec.max_attempts or self.settings.max_attempts
+        deadline_at = None if spec.deadline_s is None else now + timedelta(seconds=spec.deadline_s)
+        input_json = orjson.dumps(spec.input).decode()
+        for model in models or [spec.model or self.settings.default_model]:
+            key = spec.idempotency_key
+            if key is not None and models:
+                key = f"{key}:{model}"
+            yield shared | {
+                "id": clock.new_id(),
+                "kind": spec.kind,
+                "model": model,
+                "input_json": input_json,
+                "max_attempts": max_attempts,
+                "attempt_budget": max_attempts,
+                "deadline_s": spec.deadline_s,
+                "deadline_at": deadline_at,
+                "idempotency_key": key,
+                "batch_index": index,
+                "custom_id": spec.custom_id,
+            }
+
+    async def enqueue_ids(self, job_ids: Iterable[str]) -> int:
+        """Queue jobs through Redis pipelines; 0 (and a warning) when Redis is down."""
+        try:
+            return await enqueue_many(self.service.queue, job_ids)
+        except ServiceUnavailable as exc:
+            logger.warning("batch jobs saved but not all queued: %s", exc.message)
+            return 0
+
+    async def enqueue_batch(self, batch_id: str) -> int:
+        """Queue every queued job of a batch (one created with enqueue=False)."""
+        return await self.enqueue_ids(
+            [job_id async for job_id in self.job_ids(batch_id, statuses=(JobStatus.QUEUED,))]
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get_row(self, batch_id: str, *, owned_by: str | None) -> Batch:
+        """The batch row; NotFound if it does not exist or (with owned_by) is not theirs."""
+        query = select(Batch).where(Batch.id == batch_id)
+        if owned_by is not None:
+            query = query.where(Batch.owner_key_id == owned_by)
+        async with self.sessionmaker() as session:
+            batch = (await session.execute(query)).scalar_one_or_none()
+        if batch is None:
+            raise NotFound(f"no batch with id {batch_id}")
+        return batch
+
+    async def get(self, batch_id: str, *, owned_by: str | None) -> BatchOut:
+        """The batch with its counts, progress and usage."""
+        (out,) = await self.describe([await self.get_row(batch_id, owned_by=owned_by)])
+        return out
+
+    async def list_batches(
+        self, *, limit: int, before_id: str | None, owned_by: str | None
+    ) -> list[BatchOut]:
+        """Newest first; pass the last id seen as `before_id` for the next page."""
+        query = select(Batch).order_by(Batch.id.desc()).limit(limit)
+        if owned_by is not None:
+            query = query.where(Batch.owner_key_id == owned_by)
+        if before_id is not None:
+            query = query.where(Batch.id < before_id)
+        async with self.sessionmaker() as session:
+            rows = list((await session.execute(query)).scalars())
+        return await self.describe(rows)
+
+    async def describe(self, batches: list[Batch]) -> list[BatchOut]:
+        """The batches with their aggregates: one GROUP BY over their jobs.
+
+        A native batch whose jobs have all finished is marked completed (or cancelled, if it
+        was being cancelled) here, the first time anyone looks.
+        """
+        if not batches:
+            return []
+        ids = [b.id for b in batches]
+        query = (
+            select(
+                Job.batch_id,
+                Job.status,
+                func.count(),
+                func.coalesce(func.sum(Job.prompt_tokens), 0),
+                func.coalesce(func.sum(Job.completion_tokens), 0),
+            )
+            .where(Job.batch_id.in_(ids))
+            .group_by(Job.batch_id, Job.status)
+        )
+        counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+        tokens: dict[str, list[int]] = {i: [0, 0] for i in ids}
+        async with self.sessionmaker() as session:
+            for batch_id, status, n, prompt, completion in await session.execute(query):
+                key = str(batch_id)
+                counts[key][status] = n
+                tokens[key][0] += int(prompt or 0)
+                tokens[key][1] += int(completion or 0)
+        out = []
+        for batch in batches:
+            by_status = BatchCounts(**counts[batch.id])
+            if batch.api == "native" and by_status.active == 0:
+                await self._settle(batch)
+            prompt, completion = tokens[batch.id]
+            usage = BatchUsage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            )
+            out.append(BatchOut.from_row(batch, by_status, usage))
+        return out
+
+    async def _settle(self, batch: Batch) -> None:
+        """Record that a native batch's jobs have all finished (conditionally: once)."""
+        if batch.status == BatchStatus.CANCELLING:
+            new, column = BatchStatus.CANCELLED, "cancelled_at"
+        elif batch.status == BatchStatus.IN_PROGRESS:
+            new, column = BatchStatus.COMPLETED, "completed_at"
+        else:
+            return
+        now = clock.now()
+        values: dict[str, Any] = {"status": new, "updated_at": now}
+        if column == "completed_at" or batch.cancelled_at is None:
+            values[column] = now
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Batch)
+                .where(Batch.id == batch.id, Batch.status == batch.status)
+                .values(**values)
+            )
+        batch.status = new
+        batch.updated_at = now
+        for key, value in values.items():
+            setattr(batch, key, value)
+
+    async def reopen(self, batch_id: str) -> None:
+        """Mark a finished native batch in progress again (some of its jobs were re-queued)."""
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Batch)
+                .where(
+                    Batch.id == batch_id,
+                    Batch.api == "native",
+                    Batch.status.in_((BatchStatus.COMPLETED, BatchStatus.CANCELLED)),
+                )
+                .values(
+                    status=BatchStatus.IN_PROGRESS,
+                    completed_at=None,
+                    cancelled_at=None,
+                    updated_at=clock.now(),
+                )
+            )
+
+    async def job_ids(
+        self, batch_id: str, *, statuses: Iterable[str] | None = None
+    ) -> AsyncIterator[str]:
+        """The ids of the batch's jobs (optionally only in `statuses`), in submission order."""
+        after: tuple[int, str] | None = None
+        while True:
+            query = (
+                select(Job.batch_index, Job.id)
+                .where(Job.batch_id == batch_id)
+                .order_by(Job.batch_index, Job.id)
+                .limit(RESULTS_PAGE * 2)
+            )
+            if statuses is not None:
+                query = query.where(Job.status.in_(list(statuses)))
+            if after is not None:
+                query = query.where(tuple_(Job.batch_index, Job.id) > after)
+            async with self.sessionmaker() as session:
+                rows = list(await session.execute(query))
+            for row in rows:
+                yield row.id
+            if len(rows) < RESULTS_PAGE * 2:
+                return
+            after = (rows[-1].batch_index, rows[-1].id)
+
+    async def results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Every job of the batch in submission order, as a flat result record.
+
+        Keyset-paginated by (batch_index, id), RESULTS_PAGE rows per query.
+        """
+        after: tuple[int, str] | None = None
+        while True:
+            query = _results_query(batch_id).limit(RESULTS_PAGE)
+            if after is not None:
+                query = query.where(tuple_(Job.batch_index, Job.id) > after)
+            async with self.sessionmaker() as session:
+                rows = list(await session.execute(query))
+            for row in rows:
+                yield result_record(row)
+            if len(rows) < RESULTS_PAGE:
+                return
+            after = (rows[-1].batch_index, rows[-1].id)
+
+    async def compare(
+        self, batch: Batch, *, after_index: int | None, limit: int
+    ) -> tuple[list[CompareRow], int | None]:
+        """A page of items with each model's answer; and the cursor of the next page."""
+        pick = (
+            select(Job.batch_index)
+            .where(Job.batch_id == batch.id)
+            .group_by(Job.batch_index)
+            .order_by(Job.batch_index)
+            .limit(limit + 1)
+        )
+        if after_index is not None:
+            pick = pick.where(Job.batch_index > after_index)
+        async with self.sessionmaker() as session:
+            indexes = list((await session.execute(pick)).scalars())
+            page, more = indexes[:limit], len(indexes) > limit
+            if not page:
+                return [], None
+            query = (
+                _results_query(batch.id, with_input=True)
+                .where(Job.batch_index >= page[0], Job.batch_index <= page[-1])
+                .limit(None)
+            )
+            rows = list(await session.execute(query))
+        by_index: dict[int, CompareRow] = {}
+        for row in rows:
+            entry = by_index.get(row.batch_index)
+            if entry is None:
+                entry = by_index[row.batch_index] = CompareRow(
+                    index=row.batch_index,
+                    custom_id=row.custom_id,
+                    prompt=prompt_preview(row.input),
+                    answers={},
+                )
+            entry.answers[row.model] = ModelAnswer(
+                job_id=row.id,
+                status=row.status,
+                result=row.result,
+                error=row.error,
+                latency_ms=row.latency_ms,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+            )
+        return [by_index[i] for i in page if i in by_index], page[-1] if more else None
+
+
+def summarize_models(models: list[str], rows: list[CompareRow]) -> list[ModelSummary]:
+    """Per model: how many answers succeeded or failed, mean latency and tokens."""
+    out = []
+    for model in models:
+        answers = [row.answers[model] for row in rows if model in row.answers]
+        latencies = [
+            a.latency_ms for a in answers if a.status == JobStatus.SUCCEEDED and a.latency_ms
+        ]
+        out.append(
+            ModelSummary(
+                model=model,
+                succeeded=sum(a.status == JobStatus.SUCCEEDED for a in answers),
+                failed=sum(a.status == JobStatus.FAILED for a in answers),
+                mean_latency_ms=round(sum(latencies) / len(latencies), 1) if latencies else None,
+                prompt_tokens=sum(a.prompt_tokens or 0 for a in answers),
+                completion_tokens=sum(a.completion_tokens or 0 for a in answers),
+            )
+        )
+    return out
+
+
+def _results_query(batch_id: str, *, with_input: bool = False) -> Any:
+    """Jobs of a batch in submission order, with the latency of their last attempt."""
+    columns: list[Any] = [
+        Job.batch_index,
+        Job.id,
+        Job.custom_id,
+        Job.model,
+        Job.status,
+        Job.result,
+        Job.error,
+        Job.error_code,
+        Job.finish_reason,
+        Job.attempts,
+        Job.prompt_tokens,
+        Job.completion_tokens,
+        Job.created_at,
+        Job.finished_at,
+        JobAttempt.latency_ms,
+    ]
+    if with_input:
+        columns.append(Job.input)
+    return (
+        select(*columns)
+        .outerjoin(JobAttempt, and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempts))
+        .where(Job.batch_id == batch_id)
+        .order_by(Job.batch_index, Job.id)
+    )
+
+
+#: The fields of a result record, in CSV column order.
+RESULT_FIELDS = (
+    "index",
+    "custom_id",
+    "job_id",
+    "model",
+    "status",
+    "result",
+    "error",
+    "error_code",
+    "finish_reason",
+    "attempts",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "created_at",
+    "finished_at",
+)
+
+
+def result_record(row: Row[Any]) -> dict[str, Any]:
+    """One job of a batch as a results line."""
+    return {
+        "index": row.batch_index,
+        "custom_id": row.custom_id,
+        "job_id": row.id,
+        "model": row.model,
+        "status": row.status,
+        "result": row.result,
+        "error": row.error,
+        "error_code": row.error_code,
+        "finish_reason": row.finish_reason,
+        "attempts": row.attempts,
+        "latency_ms": row.latency_ms,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "created_at": row.created_at,
+        "finished_at": row.finished_at,
+    }
+
+
+def prompt_preview(job_input: dict[str, Any]) -> str:
+    """A short text naming what an item asked: its last user message, or its document."""
+    messages = job_input.get("messages")
+    text = ""
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    content = " ".join(
+                        str(p.get("text", "")) for p in content if isinstance(p, dict)
+                    )
+                text = str(content or "")
+                break
+    else:
+        text = str(job_input.get("filename") or job_input.get("document") or "")
+    text = " ".join(text.split())
+    if len(text) > PROMPT_PREVIEW_CHARS:
+        return text[: PROMPT_PREVIEW_CHARS - 1] + "…"
+    return text
+
+
+async def _chunks(
+    items: Iterable[ItemSpec] | AsyncIterable[ItemSpec], size: int
+) -> AsyncIterator[list[ItemSpec]]:
+    chunk: list[ItemSpec] = []
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    else:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _drop_reused(
+    conn: AsyncConnection, rows: list[dict[str, Any]], owner_key_id: str | None
+) -> list[dict[str, Any]]:
+    """The rows whose idempotency key is new; IdempotencyConflict if a key was used for a
+    different request."""
+    keyed = {row["idempotency_key"]: row for row in rows if row["idempotency_key"] is not None}
+    if not keyed:
+        return rows
+    owner = Job.owner_key_id.is_(None) if owner_key_id is None else Job.owner_key_id == owner_key_id
+    query = select(
+        Job.id, Job.idempotency_key, Job.kind, Job.model, Job.input, Job.max_attempts
+    ).where(owner, Job.idempotency_key.in_(list(keyed)))
+    existing = list(await conn.execute(query))
+    if not existing:
+        return rows
+    for job in existing:
+        row = keyed[job.idempotency_key]
+        mine = (row["kind"], row["model"], orjson.loads(row["input_json"]), row["max_attempts"])
+        if (job.kind, job.model, job.input, job.max_attempts) != mine:
+            raise IdempotencyConflict(
+                f"idempotency_key {job.idempotency_key!r} was already used by job {job.id} for "
+                "a different request; nothing was created: use a new key for a new request"
+            )
+    taken = {job.idempotency_key for job in existing}
+    return [row for row in rows if row["idempotency_key"] not in taken]
+
+
+#: The columns a batch's INSERT writes, in the order of the PostgreSQL statement's parameters.
+_ROW_KEYS = (
+    "id", "kind", "status", "model", "input_json", "attempts", "interruptions", "max_attempts",
+    "attempt_budget", "deadline_s", "deadline_at", "idempotency_key", "owner_key_id",
+    "batch_id", "batch_index", "custom_id", "priority", "created_at", "updated_at",
+)  # fmt: skip
+_ROW_VALUES = itemgetter(*_ROW_KEYS)
+_PG_INSERT = (
+    f"INSERT INTO jobs ({', '.join(k.removesuffix('_json') for k in _ROW_KEYS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_ROW_KEYS) + 1))})"
+)
+
+
+async def _insert(conn: AsyncConnection, statement: Any, rows: list[dict[str, Any]]) -> None:
+    """One executemany of `rows`.
+
+    On PostgreSQL the rows go to asyncpg's executemany as plain tuples, through
+    `exec_driver_sql` (the same connection and transaction): SQLAlchemy's per-row parameter
+    processing was most of the ingest time of a 100k batch (see bench/ingest.py), and every
+    value here is already what asyncpg takes (aware datetimes, JSON text for JSONB). SQLite
+    goes through the compiled Core statement, whose types store datetimes its own way.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql(_PG_INSERT, [_ROW_VALUES(row) for row in rows])
+    else:
+        await conn.execute(statement, rows)
+
+
+def _insert_jobs(dialect: str) -> Any:
+    """INSERT INTO jobs for executemany, with `input` bound as JSON text already serialized
+    (by orjson, once per item, instead of by the column type's json.dumps)."""
+    input_json = bindparam("input_json", type_=Text)
+    value = cast(input_json, JSONB) if dialect == "postgresql" else input_json
+    return insert(_JOBS).values(input=value)
+
+
+def _split_ids(blob: bytearray) -> Iterator[str]:
+    view = memoryview(blob)
+    for start in range(0, len(blob), _ID_CHARS):
+        yield bytes(view[start : start + _ID_CHARS]).decode()

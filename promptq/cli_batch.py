@@ -1,0 +1,364 @@
+"""`promptq batch ...` and `promptq cancel`: batches from the command line.
+
+Like the rest of the CLI these work on the database and Redis directly (PROMPTQ_DATABASE_URL,
+PROMPTQ_REDIS_URL), as the local operator, who sees every batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column, Table
+
+from promptq import batch_export
+from promptq.batch_items import ItemSpec, check_models, check_name, read_spool, validate_jsonl
+from promptq.batch_schemas import BatchOut, ComparePage
+from promptq.batches import BatchService, summarize_models
+from promptq.cancel import Canceller
+from promptq.errors import InvalidRequest, PromptQError
+from promptq.models import BatchStatus, JobStatus
+from promptq.service import JobService
+
+logger = logging.getLogger(__name__)
+
+batch_app = typer.Typer(help="Batches: many jobs submitted, followed and exported together.")
+console = Console()
+err_console = Console(stderr=True)
+
+#: How often --wait re-reads the batch.
+POLL_S = 0.5
+#: Characters of an answer shown in a cell of `promptq batch compare`.
+ANSWER_CHARS = 120
+
+
+def _cli() -> Any:
+    from promptq import cli  # imported late: promptq.cli imports this module
+
+    return cli
+
+
+@contextmanager
+def _validated(path: Path, service: JobService, models: list[str] | None) -> Iterator[IO[bytes]]:
+    """The file's items validated (InvalidBatch listing bad lines) and spooled, ready to insert."""
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    with source, tempfile.TemporaryFile() as spool:
+        report = validate_jsonl(
+            source,
+            spool,
+            service.check,
+            max_jobs=service.settings.batch_max_items,
+            models=models,
+        )
+        report.raise_if_invalid()
+        yield spool
+
+
+@batch_app.command("submit")
+def submit(
+    file: Annotated[Path, typer.Argument(help="A .jsonl file: one job request per line.")],
+    name: Annotated[str | None, typer.Option(help="A name to find the batch by.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model", help="Run every item on this model; repeat to compare several models."
+        ),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Show progress until every job has finished.")] = False,
+    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 3600.0,
+) -> None:
+    """Submit a JSONL file as one batch; prints the batch id. An invalid line creates nothing."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> BatchOut:
+        models = check_models(model) if model else None
+        async with cli.open_service(settings) as service:
+            batches = BatchService(service)
+            with _validated(file, service, models) as spool:
+                created = await batches.create(
+                    read_spool(spool), owner_key_id=None, name=check_name(name), models=models
+                )
+            if created.reused:
+                err_console.print(f"{created.reused} item(s) reused an existing job (same key)")
+            if wait:
+                return await _wait(batches, created.batch.id, timeout_s)
+            return await batches.get(created.batch.id, owned_by=None)
+
+    batch = _run(go())
+    if not wait:
+        print(batch.id)
+        err_console.print(f"batch {batch.id}: {batch.total} job(s) queued")
+        return
+    _print_batch(batch)
+    if batch.counts.failed or batch.counts.cancelled:
+        raise typer.Exit(1)
+
+
+async def _wait(batches: BatchService, batch_id: str, timeout_s: float) -> BatchOut:
+    deadline = time.monotonic() + timeout_s
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console) as progress:
+        bar = progress.add_task(f"batch {batch_id[:8]}", total=None, state="")
+        while True:
+            batch = await batches.get(batch_id, owned_by=None)
+            counts = batch.counts
+            state = f"{counts.running} running, {counts.failed} failed"
+            progress.update(bar, total=batch.total, completed=counts.done, state=state)
+            if batch.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+                return batch
+            if time.monotonic() > deadline:
+                raise PromptQError(
+                    f"timed out after {timeout_s:g} s; check later with `promptq batch get "
+                    f"{batch_id}`"
+                )
+            await asyncio.sleep(POLL_S)
+
+
+@batch_app.command("list")
+def list_batches(
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+) -> None:
+    """List recent batches, newest first."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> list[BatchOut]:
+        async with cli.open_service(settings) as service:
+            rows: list[BatchOut] = await BatchService(service).list_batches(
+                limit=limit, before_id=None, owned_by=None
+            )
+            return rows
+
+    # Ids are never cut or wrapped, so they can be pasted into other commands.
+    table = Table(Column("id", no_wrap=True, min_width=36), "name", "status", "done", "tokens")
+    for batch in _run(go()):
+        table.add_row(
+            batch.id,
+            batch.name or "",
+            batch.status,
+            f"{batch.progress.done}/{batch.total}",
+            str(batch.usage.total_tokens),
+        )
+    console.print(table)
+
+
+@batch_app.command("get")
+def get(
+    batch_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the batch as JSON.")] = False,
+) -> None:
+    """Show one batch: status, counts per status, progress and token usage."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> BatchOut:
+        async with cli.open_service(settings) as service:
+            out: BatchOut = await BatchService(service).get(_id(batch_id), owned_by=None)
+            return out
+
+    batch = _run(go())
+    if as_json:
+        print(batch.model_dump_json(indent=2))
+        return
+    _print_batch(batch)
+
+
+def _print_batch(batch: BatchOut) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("id", batch.id)
+    table.add_row("name", batch.name or "")
+    table.add_row("status", batch.status)
+    if batch.models:
+        table.add_row("models", ", ".join(batch.models))
+    table.add_row(
+        "progress", f"{batch.progress.done}/{batch.total} ({batch.progress.fraction:.0%})"
+    )
+    counts = batch.counts.model_dump()
+    table.add_row("jobs", ", ".join(f"{n} {status}" for status, n in counts.items() if n))
+    table.add_row("tokens", f"{batch.usage.prompt_tokens} in / {batch.usage.completion_tokens} out")
+    table.add_row("created", str(batch.created_at))
+    console.print(table)
+
+
+@batch_app.command("results")
+def results(
+    batch_id: str,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Every job's outcome in submission order (status, result, error, usage, latency)."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> int:
+        checked = batch_export.check_format(fmt)
+        async with cli.open_service(settings) as service:
+            batches = BatchService(service)
+            await batches.get_row(_id(batch_id), owned_by=None)
+            sink = output.open("wb") if output else sys.stdout.buffer
+            count = 0
+            try:
+                sink.write(batch_export.header(checked))
+                async for record in batches.results(_id(batch_id)):
+                    sink.write(batch_export.encode(record, checked))
+                    count += 1
+            finally:
+                if output:
+                    sink.close()
+                else:
+                    sink.flush()
+            return count
+
+    count = _run(go())
+    if output:
+        err_console.print(f"wrote {count} result(s) to {output}")
+
+
+@batch_app.command("cancel")
+def cancel_batch(batch_id: str) -> None:
+    """Cancel a batch's unfinished jobs; finished jobs keep their results."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> BatchOut:
+        async with cli.open_service(settings) as service:
+            out: BatchOut = await Canceller(service).cancel_batch(_id(batch_id), owned_by=None)
+            return out
+
+    batch = _run(go())
+    console.print(
+        f"batch {batch.id} {batch.status}: {batch.counts.cancelled} cancelled, "
+        f"{batch.counts.succeeded} succeeded (kept)"
+    )
+
+
+@batch_app.command("compare")
+def compare(
+    batch_id: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Items to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Each item's answers from every model side by side, with latency and tokens."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> ComparePage:
+        async with cli.open_service(settings) as service:
+            batches = BatchService(service)
+            batch = await batches.get_row(_id(batch_id), owned_by=None)
+            rows, next_cursor = await batches.compare(batch, after_index=None, limit=limit)
+            models = batch.models or sorted({m for row in rows for m in row.answers})
+            return ComparePage(
+                batch_id=batch.id,
+                models=models,
+                rows=rows,
+                summary=summarize_models(models, rows),
+                next_cursor=next_cursor,
+            )
+
+    page = _run(go())
+    if as_json:
+        print(page.model_dump_json(indent=2))
+        return
+    table = Table("#", "prompt", *page.models, show_lines=True)
+    for row in page.rows:
+        cells = []
+        for model in page.models:
+            answer = row.answers.get(model)
+            if answer is None:
+                cells.append("")
+                continue
+            text = answer.result if answer.status == JobStatus.SUCCEEDED else answer.status
+            text = _short(text or answer.error or "")
+            latency = f"{answer.latency_ms} ms" if answer.latency_ms is not None else "-"
+            tokens = f"{answer.prompt_tokens or 0}/{answer.completion_tokens or 0} tok"
+            cells.append(f"{text}\n[dim]{latency}, {tokens}[/dim]")
+        table.add_row(str(row.index), _short(row.prompt), *cells)
+    summary = []
+    for item in page.summary:
+        mean = f"{item.mean_latency_ms:g} ms" if item.mean_latency_ms is not None else "-"
+        summary.append(
+            f"[bold]{item.succeeded} ok, {item.failed} failed[/bold]\n"
+            f"mean {mean}, {item.prompt_tokens}/{item.completion_tokens} tok"
+        )
+    table.add_row("", "[bold]all shown[/bold]", *summary)
+    console.print(table)
+    if page.next_cursor is not None:
+        err_console.print(f"showing the first {limit} items; use --limit for more")
+
+
+def cancel_job(job_id: str) -> None:
+    """Cancel a job: a queued one never runs, a running one is aborted; finished ones keep
+    their result."""
+    cli = _cli()
+    settings = cli.load_settings()
+
+    async def go() -> tuple[str, str]:
+        async with cli.open_service(settings) as service:
+            job = await Canceller(service).cancel_job(_id(job_id, what="job"), owned_by=None)
+            return job.id, job.status
+
+    found_id, status = _run(go())
+    if status == JobStatus.CANCELLED:
+        console.print(f"job {found_id} cancelled")
+    else:
+        console.print(f"job {found_id} is {status}; its worker is aborting it")
+
+
+def _id(value: str, *, what: str = "batch") -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidRequest(f"no {what} with id {value[:64]!r}") from None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
+
+
+def _run(coro: Any) -> Any:
+    return _cli().run(coro)
+
+
+def item_specs(requests: list[Any]) -> list[ItemSpec]:
+    """ItemSpecs for already validated job requests (for `promptq submit summarize`)."""
+    return [ItemSpec.from_request(request) for request in requests]
+
+
+async def retry_batch(service: JobService, batch_id: str, status: str | None) -> list[str]:
+    """Re-queue a batch's failed and cancelled jobs (or only those in `status`); the ids."""
+    batches = BatchService(service)
+    batch = await batches.get_row(_id(batch_id), owned_by=None)
+    statuses = [status] if status else [JobStatus.FAILED, JobStatus.CANCELLED]
+    ids = [job_id async for job_id in batches.job_ids(batch.id, statuses=statuses)]
+    requeued: list[str] = []
+    for start in range(0, len(ids), 500):
+        requeued += await service.retry(ids[start : start + 500])
+    if requeued:
+        await batches.reopen(batch.id)
+    return requeued

@@ -1,0 +1,128 @@
+"""The blocking Python client: every method of the async `PromptQClient`, synchronously.
+
+    with SyncPromptQClient("http://127.0.0.1:8000", api_key="pq_...") as pq:
+        job = pq.submit_prompt("Say hello")
+        done = pq.wait(job["id"], progress=lambda j: print(j["status"]))
+        for event in pq.stream(job["id"]):
+            print(event.event, event.data)
+
+It runs one event loop in a background thread and forwards every attribute of the async client
+to it: coroutine methods become blocking calls, async generators become iterators. Methods
+added to PromptQClient later appear here without any change. Callbacks (such as `wait`'s
+`progress`) run on that background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from promptq.client import PromptQClient
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="promptq-client-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop and wait for its result (exceptions propagate)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class SyncPromptQClient:
+    """PromptQClient with blocking methods. Arguments are PromptQClient's."""
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        self._loop = _LoopThread()
+
+        async def make() -> PromptQClient:
+            return PromptQClient(base_url, **kwargs)
+
+        self._client = self._loop.run(make())
+        self._closed = False
+
+    @property
+    def async_client(self) -> PromptQClient:
+        """The wrapped async client (use it only on this client's loop)."""
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # never the async client's internals (nor during __init__)
+            raise AttributeError(name)
+        attribute = getattr(self._client, name)
+        if inspect.iscoroutinefunction(attribute):
+            return self._blocking(attribute)
+        if inspect.isasyncgenfunction(attribute):
+            return self._iterating(attribute)
+        return attribute
+
+    def __dir__(self) -> list[str]:
+        public = [n for n in dir(self._client) if not n.startswith("_")]
+        return sorted(set(super().__dir__()) | set(public))
+
+    def _blocking(self, method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> T:
+            return self._loop.run(method(*args, **kwargs))
+
+        return call
+
+    def _iterating(self, method: Callable[..., Any]) -> Callable[..., Iterator[Any]]:
+        @functools.wraps(method)
+        def iterate(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            agen = method(*args, **kwargs)
+            try:
+                while True:
+                    try:
+                        yield self._loop.run(agen.__anext__())
+                    except StopAsyncIteration:
+                        return
+            finally:
+                if not self._closed:
+                    self._loop.run(agen.aclose())
+
+        return iterate
+
+    def close(self) -> None:
+        """Close the HTTP session and stop the background loop (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._loop.run(self._client.close())
+        finally:
+            self._closed = True
+            self._loop.stop()
+
+    def __enter__(self) -> SyncPromptQClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+#: The short name: `promptq.Client`.
+Client = SyncPromptQClient

@@ -1,0 +1,492 @@
+"""The worker's side of the global limits: wait for a permit, hold it, give it back.
+
+Two ways in:
+
+* `acquire()` waits for as long as it takes; every LLM call goes through it (worker.routing),
+  including each map and reduce call of a summarize job. Calls wait, they never fail.
+* `before_claim()` runs before a job is claimed. It tries for `limit_wait_s`; if the job's
+  endpoint is still full it raises arq's `Retry`, so the job goes back to the queue, due when
+  the limiter expects room (behind the jobs of that endpoint already waiting, at the rate
+  calls were granted lately): no attempt is charged or recorded, and the worker slot is free for
+  another model's job (an interactive job, priority above bulk, waits in its slot instead:
+  handed back, it would queue up behind the bulk backlog). A permit it gets is held for the
+  job's first call (a context variable carries it there); one the job never uses is given
+  back at the end, refunded.
+
+Permits are leases: this worker renews the ones it holds every lease_s/3, and those of a
+worker that dies lapse by themselves. Local counters (waits, time waited, deferrals) are kept
+per scope for metrics (`stats()`), next to what Redis says (`promptq.limits.RedisLimits.state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from arq import Retry
+from redis.exceptions import RedisError
+from sqlalchemy import select, update
+
+from promptq import clock
+from promptq.db import is_db_unavailable
+from promptq.endpoints import Endpoint, EndpointTable
+from promptq.limits import Grant, RedisLimits, ScopeLimits
+from promptq.metrics import LimitReading
+from promptq.models import Job, JobKind, Priority
+from promptq.settings import Settings
+from promptq.store import CLAIMABLE, JobStore
+
+logger = logging.getLogger(__name__)
+
+#: Longest pause between two tries of a waiting call (a release in this process wakes it
+#: sooner; one in another process is seen at the next try).
+MAX_POLL_S = 0.05
+#: Shortest pause between two tries.
+MIN_POLL_S = 0.002
+#: Calls of one scope allowed to wait in this worker's slots before further jobs of that
+#: scope are handed back to the queue at once.
+MAX_LOCAL_WAITERS = 2
+#: Longest a job is deferred by the limiter. Deferrals longer than the reconciler's tolerance
+#: also set the job's next_attempt_at, so that it is not brought forward.
+MAX_DEFER_S = 60.0
+RECONCILER_TOLERANCE_S = 1.5
+#: Tokens counted per message on top of its text (role, separators).
+MESSAGE_OVERHEAD_TOKENS = 4
+#: Pause before asking Redis again when it is unreachable (calls wait; jobs are handed back).
+REDIS_DOWN_PAUSE_S = 0.5
+
+_HELD: contextvars.ContextVar[list[Permit] | None] = contextvars.ContextVar(
+    "promptq_held_permits", default=None
+)
+
+
+@dataclass(slots=True)
+class Permit:
+    """The right to make one call in `scope`, with `tokens` reserved."""
+
+    scope: str
+    id: str
+    bucket: int
+    tokens: int
+    #: Set once the call is made (a permit given back unused refunds its request).
+    used: bool = False
+    released: bool = False
+
+
+@dataclass(slots=True)
+class ScopeStats:
+    """What this worker process saw of one scope (counters only grow)."""
+
+    in_flight: int = 0
+    waits: int = 0
+    wait_seconds: float = 0.0
+    deferrals: int = 0
+    overloads: int = 0
+    adaptive_limit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSnapshot:
+    """One scope's limit for metrics: global numbers from Redis, waits of this process."""
+
+    name: str
+    #: Calls holding a permit of this scope right now, across all workers (None: unknown).
+    in_flight: int | None
+    #: The in-flight limit now: the adaptive one, else max_in_flight (None: no such limit).
+    limit: float | None
+    waits_total: int
+    wait_seconds_total: float
+
+
+@dataclass(slots=True)
+class _Scope:
+    limits: ScopeLimits
+    stats: ScopeStats = field(default_factory=ScopeStats)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: int = 0
+    held: dict[str, Permit] = field(default_factory=dict)
+    #: When the last refusal said there may be room (seconds from then).
+    hint_s: float = 0.0
+
+
+def scope_limits(endpoint: Endpoint) -> ScopeLimits:
+    """The script arguments of an endpoint's limits."""
+    cfg = endpoint.limits
+    return ScopeLimits(
+        max_in_flight=cfg.max_in_flight,
+        rpm_per_window=cfg.per_window(cfg.rpm),
+        tpm_per_window=cfg.per_window(cfg.tpm),
+        window_s=cfg.window_s,
+        adaptive=cfg.adaptive,
+        min_in_flight=cfg.min_in_flight,
+        initial_in_flight=cfg.initial_in_flight or cfg.min_in_flight,
+        decrease_factor=cfg.decrease_factor,
+        latency_ratio=cfg.latency_ratio,
+    )
+
+
+def estimate_tokens(
+    messages: list[dict[str, Any]], params: dict[str, Any], *, chars_per_token: float, assumed: int
+) -> int:
+    """Tokens a call may use: its prompt (characters / chars_per_token) plus its max_tokens."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            parts = [part for part in content if isinstance(part, dict)]
+            chars += sum(len(str(part.get("text", ""))) for part in parts)
+    prompt = int(chars / chars_per_token) + MESSAGE_OVERHEAD_TOKENS * len(messages)
+    completion = params.get("max_tokens", params.get("max_completion_tokens"))
+    if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
+        completion = assumed
+    return prompt + completion
+
+
+class Limiter:
+    """This worker's permits in the global limits (see the module docstring)."""
+
+    def __init__(
+        self,
+        limits: RedisLimits,
+        table: EndpointTable,
+        *,
+        lease_s: float,
+        wait_s: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.redis = limits
+        self.table = table
+        self.lease_s = lease_s
+        self.wait_s = wait_s
+        self.rng = rng or random.Random()
+        self._scopes: dict[str, _Scope] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def limited(self, endpoint: Endpoint) -> bool:
+        """True if calls to this endpoint go through the limiter."""
+        return endpoint.limits.any
+
+    async def acquire(self, endpoint: Endpoint, model: str, tokens: int) -> Permit:
+        """A permit for one call to `model`: the one this job holds, or a new one (waiting)."""
+        scope = endpoint.scope(model)
+        held = _HELD.get()
+        if held:
+            for permit in held:
+                if permit.scope == scope and not permit.used:
+                    permit.used = True
+                    await self._correct(permit, tokens)
+                    return permit
+        fresh = await self._try(endpoint, model, tokens, wait_s=None)
+        assert fresh is not None  # without a time limit, _try waits until it has one
+        fresh.used = True
+        return fresh
+
+    async def release(
+        self, permit: Permit, *, tokens_used: int | None, latency_s: float | None, overload: bool
+    ) -> None:
+        """Give a permit back after its call: correct the tokens, feed the adaptive window."""
+        state = self._scopes.get(permit.scope)
+        if state is not None and state.limits.adaptive and permit.used:
+            try:
+                limit = await self.redis.observe(
+                    permit.scope, state.limits, latency_s=latency_s, overload=overload
+                )
+                state.stats.adaptive_limit = limit
+            except Exception:
+                logger.warning("could not record a call in the adaptive limit", exc_info=True)
+            if overload:
+                state.stats.overloads += 1
+        delta = 0 if tokens_used is None else tokens_used - permit.tokens
+        await self._give_back(permit, token_delta=delta, refund=not permit.used)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def before_claim(self, store: JobStore, settings: Settings, job_id: str) -> None:
+        """Take the permit for a job's first call, or raise Retry to hand the job back.
+
+        Does nothing when no endpoint has limits, or when the job is not waiting to run (the
+        claim that follows sorts that out).
+        """
+        if not self.table.has_limits:
+            return
+        try:
+            found = await self._job_call(store, settings, job_id)
+        except Exception as exc:
+            if is_db_unavailable(exc):
+                return  # the claim that follows meets the outage too, and defers the job
+            raise
+        if found is None:
+            return
+        endpoint, model, tokens, interactive = found
+        scope = self._scope(endpoint, model)
+        wait_s: float | None = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
+        if interactive:
+            wait_s = None  # handed back, it would queue up behind the bulk backlog: wait here
+        permit = await self._try(endpoint, model, tokens, wait_s=wait_s, job_id=job_id)
+        if permit is not None:
+            held = _HELD.get()
+            if held is None:
+                _HELD.set([permit])
+            else:
+                held.append(permit)
+            return
+        defer_s = min(MAX_DEFER_S, self._last_hint_s(scope)) * self.rng.uniform(1.0, 1.5)
+        try:  # behind the jobs already waiting for this scope
+            defer_s = await self.redis.defer(
+                endpoint.scope(model),
+                job_id,
+                shortest_s=defer_s,
+                longest_s=MAX_DEFER_S,
+            )
+        except (RedisError, OSError):
+            logger.debug("could not queue job %s for its limits", job_id, exc_info=True)
+        scope.stats.deferrals += 1
+        if defer_s > RECONCILER_TOLERANCE_S:
+            await self._mark_due(store, job_id, clock.now() + timedelta(seconds=defer_s))
+        logger.debug("job %s waits for %s's limits; back in %.2f s", job_id, endpoint.name, defer_s)
+        raise Retry(defer=timedelta(seconds=defer_s))
+
+    async def _job_call(
+        self, store: JobStore, settings: Settings, job_id: str
+    ) -> tuple[Endpoint, str, int, bool] | None:
+        """(endpoint, model, tokens to reserve, interactive) of a waiting job whose endpoint
+        has limits."""
+        async with store.sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(Job.model, Job.kind, Job.status, Job.priority).where(Job.id == job_id)
+                )
+            ).first()
+            if row is None or row.status not in CLAIMABLE:
+                return None
+            endpoint = self.table.resolve(row.model)
+            if not self.limited(endpoint):
+                return None
+            interactive = row.priority > Priority.BULK
+            if row.kind != JobKind.PROMPT:  # a summarize call carries at most a window
+                return endpoint, row.model, settings.context_window_tokens, interactive
+            data = (await session.execute(select(Job.input).where(Job.id == job_id))).scalar_one()
+        tokens = estimate_tokens(
+            data.get("messages") or [],
+            data.get("params") or {},
+            chars_per_token=settings.chars_per_token,
+            assumed=endpoint.limits.assumed_max_tokens,
+        )
+        return endpoint, row.model, tokens, interactive
+
+    async def after_job(self) -> None:
+        """Give back, refunded, the permits this job took but never used."""
+        held = _HELD.get()
+        if not held:
+            return
+        for permit in held:
+            if not permit.used:
+                await self._give_back(permit, token_delta=-permit.tokens, refund=True)
+        held.clear()
+
+    # -- background ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Renew held permits' leases in the background until stop()."""
+        self._task = asyncio.create_task(self._renew_forever(), name="promptq-limit-leases")
+
+    async def stop(self) -> None:
+        """Stop renewing."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def stats(self) -> dict[str, ScopeStats]:
+        """This process's counters per scope (for metrics)."""
+        return {name: scope.stats for name, scope in self._scopes.items()}
+
+    async def readings(self) -> list[LimitReading]:
+        """`snapshot()` as the Prometheus metrics read it (`Metrics.limits_source`)."""
+        return [
+            LimitReading(
+                name=s.name,
+                in_flight=s.in_flight,
+                limit=s.limit,
+                waits_total=s.waits_total,
+                wait_seconds_total=s.wait_seconds_total,
+            )
+            for s in await self.snapshot()
+        ]
+
+    async def snapshot(self) -> list[LimitSnapshot]:
+        """Every scope this worker has used: the calls in flight across all workers and the
+        current limit (from Redis), with this process's waits (for metrics)."""
+        readings = []
+        for name, scope in list(self._scopes.items()):
+            try:
+                state = await self.redis.state(name, window_s=scope.limits.window_s)
+            except (RedisError, OSError):
+                in_flight, limit = None, scope.stats.adaptive_limit
+            else:
+                in_flight, limit = state.in_flight, state.adaptive_limit
+            if limit is None and scope.limits.max_in_flight is not None:
+                limit = float(scope.limits.max_in_flight)
+            readings.append(
+                LimitSnapshot(
+                    name=name,
+                    in_flight=in_flight,
+                    limit=limit,
+                    waits_total=scope.stats.waits,
+                    wait_seconds_total=scope.stats.wait_seconds,
+                )
+            )
+        return readings
+
+    async def renew(self) -> int:
+        """Renew every held permit now; returns how many Redis still had."""
+        renewed = 0
+        for name, scope in list(self._scopes.items()):
+            ids = list(scope.held)
+            if ids:
+                renewed += await self.redis.renew(name, ids, lease_s=self.lease_s)
+        return renewed
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.renew()
+            except Exception:  # Redis may be briefly away; the next tick tries again
+                logger.warning("could not renew limit permits", exc_info=True)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _scope(self, endpoint: Endpoint, model: str) -> _Scope:
+        name = endpoint.scope(model)
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = self._scopes[name] = _Scope(scope_limits(endpoint))
+        return scope
+
+    async def _try(
+        self,
+        endpoint: Endpoint,
+        model: str,
+        tokens: int,
+        *,
+        wait_s: float | None,
+        job_id: str = "",
+    ) -> Permit | None:
+        """A permit, trying until `wait_s` has passed (forever if None); None if none came."""
+        scope = self._scope(endpoint, model)
+        name = endpoint.scope(model)
+        started = time.monotonic()
+        waited = False
+        scope.waiters += 1
+        try:
+            while True:
+                permit_id = uuid.uuid4().hex
+                try:
+                    grant = await self.redis.acquire(
+                        name,
+                        scope.limits,
+                        permit_id=permit_id,
+                        lease_s=self.lease_s,
+                        tokens=tokens,
+                        job_id=job_id,
+                    )
+                except (RedisError, OSError) as exc:
+                    # Limits can't be checked: wait (never call past them) until Redis is back.
+                    logger.warning("limits of %s unreachable (%r); waiting", name, exc)
+                    grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
+                if grant.granted:
+                    permit = Permit(name, permit_id, grant.bucket, tokens)
+                    scope.held[permit_id] = permit
+                    scope.stats.in_flight += 1
+                    if waited:
+                        scope.stats.waits += 1
+                        scope.stats.wait_seconds += time.monotonic() - started
+                    return permit
+                # A full max_in_flight frees when some call ends: soon, but nobody knows when.
+                scope.hint_s = 0.0 if grant.reason == "max_in_flight" else grant.wait_s
+                left_s = None if wait_s is None else wait_s - (time.monotonic() - started)
+                if left_s is not None and left_s <= 0:
+                    return None
+                waited = True
+                pause_s = min(max(grant.wait_s, MIN_POLL_S), MAX_POLL_S)
+                if grant.reason == "redis":
+                    pause_s = REDIS_DOWN_PAUSE_S
+                pause_s *= self.rng.uniform(0.5, 1.0)  # don't retry in lockstep
+                if left_s is not None:
+                    pause_s = min(pause_s, left_s)
+                freed = scope.freed
+                try:
+                    async with asyncio.timeout(pause_s):
+                        await freed.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            scope.waiters -= 1
+
+    def _last_hint_s(self, scope: _Scope) -> float:
+        return max(scope.hint_s, self.wait_s, MAX_POLL_S)
+
+    async def _correct(self, permit: Permit, tokens: int) -> None:
+        """Re-reserve a held permit's tokens for the call it is used for."""
+        if tokens == permit.tokens:
+            return
+        try:
+            await self.redis.release(
+                permit.scope,
+                "",  # no permit to drop: only the bucket's tokens change
+                bucket=permit.bucket,
+                refund_request=False,
+                token_delta=tokens - permit.tokens,
+            )
+        except (RedisError, OSError):  # the reservation stays as it was; usage corrects it
+            logger.warning("could not adjust a token reservation", exc_info=True)
+            return
+        permit.tokens = tokens
+
+    async def _give_back(self, permit: Permit, *, token_delta: int, refund: bool) -> None:
+        if permit.released:
+            return
+        permit.released = True
+        scope = self._scopes.get(permit.scope)
+        if scope is not None:
+            scope.held.pop(permit.id, None)
+            scope.stats.in_flight -= 1
+            # Wake this process's waiters on this scope; the event is replaced, not cleared,
+            # so a waiter that has not started waiting yet is not woken by a stale set().
+            scope.freed.set()
+            scope.freed = asyncio.Event()
+        try:
+            await self.redis.release(
+                permit.scope,
+                permit.id,
+                bucket=permit.bucket,
+                refund_request=refund,
+                token_delta=token_delta,
+            )
+        except Exception:  # the lease lapses by itself; the correction is lost
+            logger.warning("could not give back a limit permit", exc_info=True)
+
+    @staticmethod
+    async def _mark_due(store: JobStore, job_id: str, due: datetime) -> None:
+        """Record when a deferred job is due, so that the reconciler doesn't bring it forward."""
+        try:
+            async with store.sessionmaker() as session, session.begin():
+                await session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status.in_(CLAIMABLE))
+                    .values(next_attempt_at=due)
+                )
+        except Exception:  # only a hint for the reconciler
+            logger.debug("could not record when job %s is due", job_id, exc_info=True)
