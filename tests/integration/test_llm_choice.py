@@ -133,4 +133,4 @@ def test_the_bundled_server_command_loads_the_model_on_localhost() -> None:
     assert args["--model"] == "/m.gguf" and args["--host"] == "127.0.0.1"
     assert args["--port"] == "8123" and args["--n_ctx"] == "4096"
     assert args["--model_alias"] == bundled_llm.MODEL_ALIAS
-    assert args["--interrupt_requests"] == "false"
+    assert args["--interrupt_requests"] == "false" and args["--chat_format"] == "gemma"
