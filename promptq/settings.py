@@ -101,6 +101,15 @@ class Settings(BaseSettings):
     #: Stream the final summary's tokens to `GET /api/jobs/{id}/stream` subscribers.
     summary_stream_final: bool = True
 
+    #: Reuse the stored result of an identical earlier request (same owner, model, messages and
+    #: params) for deterministic requests (temperature 0 or a seed) and those asking `cache`.
+    cache_enabled: bool = True
+    #: How long the backend's model list (`GET /v1/models`, the model check) is reused.
+    models_cache_s: float = Field(default=5.0, ge=0)
+    #: Longest `POST /v1/chat/completions` waits for its job before answering 504 (the job
+    #: itself goes on; read it at /api/jobs/{id}).
+    chat_wait_s: float = Field(default=600.0, gt=0)
+
     log_level: str = "INFO"
     #: `console` (human-readable) or `json` (one object per line, for log shippers).
     log_format: Literal["console", "json"] = "console"
