@@ -4,6 +4,12 @@ Deny by default: every path needs `Authorization: Bearer <key>` except those in 
 so a route added later is protected without anyone remembering to protect it. A key that was
 found valid is trusted for `api_key_cache_s` (30 s by default): revoking a key takes effect
 within that window in every running API process.
+
+Browsers (the dashboard) may send the key in the KEY_COOKIE cookie instead, which the login
+page sets HttpOnly and SameSite=Strict. Such a request that changes something must also carry
+the CSRF_HEADER: another site's page can neither send the cookie nor set that header. A page
+route (named PAGE_ROUTE_PREFIX...) answers a browser without a valid key with a redirect to the
+login page instead of a 401.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -21,11 +28,24 @@ from promptq.keys import LOCAL_OPERATOR, KeyStore, Principal, hash_key, looks_li
 logger = logging.getLogger(__name__)
 
 #: Paths anyone may call without a key.
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/login", "/logout"})
+#: Path prefixes anyone may call without a key: the dashboard's CSS and JavaScript.
+PUBLIC_PREFIXES = ("/static/",)
+#: The cookie that carries a browser's key (the key itself: nothing is kept server-side).
+KEY_COOKIE = "promptq_key"
+#: A cookie-authenticated request with an unsafe method must send this header, with value "1".
+CSRF_HEADER = "X-PromptQ-CSRF"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Routes whose name starts with this are HTML pages: without a key they redirect to LOGIN_PATH.
+PAGE_ROUTE_PREFIX = "page:"
+LOGIN_PATH = "/login"
 #: Most keys one API process remembers; past it the cache starts over.
 CACHE_MAX_ENTRIES = 10_000
 
 MISSING = "this API needs a key: send `Authorization: Bearer <key>` (see `promptq keys create`)"
+CSRF_MISSING = (
+    f"a request authenticated by the {KEY_COOKIE} cookie must send the header `{CSRF_HEADER}: 1`"
+)
 MALFORMED = "the Authorization header must be `Bearer <key>`"
 REJECTED = "the API key is not valid or has been revoked"
 
@@ -92,16 +112,23 @@ def unauthorized(message: str, *, invalid_token: bool) -> web.Response:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Attach the caller's Principal to the request, or answer 401."""
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
     authenticator = request.app.get(AUTHENTICATOR)
     if authenticator is None:  # auth disabled: everyone is the local operator
         request[PRINCIPAL] = LOCAL_OPERATOR
         return await handler(request)
     header = request.headers.get("Authorization")
-    if header is None:
+    cookie = request.cookies.get(KEY_COOKIE)
+    if header is None and cookie is not None:
+        if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != "1":
+            logger.info("403 %s %s: cookie without %s", request.method, request.path, CSRF_HEADER)
+            return error_response(403, "csrf_check_failed", CSRF_MISSING)
+        token: str | None = cookie
+    elif header is None:
         return _refuse(request, MISSING, "no Authorization header", invalid_token=False)
-    token = bearer_token(header)
+    else:
+        token = bearer_token(header)
     if token is None:
         return _refuse(request, MALFORMED, "malformed Authorization header", invalid_token=True)
     principal = await authenticator.authenticate(token)
@@ -116,6 +143,10 @@ def _refuse(
 ) -> web.Response:
     # Never log the header: it may be a real key sent to the wrong place.
     logger.info("401 %s %s from %s: %s", request.method, request.path, request.remote, reason)
+    if request.method == "GET" and (request.match_info.route.name or "").startswith(
+        PAGE_ROUTE_PREFIX
+    ):
+        raise web.HTTPFound(f"{LOGIN_PATH}?{urlencode({'next': request.path_qs})}")
     return unauthorized(message, invalid_token=invalid_token)
 
 

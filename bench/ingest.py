@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -178,8 +179,30 @@ async def wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the API did not come up")
 
 
+def api_phases(log: str) -> dict[str, float]:
+    """The full batch's phases, from the API's log: validation, insert, enqueue (seconds)."""
+    validated = re.findall(r"item\(s\) validated in ([0-9.]+) s", log)
+    stored = re.findall(r"created in ([0-9.]+) s, \d+ reused, \d+ queued in ([0-9.]+) s", log)
+    if not validated or not stored:
+        return {}
+    return {
+        "validate": float(validated[-1]),
+        "insert": float(stored[-1][0]),
+        "enqueue": float(stored[-1][1]),
+    }
+
+
+def calibrate_s() -> float:
+    """Seconds for a fixed pure-Python loop (about 0.15 s on an idle modern core): how busy
+    the machine was, to read the other numbers by."""
+    started = time.perf_counter()
+    sum(range(10**7))
+    return round(time.perf_counter() - started, 3)
+
+
 async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, Any]:
     """The whole benchmark; returns the results."""
+    calibration_s = calibrate_s()
     db = f"promptq_bench_ingest_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(args.pg_dsn)
     await admin.execute(f"CREATE DATABASE {db}")
@@ -204,7 +227,7 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             "PROMPTQ_QUEUE_NAME": QUEUE,
             "PROMPTQ_AUTH_DISABLED": "true",
             "PROMPTQ_BATCH_MAX_ITEMS": str(settings.batch_max_items),
-            "PROMPTQ_LOG_LEVEL": "WARNING",
+            "PROMPTQ_LOG_LEVEL": "INFO",
         }
         log = (tmp / "api.log").open("wb")
         proc = start_api(port, env, log)
@@ -216,19 +239,21 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             write_items(warm, max(1, args.items // 10), "warmup")
             size = write_items(full, args.items, "items")
             timeout = aiohttp.ClientTimeout(total=None)
+            client = redis.asyncio.Redis.from_url(redis_url)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 warm_s, _ = await upload(session, base, warm)
                 warm_mb = peak_rss_mb(proc.pid)
+                before = await client.zcard(QUEUE)
                 batch_s, body = await upload(session, base, full)
                 full_mb = peak_rss_mb(proc.pid)
+                queued = await client.zcard(QUEUE) - before
                 per_job_s = await per_job(session, base, full, args.sample)
-            client = redis.asyncio.Redis.from_url(redis_url)
-            queued = await client.zcard(QUEUE)
             await client.aclose()
         finally:
             proc.terminate()
             proc.wait(10)
             log.close()
+        phases = api_phases((tmp / "api.log").read_text(errors="replace"))
         floor_s = await raw_floor(pg_db, redis_url, full)
     finally:
         admin = await asyncpg.connect(args.pg_dsn)
@@ -238,14 +263,19 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
     per_job_total_s = per_job_s / args.sample * args.items
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 1),
+            "calibration_s": calibration_s,
+        },
         "items": args.items,
         "upload_bytes": size,
         "batch": {
             "seconds": round(batch_s, 2),
             "items_per_s": round(args.items / batch_s),
             "created": body["created"],
-            "queued_in_redis": queued - args.sample,
+            "queued_in_redis": queued,
             "warmup_items": max(1, args.items // 10),
             "warmup_seconds": round(warm_s, 2),
         },
@@ -254,6 +284,7 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
             "after_warmup_batch": round(warm_mb, 1),
             "after_full_batch": round(full_mb, 1),
         },
+        "api_phases_seconds": phases,
         "per_job_api": {
             "sample": args.sample,
             "concurrency": PER_JOB_CONCURRENCY,

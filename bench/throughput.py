@@ -439,10 +439,10 @@ class TimedQueue(QueueClient):
         super().__init__(redis, queue_name)
         self.enqueued_at: dict[str, float] = {}
 
-    async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
+    async def enqueue(self, job_id: str, *, defer_s: float = 0.0, priority: int = 0) -> bool:
         """Record the time, then enqueue."""
         self.enqueued_at[job_id] = time.time()
-        return await super().enqueue(job_id, defer_s=defer_s)
+        return await super().enqueue(job_id, defer_s=defer_s, priority=priority)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from redis.exceptions import RedisError
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 
 from promptq import clock, events
 from promptq.batch_schemas import BatchOut
@@ -57,8 +57,8 @@ class Canceller:
             if await self._cancel_waiting([job_id]):
                 await self._announce([job_id])
                 break
-            if await self._request_running([job_id]):
-                await self.notify_workers([job_id])
+            if running := await self._request_running([job_id]):
+                await self.notify_workers(running)
                 break
             job = await store.get_job(job_id)
             if job is None:
@@ -106,9 +106,13 @@ class Canceller:
                 .where(Job.batch_id == batch.id, Job.status.in_(CLAIMABLE))
                 .values(**_cancelled_values(now))
             )
-        running = [
-            job_id async for job_id in batches.job_ids(batch.id, statuses=(JobStatus.RUNNING,))
-        ]
+        async with self.sessionmaker() as session:
+            rows = await session.execute(
+                select(Job.id, Job.attempts).where(
+                    Job.batch_id == batch.id, Job.status == JobStatus.RUNNING
+                )
+            )
+            running = [(row.id, row.attempts) for row in rows]
         await self.notify_workers(running)
         logger.info("batch %s cancelled (%d running job(s) told to stop)", batch.id, len(running))
         return await batches.get(batch.id, owned_by=None)
@@ -125,29 +129,30 @@ class Canceller:
             )
             return list(result.scalars())
 
-    async def _request_running(self, job_ids: Sequence[str]) -> list[str]:
-        """Flag those of `job_ids` that are running; the ids flagged."""
+    async def _request_running(self, job_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """Flag those of `job_ids` that are running; (id, attempt number) of those flagged."""
         now = clock.now()
         async with self.sessionmaker() as session, session.begin():
             result = await session.execute(
                 update(Job)
                 .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.RUNNING)
                 .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, now))
-                .returning(Job.id)
+                .returning(Job.id, Job.attempts)
             )
-            return list(result.scalars())
+            return [(row.id, row.attempts) for row in result]
 
-    async def notify_workers(self, job_ids: Sequence[str]) -> None:
-        """Tell the workers to abort these running jobs (best effort: leases are the backup)."""
-        if not job_ids:
+    async def notify_workers(self, attempts: Sequence[tuple[str, int]]) -> None:
+        """Tell the workers to abort these running attempts ((job id, attempt number)), with
+        a `<job id>:<number>` message each; best effort: leases are the backup."""
+        if not attempts:
             return
         queue = self.service.queue
         channel = cancel_channel(queue.queue_name)
         try:
-            for start in range(0, len(job_ids), IDS_PER_STATEMENT):
+            for start in range(0, len(attempts), IDS_PER_STATEMENT):
                 async with queue.redis.pipeline(transaction=False) as pipe:
-                    for job_id in job_ids[start : start + IDS_PER_STATEMENT]:
-                        pipe.publish(channel, job_id.encode())
+                    for job_id, number in attempts[start : start + IDS_PER_STATEMENT]:
+                        pipe.publish(channel, f"{job_id}:{number}".encode())
                     await pipe.execute()
         except (RedisError, OSError) as exc:
             logger.warning("could not tell workers to cancel (%r); their leases will", exc)

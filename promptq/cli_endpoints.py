@@ -126,6 +126,8 @@ def _row(endpoint: Endpoint, states: list[ScopeState] | None) -> dict[str, Any]:
         text = f"{state.in_flight} in flight"
         if state.adaptive_limit is not None:
             text += f", limit {state.adaptive_limit:.1f}"
+        if state.waiting:
+            text += f", {state.waiting} jobs waiting"
         now.append(f"{state.scope}: {text}" if limits.per == "model" else text)
     return {
         "name": endpoint.name,
@@ -144,6 +146,7 @@ def _row(endpoint: Endpoint, states: list[ScopeState] | None) -> dict[str, Any]:
                 "adaptive_limit": s.adaptive_limit,
                 "requests_in_window": s.requests_in_window,
                 "tokens_in_window": s.tokens_in_window,
+                "jobs_waiting": s.waiting,
             }
             for s in states or []
         ],

@@ -51,7 +51,8 @@ UPDATE jobs SET status = 'running', attempts = attempts + 1,
 WHERE id = :id AND status IN ('queued', 'retrying')
   AND (deadline_at IS NULL OR deadline_at > :now)
   AND attempts - interruptions < max_attempts
-RETURNING kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at
+RETURNING kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
+    priority
 """
 _SQLITE_OPEN_ATTEMPT = """
 INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
@@ -81,12 +82,13 @@ WITH claimed AS (
       AND (deadline_at IS NULL OR deadline_at > $1)
       AND attempts - interruptions < max_attempts
     RETURNING id, kind, model, input, attempts, interruptions, max_attempts, deadline_s,
-              deadline_at
+              deadline_at, priority
 ), opened AS (
     INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
     SELECT id, attempts, $1, 'running', $4::varchar, model FROM claimed
 )
-SELECT kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at
+SELECT kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
+       priority
 FROM claimed
 """
 #: PostgreSQL: close the attempt and record the success ($1 now, $2 outcome, $3 status code,
@@ -116,6 +118,7 @@ class ClaimedRow:
     max_attempts: int
     deadline_s: float | None
     deadline_at: datetime | None
+    priority: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +184,7 @@ class FastPath:
             row = await driver._execute(_sqlite_claim, driver._conn, params)
         if row is None:
             return None
-        kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline = row
+        kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline, prio = row
         return ClaimedRow(
             kind,
             model,
@@ -191,6 +194,7 @@ class FastPath:
             max_attempts,
             deadline_s,
             self._read_time(deadline),
+            prio,
         )
 
     async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:

@@ -31,9 +31,9 @@ AIMD_MIN_SAMPLES = 5
 AIMD_MIN_OVERLOADS = 2
 AIMD_OVERLOAD_SHARE = 0.1
 
-# KEYS: inflight, rpm, tpm, aimd
+# KEYS: inflight, rpm, tpm, aimd, grants, waiters
 # ARGV: permit id, lease ms, max in flight (0: none), adaptive (1/0), min, initial,
-#       rpm per window (0: none), tpm per window (0: none), tokens, window ms
+#       rpm per window (0: none), tpm per window (0: none), tokens, window ms, job id ('': none)
 # Returns {1, bucket} when granted, {0, reason, wait ms} when not.
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -99,7 +99,62 @@ if tpm > 0 then
   redis.call('HINCRBY', KEYS[3], bucket, tokens)
   redis.call('PEXPIRE', KEYS[3], keep)
 end
+-- grants per 200 ms over the last 10 s: the rate a line of waiting jobs is served at
+local grant_bucket = math.floor(now / 200)
+redis.call('HINCRBY', KEYS[5], grant_bucket, 1)
+redis.call('PEXPIRE', KEYS[5], 11000)
+if redis.call('HLEN', KEYS[5]) > 60 then
+  local fields = redis.call('HKEYS', KEYS[5])
+  for i = 1, #fields do
+    if tonumber(fields[i]) < grant_bucket - 50 then redis.call('HDEL', KEYS[5], fields[i]) end
+  end
+end
+if ARGV[11] ~= '' then redis.call('ZREM', KEYS[6], ARGV[11]) end
 return {1, bucket}
+"""
+
+# KEYS: waiters, grants; ARGV: job id, shortest defer ms, longest defer ms.
+# A job handed back joins the scope's waiters, due when the calls granted lately (the rate over
+# the last 10 s) would have served the waiters ahead of it: a long line waits long, instead of
+# every waiting job coming back (and being refused again) every fraction of a second. A job
+# handed back again keeps its place in the line.
+# Returns the defer in ms.
+_DEFER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local shortest, longest = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - longest)
+-- a job already in line keeps its place (those due before it); a new one goes to the end
+local place = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+local ahead
+if place then
+  ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. place)
+else
+  ahead = redis.call('ZCARD', KEYS[1])
+end
+local bucket_ms = 200
+local oldest = math.floor(now / bucket_ms) - 50
+local granted, first = 0, nil
+local fields = redis.call('HGETALL', KEYS[2])
+for i = 1, #fields, 2 do
+  local b = tonumber(fields[i])
+  if b >= oldest then
+    granted = granted + tonumber(fields[i + 1])
+    if first == nil or b < first then first = b end
+  end
+end
+local defer = shortest
+if granted > 0 then
+  -- the rate over the time grants were seen, not the whole window (it may have just begun)
+  local span = math.max(bucket_ms, now - first * bucket_ms)
+  -- a little early rather than late: the line must never run dry while calls could start
+  defer = math.max(shortest, math.floor(0.8 * ahead * span / granted))
+end
+defer = math.min(defer, longest)
+redis.call('ZADD', KEYS[1], now + defer, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], longest * 3)
+return defer
 """
 
 # KEYS: inflight; ARGV: lease ms, permit ids... Returns how many permits were still held.
@@ -224,6 +279,8 @@ class ScopeState:
     tokens_in_window: int
     #: How many times the adaptive limit was lowered.
     decreases: int
+    #: Jobs handed back to the queue that wait for this scope (due now or later).
+    waiting: int = 0
 
 
 class RedisLimits:
@@ -236,16 +293,26 @@ class RedisLimits:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._observe = redis.register_script(_OBSERVE)
+        self._defer = redis.register_script(_DEFER)
 
     def keys(self, scope: str) -> list[str]:
-        """The scope's keys: inflight, rpm, tpm, aimd."""
+        """The scope's keys: inflight, rpm, tpm, aimd, grants, waiters."""
         base = f"{self.prefix}:limits:{scope}"
-        return [f"{base}:inflight", f"{base}:rpm", f"{base}:tpm", f"{base}:aimd"]
+        names = ("inflight", "rpm", "tpm", "aimd", "grants", "waiters")
+        return [f"{base}:{name}" for name in names]
 
     async def acquire(
-        self, scope: str, limits: ScopeLimits, *, permit_id: str, lease_s: float, tokens: int
+        self,
+        scope: str,
+        limits: ScopeLimits,
+        *,
+        permit_id: str,
+        lease_s: float,
+        tokens: int,
+        job_id: str = "",
     ) -> Grant:
-        """Take a permit for one call counting `tokens`, if every limit allows it now."""
+        """Take a permit for one call counting `tokens`, if every limit allows it now (and
+        take `job_id` off the scope's waiters)."""
         result: list[Any] = await self._acquire(
             keys=self.keys(scope),
             args=[
@@ -259,11 +326,20 @@ class RedisLimits:
                 limits.tpm_per_window or 0,
                 max(0, tokens),
                 _ms(limits.window_s),
+                job_id,
             ],
         )
         if int(result[0]) == 1:
             return Grant(True, bucket=int(result[1]))
         return Grant(False, reason=_text(result[1]), wait_s=int(result[2]) / 1000)
+
+    async def defer(self, scope: str, job_id: str, *, shortest_s: float, longest_s: float) -> float:
+        """Put a job handed back in the scope's line; returns in how many seconds it is due."""
+        waiters, grants = self.keys(scope)[5], self.keys(scope)[4]
+        defer_ms = await self._defer(
+            keys=[waiters, grants], args=[job_id, _ms(shortest_s), _ms(longest_s)]
+        )
+        return int(defer_ms) / 1000
 
     async def renew(self, scope: str, permit_ids: list[str], *, lease_s: float) -> int:
         """Extend the leases of permits still held; returns how many were."""
@@ -305,14 +381,15 @@ class RedisLimits:
 
     async def state(self, scope: str, *, window_s: float = 60.0) -> ScopeState:
         """The scope's current in-flight count, adaptive limit and window usage."""
-        inflight, rpm, tpm, aimd = self.keys(scope)
+        inflight, rpm, tpm, aimd, _, waiters = self.keys(scope)
         now_ms = await self._now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(inflight, f"({now_ms}", "+inf")
             pipe.hgetall(rpm)
             pipe.hgetall(tpm)
             pipe.hmget(aimd, ["limit", "decreases"])
-            count, rpm_buckets, tpm_buckets, (limit, decreases) = await pipe.execute()
+            pipe.zcard(waiters)
+            count, rpm_buckets, tpm_buckets, (limit, decreases), waiting = await pipe.execute()
         oldest = math.floor(now_ms / (window_s * 1000 / WINDOW_BUCKETS)) - WINDOW_BUCKETS
         return ScopeState(
             scope=scope,
@@ -321,6 +398,7 @@ class RedisLimits:
             requests_in_window=_window_sum(rpm_buckets, oldest),
             tokens_in_window=_window_sum(tpm_buckets, oldest),
             decreases=int(decreases or 0),
+            waiting=int(waiting),
         )
 
     async def _now_ms(self) -> int:

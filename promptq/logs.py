@@ -31,13 +31,18 @@ ATTEMPT: ContextVar[int | None] = ContextVar("promptq_attempt", default=None)
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-#: What a secret looks like in a log line, and what it becomes.
-_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?i)\b(bearer)\s+[^\s'\",}]+"), r"\1 ***"),
-    (re.compile(r"\bpq_[A-Za-z0-9_-]{8,}"), "pq_***"),
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), "sk-***"),
-    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+"), r"\1***"),
-    (re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), r"\1:***@"),
+#: What a secret looks like in a log line, and what it becomes; each pattern runs only when
+#: its marker (lower case) is in the line, so ordinary lines cost a few substring tests.
+_SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("bearer", re.compile(r"(?i)\b(bearer)\s+[^\s'\",}]+"), r"\1 ***"),
+    ("pq_", re.compile(r"\bpq_[A-Za-z0-9_-]{8,}"), "pq_***"),
+    ("sk-", re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), "sk-***"),
+    (
+        "authorization",
+        re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+"),
+        r"\1***",
+    ),
+    ("@", re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), r"\1:***@"),
 )
 
 
@@ -55,9 +60,12 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, "***")
-        for pattern, replacement in _SECRET_PATTERNS:
-            text = pattern.sub(replacement, text)
+            if secret in text:
+                text = text.replace(secret, "***")
+        lowered = text.lower()
+        for marker, pattern, replacement in _SECRET_PATTERNS:
+            if marker in lowered:
+                text = pattern.sub(replacement, text)
         return text
 
 

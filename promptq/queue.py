@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -15,6 +15,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
+from promptq import clock
 from promptq.errors import ServiceUnavailable
 from promptq.settings import Settings
 
@@ -110,7 +111,7 @@ class QueueClient:
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable("Redis is unreachable") from exc
 
-    async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
+    async def enqueue(self, job_id: str, *, defer_s: float = 0.0, priority: int = 0) -> bool:
         """Put a job on the queue and wake idle workers; False if it is already there.
 
         One script (`ENQUEUE_SCRIPT`) does what arq's `enqueue_job` does in a WATCH/MULTI
@@ -118,9 +119,18 @@ class QueueClient:
         job, add it to the queue) and publishes the wake-up, atomically, in one round trip.
         The job is stored exactly as arq stores it. A deferred job wakes workers too, so that
         they re-compute when the next job falls due.
+
+        arq hands out due jobs in score order, and the score is the due time. A job with a
+        priority (and no deferral) gets a score `priority` days in the past (see
+        PRIORITY_STEP), so it goes ahead of every bulk job, however long the backlog.
         """
         enqueue_time_ms = timestamp_ms()
-        score = enqueue_time_ms + (round(defer_s * 1000) if defer_s > 0 else 0)
+        if defer_s > 0:
+            score = enqueue_time_ms + round(defer_s * 1000)
+        elif priority > 0:
+            score = round(_priority_due(priority).timestamp() * 1000)
+        else:
+            score = enqueue_time_ms
         payload = serialize_job(RUN_JOB, (job_id,), {}, None, enqueue_time_ms, serializer=serialize)
         try:
             added = await self._enqueue_script(
@@ -188,6 +198,16 @@ class QueueClient:
         key = f"{self.queue_name}:{name}"
         taken = await self.redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000)))
         return bool(taken)
+
+
+#: How far back one unit of priority moves a job's score. A bulk job waits at most
+#: JOB_EXPIRES (7 days) in Redis, so Priority.INTERACTIVE (10 days back) beats any of them.
+PRIORITY_STEP = timedelta(days=1)
+
+
+def _priority_due(priority: int) -> datetime:
+    """The (past) due time that puts a job of this priority ahead of bulk work."""
+    return clock.now() - PRIORITY_STEP * priority
 
 
 @dataclass(frozen=True, slots=True)

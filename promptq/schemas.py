@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from promptq.models import Job, JobAttempt
 
 MAX_ATTEMPTS_LIMIT = 100
+#: Largest accepted `max_tokens`: more than any model writes in one answer.
+MAX_TOKENS_LIMIT = 1_000_000
 #: Longest accepted deadline_s: a week, as long as a job stays in Redis.
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 
@@ -31,10 +33,11 @@ class ChatParams(_Strict):
     """Optional sampling parameters forwarded to the model."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    #: A 64-bit integer, as OpenAI-compatible servers take it.
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
 
     @field_validator("stop")
     @classmethod
@@ -143,6 +146,12 @@ class JobOut(BaseModel):
     next_attempt_at: datetime | None
     #: Summarize jobs only; None for other kinds.
     progress: Progress | None = None
+    #: The batch the job belongs to, its position there and the caller's id for it.
+    batch_id: str | None = None
+    batch_index: int | None = None
+    custom_id: str | None = None
+    #: When a cancel was asked for while the job ran (it is `cancelled` once its worker stops).
+    cancel_requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, job: Job, progress: Progress | None = None) -> JobOut:
@@ -168,6 +177,10 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             next_attempt_at=job.next_attempt_at,
             progress=progress,
+            batch_id=job.batch_id,
+            batch_index=job.batch_index,
+            custom_id=job.custom_id,
+            cancel_requested_at=job.cancel_requested_at,
         )
 
 

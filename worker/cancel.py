@@ -4,7 +4,9 @@
 and publishes its id on `<queue>:cancel`. Every worker listens there; the one running the job
 cancels the asyncio task of the attempt, but only while the attempt waits on the model (inside
 `cancellable`), never while it writes its outcome. The job function then records the attempt
-and the job as `cancelled` (worker.jobs).
+and the job as `cancelled` (worker.jobs). A message names the attempt (`<job id>:<number>`):
+one that arrives just before its attempt reaches `cancellable` is kept for PENDING_S and
+applied when it does.
 
 If the message is lost (Redis blip, worker re-subscribing), the lease keeper's renewal asks the
 database which held jobs have `cancel_requested_at` set (`check`), every lease_s/3.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Pause before re-subscribing after the cancel channel's connection failed.
 RESUBSCRIBE_DELAY_S = 1.0
+#: How long a request for an attempt not (yet) running here is kept.
+PENDING_S = 30.0
 
 
 class CancelWatcher:
@@ -45,6 +50,8 @@ class CancelWatcher:
         self._running: dict[str, tuple[int, asyncio.Task[object]]] = {}
         #: (job id, attempt number) of attempts this watcher cancelled.
         self._cancelled: set[tuple[str, int]] = set()
+        #: (job id, attempt number) -> monotonic time, for requests that came early.
+        self._pending: dict[tuple[str, int], float] = {}
         self._listener: asyncio.Task[None] | None = None
 
     @contextmanager
@@ -55,22 +62,34 @@ class CancelWatcher:
             yield
             return
         self._running[claim.job_id] = (claim.number, task)
+        if self._pending.pop((claim.job_id, claim.number), None) is not None:
+            self.request(claim.job_id, claim.number)  # raises CancelledError at the next await
         try:
             yield
         finally:
             if self._running.get(claim.job_id, (None,))[0] == claim.number:
                 del self._running[claim.job_id]
 
-    def request(self, job_id: str) -> bool:
-        """Abort the job's attempt if it is running here; True if it was."""
-        entry = self._running.pop(job_id, None)
-        if entry is None:
+    def request(self, job_id: str, number: int | None = None) -> bool:
+        """Abort the job's attempt (attempt `number`, if given) if it is running here; True if
+        it was. A request for a numbered attempt not running here is kept for PENDING_S."""
+        entry = self._running.get(job_id)
+        if entry is None or (number is not None and entry[0] != number):
+            if number is not None:
+                self._keep(job_id, number)
             return False
+        del self._running[job_id]
         number, task = entry
         self._cancelled.add((job_id, number))
         task.cancel(msg="promptq: job cancelled")
         logger.info("job %s attempt %d: cancel requested, aborting", job_id, number)
         return True
+
+    def _keep(self, job_id: str, number: int) -> None:
+        now = time.monotonic()
+        if len(self._pending) > 1000:
+            self._pending = {k: t for k, t in self._pending.items() if now - t < PENDING_S}
+        self._pending[(job_id, number)] = now
 
     def consume(self, claim: Claim) -> bool:
         """True if this watcher cancelled the attempt and nothing else did (the current task's
@@ -95,6 +114,11 @@ class CancelWatcher:
                 for job_id in (await session.execute(query)).scalars():
                     self.request(job_id)
 
+    def _on_message(self, data: bytes | str) -> None:
+        text = data.decode() if isinstance(data, bytes) else str(data)
+        job_id, _, number = text.partition(":")
+        self.request(job_id, int(number) if number.isdigit() else None)
+
     def start(self) -> None:
         """Listen for cancel requests in the background until stop()."""
         self._listener = asyncio.create_task(self._listen(), name="promptq-cancel-listener")
@@ -113,8 +137,7 @@ class CancelWatcher:
                     await pubsub.subscribe(self.channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            data = message["data"]
-                            self.request(data.decode() if isinstance(data, bytes) else str(data))
+                            self._on_message(message["data"])
             except (RedisError, OSError) as exc:
                 logger.warning("cancel subscription lost (%r); leases are the fallback", exc)
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)

@@ -6,7 +6,8 @@ Two ways in:
   including each map and reduce call of a summarize job. Calls wait, they never fail.
 * `before_claim()` runs before a job is claimed. It tries for `limit_wait_s`; if the job's
   endpoint is still full it raises arq's `Retry`, so the job goes back to the queue, due when
-  the limiter expects room: no attempt is charged or recorded, and the worker slot is free for
+  the limiter expects room (behind the jobs of that endpoint already waiting, at the rate
+  calls were granted lately): no attempt is charged or recorded, and the worker slot is free for
   another model's job (an interactive job, priority above bulk, waits in its slot instead:
   handed back, it would queue up behind the bulk backlog). A permit it gets is held for the
   job's first call (a context variable carries it there); one the job never uses is given
@@ -232,7 +233,7 @@ class Limiter:
         wait_s: float | None = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
         if interactive:
             wait_s = None  # handed back, it would queue up behind the bulk backlog: wait here
-        permit = await self._try(endpoint, model, tokens, wait_s=wait_s)
+        permit = await self._try(endpoint, model, tokens, wait_s=wait_s, job_id=job_id)
         if permit is not None:
             held = _HELD.get()
             if held is None:
@@ -240,8 +241,16 @@ class Limiter:
             else:
                 held.append(permit)
             return
-        defer_s = min(MAX_DEFER_S, self._last_hint_s(scope))
-        defer_s *= self.rng.uniform(1.0, 1.5)
+        defer_s = min(MAX_DEFER_S, self._last_hint_s(scope)) * self.rng.uniform(1.0, 1.5)
+        try:  # behind the jobs already waiting for this scope
+            defer_s = await self.redis.defer(
+                endpoint.scope(model),
+                job_id,
+                shortest_s=defer_s,
+                longest_s=MAX_DEFER_S,
+            )
+        except (RedisError, OSError):
+            logger.debug("could not queue job %s for its limits", job_id, exc_info=True)
         scope.stats.deferrals += 1
         if defer_s > RECONCILER_TOLERANCE_S:
             await self._mark_due(store, job_id, clock.now() + timedelta(seconds=defer_s))
@@ -367,7 +376,13 @@ class Limiter:
         return scope
 
     async def _try(
-        self, endpoint: Endpoint, model: str, tokens: int, *, wait_s: float | None
+        self,
+        endpoint: Endpoint,
+        model: str,
+        tokens: int,
+        *,
+        wait_s: float | None,
+        job_id: str = "",
     ) -> Permit | None:
         """A permit, trying until `wait_s` has passed (forever if None); None if none came."""
         scope = self._scope(endpoint, model)
@@ -380,7 +395,12 @@ class Limiter:
                 permit_id = uuid.uuid4().hex
                 try:
                     grant = await self.redis.acquire(
-                        name, scope.limits, permit_id=permit_id, lease_s=self.lease_s, tokens=tokens
+                        name,
+                        scope.limits,
+                        permit_id=permit_id,
+                        lease_s=self.lease_s,
+                        tokens=tokens,
+                        job_id=job_id,
                     )
                 except (RedisError, OSError) as exc:
                     # Limits can't be checked: wait (never call past them) until Redis is back.

@@ -24,7 +24,11 @@ from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import wait_terminal
 from tests.e2e.conftest import Procs, free_port, wait_healthy
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    # Logs, heartbeats and metrics don't depend on the database: one backend is enough.
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
 
 SECRET = "sk-e2e-secret-0123456789abcdef"
 

@@ -8,6 +8,7 @@ results stream back in submission order; errors arrive as the mapped exceptions.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from api.app import create_app
 from promptq.client import PromptQClient
 from promptq.errors import InvalidBatch, NotCancellable, NotFound
 from promptq.settings import Settings
+from promptq.sync_client import SyncPromptQClient
 from promptq.testing.fake_llm import FakeLLM, expected_reply
 from tests.conftest import KeyFactory, WorkerFactory
 
@@ -103,3 +105,21 @@ async def test_cancel_through_the_client(pq: PromptQClient) -> None:
     assert job["status"] == "cancelled"
     cancelled = await pq.cancel_batch(batch["id"])
     assert cancelled["status"] == "cancelled" and cancelled["counts"]["cancelled"] == 3
+
+
+async def test_the_sync_client_has_the_batch_methods_too(
+    settings: Settings, make_key: KeyFactory
+) -> None:
+    key = await make_key("batch-sync", admin=True)
+    async with TestServer(create_app(settings)) as server:
+        url = str(server.make_url("/"))
+
+        def use() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            with SyncPromptQClient(url, api_key=key, timeout_s=10) as pq:
+                batch = pq.submit_batch(list(items(2)), name="sync")
+                return batch, list(pq.batch_results(batch["id"]))
+
+        # The sync client runs its own loop in a thread; the server runs on this one.
+        batch, results = await asyncio.to_thread(use)
+    assert batch["name"] == "sync" and batch["total"] == 2
+    assert [r["custom_id"] for r in results] == ["q0", "q1"]

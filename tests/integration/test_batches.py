@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient
+from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
 from sqlalchemy import func, select
 
+from promptq import clock
+from promptq.batch_items import ItemSpec
+from promptq.batches import BatchService
 from promptq.models import Batch, Job
-from promptq.queue import deserialize
-from promptq.service import JobService
+from promptq.queue import QueueClient, deserialize
+from promptq.service import JobService, parse_job_request
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_for
+from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_for, wait_terminal
+from worker.reconcile import Reconciler
 
 Client = TestClient[web.Request, web.Application]
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -123,6 +130,10 @@ async def test_jsonl_batch_runs_in_order_with_counts_and_usage(
         assert line["result"] == expected_reply("fake-small", items[i]["messages"])
         assert line["latency_ms"] is not None and line["prompt_tokens"] > 0
 
+    async with admin.get(f"/api/jobs/{lines[5]['job_id']}") as response:
+        job = await response.json()
+    assert (job["batch_id"], job["batch_index"], job["custom_id"]) == (created["id"], 5, "c-5")
+
     async with admin.get(f"/api/batches/{created['id']}/results?format=csv") as response:
         assert response.headers["Content-Type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(await response.text())))
@@ -202,6 +213,9 @@ async def test_multipart_upload_and_json_body(admin: Client, service: JobService
         assert response.status == 201, await response.text()
         created = await response.json()
     assert created["models"] == ["fake-small", "fake-large"] and created["total"] == 4
+    async with admin.get("/api/jobs", params={"model": "fake-large"}) as response:
+        large = (await response.json())["jobs"]
+    assert len(large) == 2 and {job["model"] for job in large} == {"fake-large"}
 
     async with admin.post(
         "/api/batches", json={"jobs": [prompt("c"), prompt("d")], "name": "json"}
@@ -270,3 +284,40 @@ async def test_list_pages_newest_first(admin: Client) -> None:
     async with admin.get("/api/batches", params={"limit": "2", "cursor": page["next_cursor"]}) as r:
         rest = await r.json()
     assert [b["id"] for b in rest["batches"]] == [ids[0]] and rest["next_cursor"] is None
+
+
+async def test_a_batch_saved_while_redis_is_down_is_queued_by_the_reconciler(
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a producer whose Redis is unreachable
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    dead = QueueClient(ArqRedis(host="127.0.0.1", port=dead_port), service.queue.queue_name)
+    cut_off = JobService(service.settings, service.store, dead)
+    items = [ItemSpec.from_request(parse_job_request(prompt(f"saved {i}"))) for i in range(3)]
+
+    # When it submits a batch, then the jobs are saved but not queued
+    created = await BatchService(cut_off).create(items, owner_key_id=None)
+    await dead.close()
+    assert (created.created, created.enqueued) == (3, 0)
+    assert await service.queue.redis.zcard(service.queue.queue_name) == 0
+
+    # And the reconciler, once they are past its grace period, queues them
+    real_now = clock.now
+    monkeypatch.setattr(clock, "now", lambda: real_now() + timedelta(seconds=30))
+    reconciler = Reconciler(service.store, service.queue, marker_ttl_s=60)
+    assert await reconciler.run_once() == 3
+    monkeypatch.setattr(clock, "now", real_now)
+    assert await service.queue.redis.zcard(service.queue.queue_name) == 3
+
+    # So a worker runs them all
+    await start_worker()
+    batches = BatchService(service)
+    ids = [job_id async for job_id in batches.job_ids(created.batch.id)]
+    await wait_terminal(service.store, ids)
+    assert (await batches.get(created.batch.id, owned_by=None)).counts.succeeded == 3
+    assert fake_llm.stats.total_requests == 3

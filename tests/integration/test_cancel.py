@@ -114,11 +114,11 @@ async def test_a_running_job_is_aborted_and_recorded_then_retried(
 async def test_lease_renewal_aborts_when_the_message_is_lost(
     service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
-    await start_worker(lease_s=0.6)
+    await start_worker(lease_s=1.5)  # renewals every 0.5 s notice the flag
     job, _ = await service.submit(parse_job_request(prompt(SLOW_ONCE)))
     await fake_llm.wait_for_requests(1)
     # Flag it in SQL only, as if the pub/sub message never arrived.
-    assert await Canceller(service)._request_running([job.id]) == [job.id]
+    assert await Canceller(service)._request_running([job.id]) == [(job.id, 1)]
     await wait_terminal(service.store, [job.id], timeout_s=10)
     assert await job_status(service, job.id) == JobStatus.CANCELLED
 

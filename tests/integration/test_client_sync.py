@@ -25,6 +25,9 @@ from promptq.sse import ServerEvent
 from promptq.testing.fake_llm import expected_reply
 from tests.conftest import KeyFactory, WorkerFactory
 
+#: The clients don't depend on the database (tests/integration/test_client.py covers both).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
 
 @pytest.fixture
 async def api(settings: Settings, make_key: KeyFactory) -> AsyncIterator[tuple[str, str]]:
@@ -56,6 +59,7 @@ def test_every_async_method_is_there_and_blocking() -> None:
             _ = pq._request
 
 
+@SQLITE_ONLY
 async def test_sync_client_waits_with_progress_then_streams(
     api: tuple[str, str], start_worker: WorkerFactory
 ) -> None:
@@ -110,6 +114,7 @@ async def test_sync_client_waits_with_progress_then_streams(
         await asyncio.to_thread(pq.close)  # idempotent
 
 
+@SQLITE_ONLY
 async def test_async_stream_and_progress(api: tuple[str, str], start_worker: WorkerFactory) -> None:
     url, key = api
     await start_worker()
@@ -133,6 +138,7 @@ async def test_async_stream_and_progress(api: tuple[str, str], start_worker: Wor
                 pass
 
 
+@SQLITE_ONLY
 async def test_sync_client_has_the_batch_methods_too(
     api: tuple[str, str], start_worker: WorkerFactory
 ) -> None:

@@ -199,3 +199,27 @@ async def test_adaptive_never_exceeds_its_maximum(limits: RedisLimits) -> None:
     for _ in range(10):
         limit = await observe_window(limits, 10)
     assert limit == 10
+
+
+async def test_a_job_handed_back_queues_behind_those_already_waiting(
+    limits: RedisLimits,
+) -> None:
+    # Without any call granted lately there is no rate to go by: the shortest defer
+    assert await limits.defer("ep", "early", shortest_s=0.05, longest_s=60) == 0.05
+    # Given calls being granted, jobs handed back line up: each later one is due later
+    cfg = ScopeLimits(max_in_flight=1000)
+    for _ in range(10):
+        assert (await limits.acquire("ep", cfg, permit_id=pid(), lease_s=30, tokens=1)).granted
+    defers = [await limits.defer("ep", f"job{i}", shortest_s=0.001, longest_s=60) for i in range(6)]
+    assert defers == sorted(defers)
+    assert defers[-1] > defers[1] > 0.001
+    assert (await limits.state("ep")).waiting == 7
+    # A job that gets its permit leaves the line; one handed back again keeps its place
+    grant = await limits.acquire("ep", cfg, permit_id=pid(), lease_s=30, tokens=1, job_id="job0")
+    assert grant.granted
+    assert (await limits.state("ep")).waiting == 6
+    again = await limits.defer("ep", "job1", shortest_s=0.001, longest_s=60)
+    assert again < defers[3]  # only "early" is ahead of it, not the five others
+    assert (await limits.state("ep")).waiting == 6
+    # and no job is put off longer than the longest defer
+    assert await limits.defer("ep", "late", shortest_s=0.001, longest_s=0.002) == 0.002

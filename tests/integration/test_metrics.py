@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from promptq.metrics import LimitReading
@@ -20,6 +21,9 @@ from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import ApiStarter, WorkerFactory, wait_terminal
+
+#: For tests where the database plays no part (the job series are tested on both).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -117,6 +121,7 @@ async def test_metrics_expose_every_series_and_move_when_jobs_run(
     assert value(w, "promptq_worker_concurrency") == settings.worker_concurrency
 
 
+@SQLITE_ONLY
 async def test_limiter_readings_are_exported(start_api: ApiStarter) -> None:
     """The global limiter plugs in through `Metrics.limits_source` (read at scrape time)."""
     from promptq.metrics import METRICS
@@ -144,6 +149,7 @@ async def test_limiter_readings_are_exported(start_api: ApiStarter) -> None:
     assert value(samples, "promptq_limiter_wait_seconds_total", **labels) == 1.5
 
 
+@SQLITE_ONLY
 async def test_a_failing_reading_still_serves_the_rest(start_api: ApiStarter) -> None:
     from promptq.metrics import METRICS
 
