@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import batches, cancel, dashboard, jobs, stream, uploads
+from api import batches, cancel, dashboard, jobs, openai_api, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.metrics import setup_metrics
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(batches.routes)
     app.router.add_routes(cancel.routes)
     dashboard.setup(app)
+    openai_api.setup(app)  # /v1: the OpenAI-compatible API
     return app
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import enum
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -180,8 +182,42 @@ class Batch(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The OpenAI Batch API's fields (NULL for native batches):
+    #: The `files` row the batch was made from, and those of its results and failed requests.
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    #: The endpoint every request goes to ("/v1/chat/completions").
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    completion_window: Mapped[str | None] = mapped_column(String(16))
+    #: Why the batch failed validation: OpenAI's `{"object": "list", "data": [...]}`.
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_batches_owner_key_id_id", "owner_key_id", "id"),)
+
+
+class File(Base):
+    """A file of the OpenAI Files API: a batch's input (`purpose="batch"`) or its results."""
+
+    __tablename__ = "files"
+
+    #: "file-" + a time-ordered UUID, so ids sort by creation time.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="RESTRICT"))
+    #: "batch" (uploaded), "batch_output" (results, written by promptq).
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default="processed")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_files_owner_key_id_id", "owner_key_id", "id"),)
 
 
 class Job(Base):

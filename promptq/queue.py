@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -13,6 +13,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import RedisError
 
+from promptq import clock
 from promptq.errors import ServiceUnavailable
 from promptq.settings import Settings
 
@@ -81,8 +82,12 @@ class QueueClient:
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable("Redis is unreachable") from exc
 
-    async def enqueue(self, job_id: str, *, defer_s: float = 0.0) -> bool:
+    async def enqueue(self, job_id: str, *, defer_s: float = 0.0, priority: int = 0) -> bool:
         """Put a job on the queue and wake idle workers; False if it is already there.
+
+        arq hands out due jobs in score order, and the score is the due time. A job with a
+        priority (and no deferral) gets a score `priority` days in the past (see
+        PRIORITY_STEP), so it goes ahead of every bulk job, however long the backlog.
 
         The wake-up is a separate PUBLISH after arq's WATCH/MULTI enqueue transaction (which
         arq does not let us extend). It is only a hint: a lost one costs at most a poll delay.
@@ -95,6 +100,7 @@ class QueueClient:
                 _job_id=job_id,
                 _queue_name=self.queue_name,
                 _defer_by=timedelta(seconds=defer_s) if defer_s > 0 else None,
+                _defer_until=_priority_due(priority) if priority > 0 and defer_s <= 0 else None,
                 _expires=JOB_EXPIRES,
             )
         except (RedisError, OSError) as exc:
@@ -159,6 +165,16 @@ class QueueClient:
         key = f"{self.queue_name}:{name}"
         taken = await self.redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000)))
         return bool(taken)
+
+
+#: How far back one unit of priority moves a job's score. A bulk job waits at most
+#: JOB_EXPIRES (7 days) in Redis, so Priority.INTERACTIVE (10 days back) beats any of them.
+PRIORITY_STEP = timedelta(days=1)
+
+
+def _priority_due(priority: int) -> datetime:
+    """The (past) due time that puts a job of this priority ahead of bulk work."""
+    return clock.now() - PRIORITY_STEP * priority
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = None
     default_model: str = "llama3.2"
     llm_timeout_s: float = Field(default=120.0, gt=0)
+    #: `promptq demo`/`up` with no LLM configured and no Ollama: start the bundled local model
+    #: (the `local` extra) instead of going straight to the built-in fake one.
+    bundled_llm: bool = True
     #: Endpoints and their limits (see promptq.endpoints): a TOML file, or the same as JSON.
     #: Without either, every model goes to PROMPTQ_LLM_BASE_URL without limits.
     endpoints_file: Path | None = None
@@ -98,6 +101,15 @@ class Settings(BaseSettings):
     #: Stream the final summary's tokens to `GET /api/jobs/{id}/stream` subscribers.
     summary_stream_final: bool = True
 
+    #: Reuse the stored result of an identical earlier request (same owner, model, messages and
+    #: params) for deterministic requests (temperature 0 or a seed) and those asking `cache`.
+    cache_enabled: bool = True
+    #: How long the backend's model list (`GET /v1/models`, the model check) is reused.
+    models_cache_s: float = Field(default=5.0, ge=0)
+    #: Longest `POST /v1/chat/completions` waits for its job before answering 504 (the job
+    #: itself goes on; read it at /api/jobs/{id}).
+    chat_wait_s: float = Field(default=600.0, gt=0)
+
     log_level: str = "INFO"
     #: `console` (human-readable) or `json` (one object per line, for log shippers).
     log_format: Literal["console", "json"] = "console"
@@ -116,9 +128,15 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     def with_overrides(self, **changes: Any) -> Settings:
-        """A validated copy with some fields changed (model_copy would skip validation)."""
+        """A validated copy with some fields changed (model_copy would skip validation).
+
+        The copy remembers which fields the user set (env, .env, or these changes), so that a
+        default stays a default: `promptq demo` only starts its own Redis in that case.
+        """
         values = {name: getattr(self, name) for name in type(self).model_fields} | changes
-        return type(self)(_env_file=None, **values)
+        copy = type(self)(_env_file=None, **values)
+        object.__setattr__(copy, "__pydantic_fields_set__", self.model_fields_set | set(changes))
+        return copy
 
     @property
     def resolved_database_url(self) -> str:

@@ -48,6 +48,8 @@ class Claim:
     #: The job's wall-clock budget and when it runs out, if it has one.
     deadline_s: float | None = None
     deadline_at: datetime | None = None
+    #: jobs.priority: an interactive job keeps its place ahead of bulk work when it retries.
+    priority: int = 0
 
     @property
     def is_last(self) -> bool:
@@ -253,6 +255,16 @@ class JobStore:
         async with self._sessionmaker() as session:
             rows = await session.execute(query)
             return {row.id: JobState(*row) for row in rows}
+
+    async def priorities(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """`jobs.priority` of each job that exists, by id."""
+        found: dict[str, int] = {}
+        for start in range(0, len(job_ids), IDS_PER_STATEMENT):
+            chunk = list(job_ids[start : start + IDS_PER_STATEMENT])
+            async with self._sessionmaker() as session:
+                rows = await session.execute(select(Job.id, Job.priority).where(Job.id.in_(chunk)))
+                found.update({row.id: row.priority for row in rows})
+        return found
 
     async def list_attempts(self, job_id: str, *, owned_by: str | None = None) -> list[JobAttempt]:
         """Every attempt of a job, in order; with `owned_by`, none unless that key id owns it."""
@@ -463,6 +475,7 @@ class JobStore:
                 charged=charged,
                 deadline_s=job.deadline_s,
                 deadline_at=job.deadline_at,
+                priority=job.priority,
             )
 
     async def _fail_past_deadline(

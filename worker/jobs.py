@@ -21,6 +21,7 @@ from worker.context import WorkerContext
 from worker.db_retry import retry_db
 from worker.llm import Completion
 from worker.observe import record_attempt
+from worker.prompt_call import complete_prompt
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
 from worker.summarize import summarize
@@ -48,12 +49,7 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
     """Do the job's LLM work: one call for a prompt job, map-reduce for a summarize job."""
     if claim.kind == JobKind.SUMMARIZE:
         return await summarize(ctx, claim)
-    return await ctx["llm"].chat(
-        claim.model,
-        build_messages(claim),
-        claim.input.get("params", {}),
-        timeout_s=claim.seconds_left(),
-    )
+    return await complete_prompt(ctx, claim)  # streaming and fallback models: worker.prompt_call
 
 
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
@@ -234,6 +230,17 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         )
         logger.warning("job %s failed: %s", claim.job_id, job_error)
         return
+    if claim.priority > 0:
+        # An interactive job waits out its backoff here, holding its lease, then goes back at
+        # its old score: a Retry(defer=...) would re-score it behind the whole bulk backlog.
+        try:
+            await asyncio.sleep(delay_s)
+        except asyncio.CancelledError:
+            await _finish(
+                ctx, claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
+            )
+            raise
+        delay_s = 0.0
     moved = await _finish(
         ctx, claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
     )
@@ -246,7 +253,7 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         exc.message,
         delay_s,
     )
-    raise Retry(defer=timedelta(seconds=delay_s))
+    raise Retry(defer=timedelta(seconds=delay_s) if delay_s > 0 else None)
 
 
 async def _finish(

@@ -82,9 +82,14 @@ class Reconciler:
         ]
         await self.queue.clear_in_progress(fenced)
         lost = [job_id for job_id, state in states.items() if not state.queued]
+        priorities = await self.store.priorities(lost) if lost else {}
         for job_id in lost:
             due = due_at.get(job_id)
-            await self.queue.enqueue(job_id, defer_s=(due - now).total_seconds() if due else 0)
+            await self.queue.enqueue(
+                job_id,
+                defer_s=(due - now).total_seconds() if due else 0,
+                priority=priorities.get(job_id, 0),  # interactive work stays ahead of bulk
+            )
         late = {}
         for job_id, state in states.items():
             due_ms = max(due_at.get(job_id) or now, now).timestamp() * 1000

@@ -196,6 +196,8 @@ class FakeLLMStats:
 
     total_requests: int = 0
     requests_by_prompt: dict[str, int] = field(default_factory=dict)
+    #: The last user message of every request, in arrival order (who went before whom).
+    arrivals: list[str] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
     request_times: list[float] = field(default_factory=list)
@@ -471,6 +473,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(state, 400, message=str(exc))
     key = _last_user(req.messages)
     stats.requests_by_prompt[key] = stats.requests_by_prompt.get(key, 0) + 1
+    stats.arrivals.append(key)
     capacity = state.config.capacity
     if capacity is not None and stats.in_flight >= capacity:
         state.note_arrival()

@@ -5,7 +5,7 @@ malformed header, a wrong key or a revoked key, then it gets 401 and nothing hap
 valid key it sees only its own jobs (another tenant's are 404, as if they did not exist), and an
 admin key sees everything.
 
-ROUTES lists every `/api` route. Adding a route to the app without adding it here fails
+ROUTES lists every `/api` and `/v1` route. Adding a route to the app without adding it here fails
 `test_the_route_table_covers_every_registered_route`.
 """
 
@@ -84,6 +84,19 @@ ROUTES = [
     Route("GET", "/api/batches/{id}/results", job_checks=False),
     Route("GET", "/api/batches/{id}/compare", job_checks=False),
     Route("POST", "/api/batches/{id}/cancel", job_checks=False),
+    # The OpenAI-compatible API (tenant isolation of its files and batches: test_openai_batches)
+    Route("POST", "/v1/chat/completions", {"model": "fake-small", "messages": []}),
+    Route("GET", "/v1/models"),
+    Route("GET", "/v1/models/{id}", job_checks=False),
+    Route("POST", "/v1/files"),
+    Route("GET", "/v1/files"),
+    Route("GET", "/v1/files/{id}", job_checks=False),
+    Route("GET", "/v1/files/{id}/content", job_checks=False),
+    Route("DELETE", "/v1/files/{id}", job_checks=False),
+    Route("POST", "/v1/batches", {"input_file_id": "file-x"}),
+    Route("GET", "/v1/batches"),
+    Route("GET", "/v1/batches/{id}", job_checks=False),
+    Route("POST", "/v1/batches/{id}/cancel", job_checks=False),
 ]
 PER_JOB_ROUTES = [r for r in ROUTES if r.per_job]
 #: Prefixes that must never be reachable without a key.

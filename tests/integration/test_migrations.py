@@ -32,7 +32,7 @@ from promptq.settings import Settings
 from tests import services
 from tests.conftest import _pg_admin, base_settings, pg_url
 
-PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks", "batches"}
+PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks", "batches", "files"}
 CLI = Path(sys.executable).parent / "promptq"
 
 
@@ -343,6 +343,42 @@ def test_0005_adds_batches_and_keeps_jobs_both_ways(settings: Settings) -> None:
     migrate.check(settings)
 
 
+def test_0006_adds_files_and_openai_batch_columns_and_keeps_jobs_both_ways(
+    settings: Settings,
+) -> None:
+    # Given a database at 0005 holding a batch with a job and its attempt
+    migrate.upgrade(settings, "0005")
+    execute(settings, *JOB_ROWS, BATCH_ROW, "UPDATE jobs SET batch_id = 'b1', batch_index = 0")
+    counts = (
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_attempts), "
+        "(SELECT count(*) FROM batches)"
+    )
+
+    # When 0006 runs, the batch and its job stay, and files and the OpenAI columns are usable
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert execute(settings, counts)[0] == [(1, 1, 1)]
+    assert execute(settings, "SELECT input_file_id, errors FROM batches")[0] == [(None, None)]
+    execute(
+        settings,
+        "INSERT INTO files (id, purpose, filename, bytes, content, status, created_at) VALUES "
+        "('file-1', 'batch', 'in.jsonl', 2, '{}', 'processed', '2026-01-01 00:00:00+00')",
+        "UPDATE batches SET input_file_id = 'file-1', endpoint = '/v1/chat/completions'",
+    )
+
+    # And undoing it keeps every job, attempt and batch
+    migrate.downgrade(settings, "0005")
+    assert "files" not in describe(settings)["tables"]
+    assert execute(settings, counts)[0] == [(1, 1, 1)]
+    assert execute(settings, "SELECT batch_id FROM jobs")[0] == [("b1",)]
+    migrate.upgrade(settings)
+    migrate.check(settings)
+
+
+BATCH_ROW = (
+    "INSERT INTO batches (id, api, status, job_count, created_at, updated_at) VALUES "
+    "('b1', 'openai', 'in_progress', 1, '2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00')"
+)
 JOB_ROWS = [
     "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, max_attempts, "
     "attempt_budget, created_at, updated_at) VALUES ('j1', 'summarize', 'running', 'm', '{}', "

@@ -1,0 +1,84 @@
+"""Chat completion requests (`/v1/chat/completions`) as jobs: answered from the result cache,
+or written at interactive priority and enqueued ahead of bulk work."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from promptq import clock
+from promptq.cache import ResultCache, request_hash, wants_cache
+from promptq.errors import ServiceUnavailable
+from promptq.models import Job, JobKind, JobStatus, Priority
+from promptq.openai_schemas import ChatCompletionRequest
+from promptq.service import JobService
+
+logger = logging.getLogger(__name__)
+
+
+class ChatService:
+    """Turns a chat completion request into a job row (a cache hit is written finished)."""
+
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+        self.cache = ResultCache(service.store.sessionmaker)
+
+    async def create(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        owner_key_id: str | None,
+        priority: int = Priority.INTERACTIVE,
+    ) -> Job:
+        """Write the job: already succeeded (with `cached_from`) on a cache hit, else queued.
+
+        The caller enqueues a queued job (`enqueue`), after it has subscribed to its events.
+        """
+        settings = self.service.settings
+        job_input = request.job_input()
+        params = job_input["params"]
+        digest = request_hash(JobKind.PROMPT, request.model, job_input["messages"], params)
+        source = None
+        if wants_cache(params, request.cache, enabled=settings.cache_enabled):
+            source = await self.cache.find(digest, owner_key_id)
+        now = clock.now()
+        max_attempts = request.max_attempts or settings.max_attempts
+        job = Job(
+            id=clock.new_id(),
+            kind=JobKind.PROMPT,
+            status=JobStatus.QUEUED,
+            model=request.model,
+            input=job_input,
+            attempts=0,
+            interruptions=0,
+            max_attempts=max_attempts,
+            attempt_budget=max_attempts,
+            deadline_s=request.deadline_s,
+            deadline_at=(
+                None if request.deadline_s is None else now + timedelta(seconds=request.deadline_s)
+            ),
+            owner_key_id=owner_key_id,
+            priority=priority,
+            request_hash=digest,
+            created_at=now,
+            updated_at=now,
+        )
+        if source is not None:
+            job.status = JobStatus.SUCCEEDED
+            job.result = source.result
+            job.finish_reason = source.finish_reason
+            job.prompt_tokens = source.prompt_tokens
+            job.completion_tokens = source.completion_tokens
+            job.cached_from = source.cached_from or source.id
+            job.started_at = job.finished_at = now
+            logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
+        async with self.service.store.sessionmaker() as session, session.begin():
+            session.add(job)
+        return job
+
+    async def enqueue(self, job: Job) -> None:
+        """Queue a job ahead of bulk work; with Redis down the reconciler queues it later."""
+        try:
+            await self.service.queue.enqueue(job.id, priority=job.priority)
+        except ServiceUnavailable:
+            logger.warning("job %s saved but not queued (Redis down); the reconciler will", job.id)
