@@ -354,8 +354,9 @@ def _print_comparison(console: Console, comparison: Comparison, kind: LLMKind) -
     )
     if kind is LLMKind.BUNDLED:
         console.print(
-            "[yellow]The bundled llama.cpp server computes one request at a time on this CPU, "
-            "so running requests concurrently cannot make it much faster. Against Ollama "
-            "(OLLAMA_NUM_PARALLEL) or a hosted API, requests overlap and the speed-up grows "
-            "with the concurrency.[/]"
+            "[yellow]The bundled llama.cpp server computes one request at a time, so a speed-up "
+            "against it does not come from overlapping calls: its CPU threads slow down and "
+            "speed up with the machine's load, so read these two times with care. Against "
+            "Ollama (OLLAMA_NUM_PARALLEL) or a hosted API, requests overlap and the speed-up "
+            "grows with the concurrency.[/]"
         )

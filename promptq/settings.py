@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     #: How long the API trusts a key it has looked up; a revoked key works at most this long.
     api_key_cache_s: float = Field(default=30.0, ge=0)
 
+    #: Most messages one prompt job may carry.
+    max_messages_per_job: int = Field(default=1000, ge=1)
+    #: Most characters of text in one prompt job's messages, all together.
+    max_message_chars: int = Field(default=1_000_000, ge=1000)
     #: Largest document accepted for summarizing: an uploaded file, or a JSON `document`.
     max_document_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.
