@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from pydantic import BaseModel
 
-from api import batches, cancel, dashboard, jobs, openai_api, stream, uploads
+from api import batches, cancel, dashboard, jobs, openai_api, openapi, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.metrics import setup_metrics
 from api.state import SERVICE, SETTINGS
+from promptq import __version__
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ServiceUnavailable
 from promptq.keys import KeyStore
@@ -41,6 +43,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(cancel.routes)
     dashboard.setup(app)
     openai_api.setup(app)  # /v1: the OpenAI-compatible API
+    openapi.setup(app, title="promptq", version=__version__)
     return app
 
 
@@ -77,6 +80,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await engine.dispose()
 
 
+class HealthOut(BaseModel):
+    """Every backing service answers."""
+
+    status: str
+    checks: dict[str, str]
+
+
+@openapi.operation(responses={200: HealthOut}, public=True, tags=("health",))
 async def healthz(request: web.Request) -> web.Response:
     """200 when both Redis and the database answer, else 503 naming what is down."""
     service = request.app[SERVICE]

@@ -28,7 +28,7 @@ from promptq.keys import LOCAL_OPERATOR, KeyStore, Principal, hash_key, looks_li
 logger = logging.getLogger(__name__)
 
 #: Paths anyone may call without a key.
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/login", "/logout"})
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/login", "/logout"})
 #: Path prefixes anyone may call without a key: the dashboard's CSS and JavaScript.
 PUBLIC_PREFIXES = ("/static/",)
 #: The cookie that carries a browser's key (the key itself: nothing is kept server-side).

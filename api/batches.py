@@ -14,13 +14,17 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable
-from typing import IO
+from typing import IO, Literal
 
 from aiohttp import BodyPartReader, web
+from pydantic import BaseModel, Field
 
+from api import openapi
 from api.auth import principal
+from api.errors import ErrorOut
 from api.jobs import _limit, json_response, read_json
 from api.state import SERVICE
+from api.uploads import open_multipart
 from promptq import batch_export
 from promptq.batch_items import (
     ItemSpec,
@@ -31,7 +35,7 @@ from promptq.batch_items import (
     validate_jsonl,
     validate_list,
 )
-from promptq.batch_schemas import BatchCreatedOut, BatchPage, ComparePage
+from promptq.batch_schemas import BatchCreatedOut, BatchOut, BatchPage, ComparePage
 from promptq.batches import BatchCreated, BatchService, summarize_models
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest, NotFound
 from promptq.settings import Settings
@@ -53,7 +57,65 @@ WRITE_RECORDS = 200
 SPOOL_MEMORY_BYTES = 4 * 1024 * 1024
 
 
+#: The three ways to send a batch, for the OpenAPI spec (the handler validates each item).
+BATCH_BODIES = (
+    openapi.Content(
+        "application/json",
+        {
+            "type": "object",
+            "required": ["jobs"],
+            "properties": {
+                "jobs": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+                "name": {"type": "string"},
+                "models": {"type": "array", "items": {"type": "string"}},
+                "metadata": {"type": "object"},
+            },
+        },
+    ),
+    openapi.Content("application/x-ndjson", {"type": "string"}),
+    openapi.Content(
+        "multipart/form-data",
+        {
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "contentMediaType": "application/x-ndjson"},
+                "name": {"type": "string"},
+                "models": {"type": "string"},
+            },
+        },
+    ),
+)
+BATCH_ID = {"id": "the batch's id (a UUID)"}
+
+
+class BatchListQuery(BaseModel):
+    """The query parameters of `GET /api/batches` (documentation; parsed by the handler)."""
+
+    limit: int = Field(default=50, ge=1, le=500, description="most batches to return")
+    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page")
+
+
+class ResultsQuery(BaseModel):
+    """The query parameters of `GET /api/batches/{id}/results`."""
+
+    format: Literal["jsonl", "csv"] = Field(default="jsonl", description="JSONL or CSV")
+
+
+class CompareQuery(BaseModel):
+    """The query parameters of `GET /api/batches/{id}/compare`."""
+
+    limit: int = Field(default=50, ge=1, le=500, description="most items to return")
+    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page")
+
+
 @routes.post("/api/batches")
+@openapi.operation(
+    request=BATCH_BODIES,
+    responses={201: BatchCreatedOut},
+    headers={201: {"Location": "the batch's URL"}},
+    tags=("batches",),
+)
 async def create_batch(request: web.Request) -> web.Response:
     """Create a batch; 201 with the batch, or 422 listing the invalid lines (nothing created)."""
     batches = BatchService(request.app[SERVICE])
@@ -186,7 +248,7 @@ async def _create_from_multipart(
     request: web.Request, batches: BatchService, owner: str | None, settings: Settings
 ) -> BatchCreated:
     """Form fields `name` and `models` (or repeated `model`) first, then one file part."""
-    reader = await request.multipart()
+    reader = await open_multipart(request)
     name: str | None = None
     models: list[str] = []
     while (part := await reader.next()) is not None:
@@ -228,6 +290,7 @@ def _too_many_bytes(limit: int) -> BatchTooLarge:
 
 
 @routes.get("/api/batches")
+@openapi.operation(query=BatchListQuery, responses={200: BatchPage}, tags=("batches",))
 async def list_batches(request: web.Request) -> web.Response:
     """Newest first, paginated by `limit` and `cursor`."""
     limit = _limit(request.query.get("limit"))
@@ -243,6 +306,9 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/batches/{id}")
+@openapi.operation(
+    responses={200: BatchOut, 404: ErrorOut}, path_params=BATCH_ID, tags=("batches",)
+)
 async def get_batch(request: web.Request) -> web.Response:
     """One batch: counts per status, progress, usage."""
     batches = BatchService(request.app[SERVICE])
@@ -251,6 +317,15 @@ async def get_batch(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/batches/{id}/results")
+@openapi.operation(
+    query=ResultsQuery,
+    responses={
+        200: (openapi.Content("application/x-ndjson"), openapi.Content("text/csv")),
+        404: ErrorOut,
+    },
+    path_params=BATCH_ID,
+    tags=("batches",),
+)
 async def batch_results(request: web.Request) -> web.StreamResponse:
     """Every job's outcome in submission order, streamed as JSONL (default) or CSV."""
     batches = BatchService(request.app[SERVICE])
@@ -276,6 +351,12 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/api/batches/{id}/compare")
+@openapi.operation(
+    query=CompareQuery,
+    responses={200: ComparePage, 404: ErrorOut},
+    path_params=BATCH_ID,
+    tags=("batches",),
+)
 async def compare_batch(request: web.Request) -> web.Response:
     """Each item with every model's answer, latency and tokens side by side (paginated)."""
     batches = BatchService(request.app[SERVICE])

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from promptq.db import is_db_unavailable
@@ -41,6 +43,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except PromptQError as exc:
         return error_response(exc.http_status, exc.code, exc.message)
+    except HttpProcessingError as exc:  # a malformed part of the body (e.g. multipart headers)
+        return error_response(
+            400, "bad_request", f"the request is malformed: {exc.message or 'bad syntax'}"[:300]
+        )
+    except web.HTTPRequestEntityTooLarge as exc:  # its text names the limit and the size
+        return error_response(
+            413,
+            "request_entity_too_large",
+            f"{exc.text}; send less, or raise PROMPTQ_API_MAX_BODY_BYTES",
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -62,3 +74,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the server log")
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable machine-readable code and a message for people."""
+
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail

@@ -7,13 +7,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from api import openapi
 from api.auth import principal
+from api.errors import ErrorOut
 from api.state import SERVICE
 from promptq.errors import InvalidRequest, NotFound
 from promptq.models import JobKind, JobStatus
-from promptq.schemas import AttemptOut, JobPage
+from promptq.schemas import AttemptOut, JobOut, JobPage, job_create_adapter
 from promptq.service import parse_job_request
 
 routes = web.RouteTableDef()
@@ -21,6 +23,32 @@ routes = web.RouteTableDef()
 #: Largest page `GET /api/jobs` returns.
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
+#: The `{id}` of the per-job routes.
+JOB_ID = {"id": "the job's id (a UUID)"}
+#: Where a submitted or re-queued job can be read.
+LOCATION = {202: {"Location": "the job's URL"}}
+
+
+class JobListQuery(BaseModel):
+    """The query parameters of `GET /api/jobs` (documentation; parsed by the handler)."""
+
+    status: JobStatus | None = Field(default=None, description="only jobs in this status")
+    kind: JobKind | None = Field(default=None, description="only jobs of this kind")
+    batch_id: uuid.UUID | None = Field(default=None, description="only the jobs of this batch")
+    model: str | None = Field(default=None, description="only jobs for this model")
+    limit: int = Field(
+        default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="most jobs to return"
+    )
+    cursor: uuid.UUID | None = Field(
+        default=None, description="`next_cursor` of the previous page, to get the next one"
+    )
+
+
+class AttemptList(BaseModel):
+    """Every attempt of a job, oldest first."""
+
+    job_id: str
+    attempts: list[AttemptOut]
 
 
 def json_response(body: BaseModel | dict[str, Any], status: int = 200, **kw: Any) -> web.Response:
@@ -50,6 +78,12 @@ class BadJSON(InvalidRequest):
 
 
 @routes.post("/api/jobs")
+@openapi.operation(
+    request=job_create_adapter,
+    responses={202: JobOut, 409: ErrorOut},
+    headers=LOCATION,
+    tags=("jobs",),
+)
 async def create_job(request: web.Request) -> web.Response:
     """Submit a prompt or summarize job; 202 with the job (the existing one for a reused key)."""
     spec = parse_job_request(await read_json(request))
@@ -63,6 +97,7 @@ async def create_job(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/jobs")
+@openapi.operation(query=JobListQuery, responses={200: JobPage, 422: ErrorOut}, tags=("jobs",))
 async def list_jobs(request: web.Request) -> web.Response:
     """Newest first, filtered by `status`, `kind`, `batch_id` and `model`, paginated by `limit`
     and `cursor`."""
@@ -91,6 +126,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/jobs/{id}")
+@openapi.operation(responses={200: JobOut, 404: ErrorOut}, path_params=JOB_ID, tags=("jobs",))
 async def get_job(request: web.Request) -> web.Response:
     """One job with its result, error, usage and attempt count."""
     job_id = _job_id(request.match_info["id"])
@@ -103,6 +139,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/jobs/{id}/attempts")
+@openapi.operation(responses={200: AttemptList, 404: ErrorOut}, path_params=JOB_ID, tags=("jobs",))
 async def list_attempts(request: web.Request) -> web.Response:
     """Every attempt of a job, oldest first."""
     job_id = _job_id(request.match_info["id"])
@@ -112,14 +149,17 @@ async def list_attempts(request: web.Request) -> web.Response:
         raise NotFound(f"no job with id {job_id}")
     attempts = await store.list_attempts(job_id, owned_by=owned_by)
     return json_response(
-        {
-            "job_id": job_id,
-            "attempts": [AttemptOut.from_row(a).model_dump(mode="json") for a in attempts],
-        }
+        AttemptList(job_id=job_id, attempts=[AttemptOut.from_row(a) for a in attempts])
     )
 
 
 @routes.post("/api/jobs/{id}/retry")
+@openapi.operation(
+    responses={202: JobOut, 404: ErrorOut, 409: ErrorOut},
+    path_params=JOB_ID,
+    headers=LOCATION,
+    tags=("jobs",),
+)
 async def retry_job(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again with a fresh attempt budget; 409 for other jobs."""
     job_id = _job_id(request.match_info["id"])

@@ -9,7 +9,9 @@ scrape the workers' `--metrics-port` for those.
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from api import openapi
 from api.state import SERVICE
 from promptq.metrics import (
     METRICS,
@@ -38,5 +40,11 @@ def setup_metrics(app: web.Application, settings: Settings) -> Metrics:
 
     metrics.add_refresher("jobs", jobs)
     metrics.add_refresher("queue", queue)
-    app.router.add_get(METRICS_PATH, metrics_handler)
+    document = openapi.operation(
+        responses={200: openapi.Content(CONTENT_TYPE_LATEST.split(";")[0])},
+        summary="Prometheus metrics: jobs by status, queue depth, limiter state",
+        public=True,
+        tags=("health",),
+    )
+    app.router.add_get(METRICS_PATH, document(metrics_handler))
     return metrics

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from api import openai_openapi as spec
 from api.auth import principal
 from api.jobs import json_response, read_json
 from api.openai_chat import CATALOG
@@ -26,6 +27,7 @@ def _batches(request: web.Request) -> OpenAIBatches:
 
 
 @routes.post("/v1/batches")
+@spec.create_batch
 async def create_batch(request: web.Request) -> web.Response:
     """Make a batch from an uploaded input file; the `batch` object (`failed`, with `errors`,
     when a line of the file is bad)."""
@@ -52,6 +54,7 @@ async def create_batch(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/batches")
+@spec.list_batches
 async def list_batches(request: web.Request) -> web.Response:
     """The caller's batches, newest first, paged by `after` and `limit`."""
     after, limit = page_params(request)
@@ -70,6 +73,7 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/batches/{id}")
+@spec.retrieve_batch
 async def retrieve_batch(request: web.Request) -> web.Response:
     """One batch, with its request counts and (once finished) its output files."""
     batch = await _batches(request).retrieve(
@@ -79,6 +83,7 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/batches/{id}/cancel")
+@spec.cancel_batch
 async def cancel_batch(request: web.Request) -> web.Response:
     """Cancel a batch in progress: unfinished requests stop, finished ones keep their results."""
     batch = await _batches(request).cancel(

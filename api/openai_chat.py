@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from api import openai_openapi as spec
 from api.auth import principal
 from api.job_listener import JobListener, Token
 from api.jobs import json_response, read_json
@@ -39,6 +40,7 @@ PASSED_ON_STATUSES = frozenset({400, 404, 409, 413, 422, 429})
 
 
 @routes.get("/v1/models")
+@spec.list_models
 async def list_models(request: web.Request) -> web.Response:
     """The backend's models (cached for PROMPTQ_MODELS_CACHE_S)."""
     models = await request.app[CATALOG].models()
@@ -46,6 +48,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{id:.+}")
+@spec.retrieve_model
 async def retrieve_model(request: web.Request) -> web.Response:
     """One of the backend's models; 404 if it does not serve it."""
     name = request.match_info["id"]
@@ -58,6 +61,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/chat/completions")
+@spec.chat_completions
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Run a chat completion as a job and answer with its result (or stream it)."""
     chat_request = parse_chat_request(await read_json(request))

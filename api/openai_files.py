@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from aiohttp import BodyPartReader, web
 
+from api import openai_openapi as spec
 from api.auth import principal
 from api.jobs import json_response
 from api.openai_pages import page_params
 from api.state import SERVICE
+from api.uploads import open_multipart
 from promptq.errors import DocumentTooLarge, InvalidRequest
 from promptq.files import UPLOAD_PURPOSES, FileStore, file_object
 from promptq.openai_schemas import BadRequest
@@ -26,12 +28,13 @@ def _files(request: web.Request) -> FileStore:
 
 
 @routes.post("/v1/files")
+@spec.create_file
 async def create_file(request: web.Request) -> web.Response:
     """Upload a file (multipart: `file` and `purpose`); the `file` object."""
     if request.content_type != "multipart/form-data":
         raise BadRequest("upload the file as multipart/form-data with `file` and `purpose` parts")
     max_bytes = request.app[SERVICE].settings.api_max_body_bytes
-    reader = await request.multipart()
+    reader = await open_multipart(request)
     purpose: str | None = None
     upload: tuple[str, bytes] | None = None
     while (part := await reader.next()) is not None:
@@ -67,6 +70,7 @@ async def create_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files")
+@spec.list_files
 async def list_files(request: web.Request) -> web.Response:
     """The caller's files, newest first (`order=asc` for oldest first), paged by `after`."""
     after, limit = page_params(request, prefix="file-")
@@ -93,6 +97,7 @@ async def list_files(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files/{id}")
+@spec.retrieve_file
 async def retrieve_file(request: web.Request) -> web.Response:
     """One file's `file` object."""
     row = await _files(request).get(
@@ -102,6 +107,7 @@ async def retrieve_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files/{id}/content")
+@spec.file_content
 async def file_content(request: web.Request) -> web.Response:
     """One file's bytes."""
     row = await _files(request).get(
@@ -112,6 +118,7 @@ async def file_content(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/files/{id}")
+@spec.delete_file
 async def delete_file(request: web.Request) -> web.Response:
     """Delete a file."""
     file_id = request.match_info["id"]

@@ -25,8 +25,10 @@ from aiohttp import web
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from api import openapi
 from api.auth import principal
-from api.jobs import job_id_param
+from api.errors import ErrorOut
+from api.jobs import JOB_ID, job_id_param
 from api.state import SERVICE
 from promptq import events
 from promptq.errors import NotFound
@@ -44,8 +46,23 @@ KEEPALIVE_S = 15.0
 #: How long the terminal status waits for token events still in flight from the worker.
 DRAIN_S = 0.05
 
+#: One server-sent event, for the OpenAPI spec: its `data` is a JSON object.
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["status", "progress", "token"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+
 
 @routes.get("/api/jobs/{id}/stream")
+@openapi.operation(
+    responses={200: openapi.Content("text/event-stream", EVENT_SCHEMA), 404: ErrorOut},
+    path_params=JOB_ID,
+    tags=("jobs",),
+)
 async def stream_job(request: web.Request) -> web.StreamResponse:
     """Server-sent events of a job's status and progress, ending with its terminal status."""
     job_id = job_id_param(request)

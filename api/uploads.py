@@ -14,15 +14,16 @@ import logging
 from typing import Any
 
 import orjson
-from aiohttp import BodyPartReader, web
-from pydantic import ValidationError
+from aiohttp import BodyPartReader, MultipartReader, web
+from pydantic import BaseModel, ValidationError
 
+from api import openapi
 from api.auth import principal
 from api.jobs import json_response
 from api.state import SERVICE
 from promptq.documents import Document, check_size, read_document
 from promptq.errors import DocumentTooLarge, InvalidRequest
-from promptq.schemas import SummarizeJobCreate
+from promptq.schemas import JobOut, SummarizeJobCreate
 from promptq.service import check_storable, describe_validation_error
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,39 @@ MAX_OPTION_BYTES = 64 * 1024
 _READ_BYTES = 256 * 1024
 
 
+class UploadOut(BaseModel):
+    """The jobs an upload created, one per file, in file order."""
+
+    jobs: list[JobOut]
+
+
+#: The multipart form, for the OpenAPI spec.
+UPLOAD_FORM = openapi.Content(
+    "multipart/form-data",
+    {
+        "type": "object",
+        "properties": {
+            "file": {
+                "type": "array",
+                "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                "description": "the documents (.txt, .md, .html, .pdf), one part each",
+            },
+            "instructions": {"type": "string"},
+            "style": {"type": "string", "enum": ["bullets", "paragraph"]},
+            "target_words": {"type": "integer"},
+            "context_window": {"type": "integer"},
+            "model": {"type": "string"},
+            "max_attempts": {"type": "integer"},
+            "deadline_s": {"type": "number"},
+            "params": {"type": "string", "description": "sampling parameters as a JSON object"},
+        },
+        "required": ["file"],
+    },
+)
+
+
 @routes.post("/api/jobs/summarize/upload")
+@openapi.operation(request=UPLOAD_FORM, responses={202: UploadOut}, tags=("jobs",))
 async def upload_documents(request: web.Request) -> web.Response:
     """Create one summarize job per uploaded file; 202 with `{"jobs": [...]}` in file order."""
     service = request.app[SERVICE]
@@ -77,14 +110,25 @@ async def upload_documents(request: web.Request) -> web.Response:
     specs = [_job_request(document, options) for document in documents]
     submitted = await service.submit_all(list(specs), owner_key_id=principal(request).key_id)
     jobs = await service.describe([job for job, _ in submitted])
-    return json_response({"jobs": [job.model_dump(mode="json") for job in jobs]}, status=202)
+    return json_response(UploadOut(jobs=jobs), status=202)
+
+
+async def open_multipart(request: web.Request) -> MultipartReader:
+    """The multipart reader of a request; InvalidRequest (not a 500) when it has no boundary."""
+    try:
+        return await request.multipart()
+    except ValueError:  # no boundary, or not multipart after all
+        raise InvalidRequest(
+            "the multipart/form-data body has no boundary; let your HTTP client build it "
+            "(curl -F file=@report.pdf ...)"
+        ) from None
 
 
 async def _read_parts(
     request: web.Request, max_document_bytes: int, max_upload_bytes: int
 ) -> tuple[list[tuple[str, str | None, bytes]], dict[str, Any]]:
     """(filename, content type, bytes) of each file part, and the option fields."""
-    reader = await request.multipart()
+    reader = await open_multipart(request)
     files: list[tuple[str, str | None, bytes]] = []
     options: dict[str, Any] = {}
     total_bytes = 0

@@ -292,14 +292,25 @@ def worker(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    llm_url: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible base URL to use (as PROMPTQ_LLM_BASE_URL)."),
+    ] = None,
+    compare: Annotated[
+        int,
+        typer.Option(min=1, max=200, help="Questions to run one at a time, then concurrently."),
+    ] = 8,
+) -> None:
     """Run the whole pipeline once on embedded defaults and show the results."""
     from promptq.demo import run_demo
 
     settings = load_settings()
     logging.getLogger().setLevel(logging.WARNING)
-    explicit = "llm_base_url" in settings.model_fields_set
-    raise typer.Exit(run(run_demo(settings, llm_explicit=explicit)))
+    explicit = "llm_base_url" in settings.model_fields_set or llm_url is not None
+    if llm_url is not None:
+        settings = settings.with_overrides(llm_base_url=llm_url)
+    raise typer.Exit(run(run_demo(settings, llm_explicit=explicit, compare_prompts=compare)))
 
 
 @app.command()

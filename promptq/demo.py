@@ -1,7 +1,10 @@
-"""`promptq demo`: the whole pipeline on one machine, end to end, with a live progress bar.
+"""`promptq demo` and `promptq up`: the whole pipeline on one machine, on embedded defaults.
 
-It starts the API and a worker in this process, submits the classic welcome-message batch and
-two documents to summarize over HTTP, waits for every result, then prints what happened.
+`local_stack` picks (or starts) Redis, the SQLite database, the model (`promptq.llm_choice`),
+then runs the API and one worker in this process. The demo submits welcome messages for 20
+made-up sign-ups and a few documents to summarize over HTTP, with a live progress bar, prints
+a results table, then runs the same few questions one at a time (direct calls to the model)
+and through promptq's workers, and prints the measured speed-up.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -19,109 +24,108 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from promptq import migrate
+from promptq import demo_data, migrate
 from promptq.client import TERMINAL, PromptQClient
 from promptq.db import redact_url
 from promptq.embedded import resolve_redis
+from promptq.errors import LLMError
+from promptq.llm_choice import LLMChoice, LLMKind, resolve_llm
 from promptq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-NAMES = [
-    "Alice",
-    "Bob",
-    "Charlie",
-    "David",
-    "Emma",
-    "Frank",
-    "Grace",
-    "Hannah",
-    "Ian",
-    "Jessica",
-    "Kevin",
-    "Linda",
-    "Michael",
-    "Nancy",
-    "Olivia",
-    "Peter",
-    "Quincy",
-    "Rachel",
-    "Samuel",
-    "Tiffany",
-]
-
-DOCUMENTS = {
-    "lighthouse.txt": (
-        "The lighthouse on the northern cape was built in 1871 from granite quarried two miles "
-        "inland. For ninety years a keeper and his family lived in the cottage at its foot, "
-        "trimming the wick every four hours and logging every passing ship. When the light was "
-        "automated in 1961 the cottage became a small museum. Its logbooks record three "
-        "shipwrecks, forty-one storms strong enough to break the lantern glass, and one winter "
-        "when the keeper's daughter kept the light burning alone for eleven days."
-    ),
-    "sourdough.txt": (
-        "A sourdough starter is a culture of wild yeast and lactic acid bacteria living in a "
-        "paste of flour and water. Fed daily, it doubles within four to eight hours at room "
-        "temperature. The yeast makes the bread rise; the bacteria make it sour and help it "
-        "keep. Bakers judge a starter ready when it smells pleasantly acidic, is full of "
-        "bubbles, and a spoonful floats in water. A neglected starter can usually be revived "
-        "with two or three feedings, which is why some families have kept theirs for decades."
-    ),
-}
-
-#: Latency of the built-in fake model, so the concurrency speed-up is visible.
-FAKE_LATENCY_MS = 400.0
-
-console = Console()
+#: How often the demo re-reads the jobs it is waiting for.
+POLL_S = 0.1
+#: Questions run one at a time and then through promptq, unless `--compare` says otherwise.
+COMPARE_PROMPTS = 8
+WELCOME_PARAMS = {"max_tokens": 60, "temperature": 0.7}
+QUESTION_PARAMS = {"max_tokens": 40, "temperature": 0.2}
+SUMMARY_PARAMS = {"max_tokens": 120, "temperature": 0.2}
 
 
-async def _answers(url: str) -> bool:
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session,
-            session.get(url) as response,
-        ):
-            return response.status < 500
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return False
+class LocalStack(NamedTuple):
+    """What `local_stack` started: its settings, the API's URL and the chosen model."""
+
+    settings: Settings
+    api_url: str
+    llm: LLMChoice
 
 
-@asynccontextmanager
-async def _llm(settings: Settings, explicit: bool) -> AsyncIterator[Settings]:
-    """The configured LLM, else a local Ollama, else the built-in fake model (said loudly)."""
-    if explicit:
-        console.print(f"LLM: [bold]{settings.llm_base_url}[/bold] (PROMPTQ_LLM_BASE_URL)")
-        yield settings
-        return
-    if await _answers(f"{settings.llm_base_url}/models"):
-        console.print(f"LLM: Ollama at [bold]{settings.llm_base_url}[/bold]")
-        yield settings
-        return
-    from promptq.testing.fake_llm import FakeLLM, FakeLLMConfig
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One line of the results table, read back through the API."""
 
-    async with FakeLLM(FakeLLMConfig(latency_ms=FAKE_LATENCY_MS, jitter=0.3)) as fake:
-        console.print(
-            "[yellow]LLM: no PROMPTQ_LLM_BASE_URL and no Ollama on localhost:11434, so this demo "
-            f"uses promptq's built-in FAKE model at {fake.base_url}: its answers are canned.[/]\n"
-            "[yellow]For real answers: `ollama serve` + `ollama pull llama3.2`, or set "
-            "PROMPTQ_LLM_BASE_URL / PROMPTQ_LLM_API_KEY / PROMPTQ_DEFAULT_MODEL.[/]"
-        )
-        yield settings.with_overrides(llm_base_url=fake.base_url)
+    job_id: str
+    label: str
+    status: str
+    attempts: int
+    latency_ms: int
+    prompt_tokens: int
+    completion_tokens: int
+    answer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The same prompts run one at a time (direct calls) and through promptq's workers."""
+
+    prompts: int
+    concurrency: int
+    sequential_s: float
+    sequential_failures: int
+    #: First job created to last job finished, from the jobs' own timestamps.
+    concurrent_s: float
+    job_ids: list[str]
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster promptq ran them."""
+        return self.sequential_s / max(self.concurrent_s, 1e-9)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoReport:
+    """What the demo did, as it printed it."""
+
+    llm: LLMKind
+    model: str
+    rows: list[JobRow]
+    makespan_s: float
+    comparison: Comparison
+
+    @property
+    def ok(self) -> bool:
+        """Every job succeeded."""
+        return all(row.status == "succeeded" for row in self.rows)
 
 
 @asynccontextmanager
 async def local_stack(
-    settings: Settings, *, llm_explicit: bool, api_port: int = 0
-) -> AsyncIterator[tuple[Settings, str]]:
-    """Redis, database, LLM, API and one worker in this process; yields (settings, api_url)."""
+    settings: Settings,
+    *,
+    llm_explicit: bool,
+    api_port: int = 0,
+    console: Console | None = None,
+) -> AsyncIterator[LocalStack]:
+    """Redis, database, model, API and one worker in this process, all stopped on exit."""
     from api.app import create_app
     from worker.app import create_worker
 
+    console = console or Console()
     async with AsyncExitStack() as stack:
         settings = await stack.enter_async_context(resolve_redis(settings))
+        console.print(f"redis: {redact_url(settings.redis_url)}")
         console.print(f"database: {redact_url(settings.resolved_database_url)}")
         await migrate.upgrade_async(settings)
-        settings = await stack.enter_async_context(_llm(settings, llm_explicit))
+        console.print("model: looking for one (PROMPTQ_LLM_BASE_URL, Ollama, bundled) ...")
+        llm = await stack.enter_async_context(
+            resolve_llm(settings, explicit=llm_explicit, allow_bundled=settings.bundled_llm)
+        )
+        settings = llm.settings
+        style = "bold" if llm.kind in (LLMKind.CONFIGURED, LLMKind.OLLAMA) else "bold yellow"
+        console.print(f"model: [{style}]{llm.summary}[/]")
+        if llm.notice:
+            console.print(f"[yellow]{llm.notice}[/]")
         runner = web.AppRunner(create_app(settings), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -139,85 +143,220 @@ async def local_stack(
             await asyncio.gather(worker_task, return_exceptions=True)
 
         stack.push_async_callback(stop_worker)
-        yield settings, api_url
+        console.print(f"worker: {settings.worker_concurrency} jobs at a time")
+        yield LocalStack(settings, api_url, llm)
 
 
-async def run_demo(settings: Settings, *, llm_explicit: bool) -> int:
+async def run_demo(
+    settings: Settings,
+    *,
+    llm_explicit: bool,
+    compare_prompts: int = COMPARE_PROMPTS,
+    console: Console | None = None,
+) -> int:
     """Run the demo; returns the process exit code."""
+    report = await demo_report(
+        settings, llm_explicit=llm_explicit, compare_prompts=compare_prompts, console=console
+    )
+    return 0 if report.ok else 1
+
+
+async def demo_report(
+    settings: Settings,
+    *,
+    llm_explicit: bool,
+    compare_prompts: int = COMPARE_PROMPTS,
+    console: Console | None = None,
+) -> DemoReport:
+    """Run the demo, print what happened, and return it."""
+    console = console or Console()
     # The demo's API listens on an ephemeral 127.0.0.1 port for its own client: no keys needed.
     demo_settings = settings.with_overrides(auth_disabled=True, api_host="127.0.0.1")
     async with (
-        local_stack(demo_settings, llm_explicit=llm_explicit) as (_, api_url),
-        PromptQClient(api_url) as client,
+        local_stack(demo_settings, llm_explicit=llm_explicit, console=console) as stack,
+        PromptQClient(stack.api_url) as client,
     ):
-        return await _submit_and_watch(client)
+        rows, makespan_s = await _welcome_and_summaries(client, console)
+        _print_table(console, rows)
+        console.print(
+            f"{len(rows)} jobs in {makespan_s:.2f} s, "
+            f"{stack.settings.worker_concurrency} at a time."
+        )
+        comparison = await _compare(client, stack.settings, compare_prompts, console)
+        _print_comparison(console, comparison, stack.llm.kind)
+        model = stack.settings.default_model
+        report = DemoReport(stack.llm.kind, model, rows, makespan_s, comparison)
+        done = "All jobs succeeded." if report.ok else "[red]Some jobs failed[/red]: see the table."
+        console.print(
+            f"{done} Every job, attempt and token count is in the database "
+            f"({redact_url(stack.settings.resolved_database_url)}): try `promptq list`."
+        )
+        return report
 
 
 async def serve_forever(settings: Settings, *, llm_explicit: bool) -> int:
     """`promptq up`: the same stack as the demo, serving until Ctrl-C."""
     async with local_stack(settings, llm_explicit=llm_explicit, api_port=settings.api_port):
-        console.print("promptq is up; Ctrl-C stops it.")
+        Console().print("promptq is up; Ctrl-C stops it.")
         await asyncio.Event().wait()
     return 0
 
 
-async def _submit_and_watch(client: PromptQClient) -> int:
-    started = time.monotonic()
-    labels: dict[str, str] = {}
-    for name in NAMES:
-        job = await client.submit_prompt(
-            [
-                {"role": "system", "content": "You write one short, warm sentence."},
-                {"role": "user", "content": f"Write a personalized welcome message for {name}."},
-            ],
-            params={"max_tokens": 60},
-        )
-        labels[job["id"]] = f"welcome {name}"
-    for filename, text in DOCUMENTS.items():
-        job = await client.submit_summarize(text, instructions="Summarize in two sentences.")
-        labels[job["id"]] = f"summarize {filename}"
-
-    done: dict[str, dict[str, Any]] = {}
+def _progress(console: Console) -> Progress:
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description:<34}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("running jobs", total=len(labels))
-        while len(done) < len(labels):
-            for job_id in labels.keys() - done.keys():
-                job = await client.get(job_id)
-                if job["status"] in TERMINAL:
-                    done[job_id] = job
-            progress.update(bar, completed=len(done))
-            if len(done) < len(labels):
-                await asyncio.sleep(0.1)
-    makespan_s = time.monotonic() - started
+    return Progress(*columns, console=console)
 
+
+async def _welcome_and_summaries(
+    client: PromptQClient, console: Console
+) -> tuple[list[JobRow], float]:
+    users = demo_data.sign_ups()
+    docs = demo_data.documents()
+    console.print(
+        f"\nSubmitting {len(users)} welcome messages and {len(docs)} documents to summarize ..."
+    )
+    started = time.monotonic()
+    with _progress(console) as progress:
+        welcome_bar = progress.add_task("welcome messages", total=len(users))
+        summary_bar = progress.add_task("document summaries", total=len(docs))
+        labels: dict[str, str] = {}
+        bars: dict[str, Any] = {}
+        for user in users:
+            job = await client.submit_prompt(user.messages(), params=WELCOME_PARAMS)
+            labels[job["id"]] = f"welcome {user.name} ({user.product})"
+            bars[job["id"]] = welcome_bar
+        for name, text in docs.items():
+            job = await client.submit_summarize(
+                text, instructions=demo_data.SUMMARY_INSTRUCTIONS, params=SUMMARY_PARAMS
+            )
+            labels[job["id"]] = f"summarize {name}"
+            bars[job["id"]] = summary_bar
+        jobs = await _wait_all(client, labels, lambda job_id: progress.advance(bars[job_id]))
+    makespan_s = time.monotonic() - started
+    rows = [await _row(client, jobs[job_id], label) for job_id, label in labels.items()]
+    return rows, makespan_s
+
+
+async def _wait_all(
+    client: PromptQClient, job_ids: Iterable[str], on_done: Any
+) -> dict[str, dict[str, Any]]:
+    """Poll until every job is terminal; `on_done(job_id)` as each one finishes."""
+    pending = list(job_ids)
+    done: dict[str, dict[str, Any]] = {}
+    while pending:
+        jobs = await asyncio.gather(*(client.get(job_id) for job_id in pending))
+        for job in jobs:
+            if job["status"] in TERMINAL:
+                done[job["id"]] = job
+                on_done(job["id"])
+        pending = [job_id for job_id in pending if job_id not in done]
+        if pending:
+            await asyncio.sleep(POLL_S)
+    return done
+
+
+async def _row(client: PromptQClient, job: dict[str, Any], label: str) -> JobRow:
+    attempts = await client.attempts(job["id"])
+    usage = job["usage"]
+    return JobRow(
+        job_id=job["id"],
+        label=label,
+        status=job["status"],
+        attempts=job["attempts"],
+        latency_ms=sum(a["latency_ms"] or 0 for a in attempts),
+        prompt_tokens=usage["prompt_tokens"] or 0,
+        completion_tokens=usage["completion_tokens"] or 0,
+        answer=" ".join((job["result"] or job["error"] or "").split()),
+    )
+
+
+def _print_table(console: Console, rows: list[JobRow]) -> None:
     table = Table("job", "status", "attempts", "latency", "tokens in/out")
     table.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=60)
-    model_time_s = 0.0
-    for job_id, label in labels.items():
-        job = done[job_id]
-        attempts = await client.attempts(job_id)
-        latency_ms = sum(a["latency_ms"] or 0 for a in attempts)
-        model_time_s += latency_ms / 1000
-        usage = job["usage"]
-        answer = (job["result"] or job["error"] or "").replace("\n", " ")
+    for row in rows:
+        status = row.status if row.status == "succeeded" else f"[red]{row.status}[/red]"
         table.add_row(
-            label,
-            job["status"],
-            str(job["attempts"]),
-            f"{latency_ms} ms",
-            f"{usage['prompt_tokens'] or 0}/{usage['completion_tokens'] or 0}",
-            answer,
+            row.label,
+            status,
+            str(row.attempts),
+            f"{row.latency_ms} ms",
+            f"{row.prompt_tokens}/{row.completion_tokens}",
+            row.answer,
         )
     console.print(table)
+
+
+async def _compare(
+    client: PromptQClient, settings: Settings, count: int, console: Console
+) -> Comparison:
+    from worker.llm import LLMClient
+
+    prompts = demo_data.comparison_prompts(count)
     console.print(
-        f"{len(done)} jobs in {makespan_s:.2f} s; calling the model one at a time would take "
-        f"about {model_time_s:.2f} s, a [bold]{model_time_s / max(makespan_s, 1e-9):.1f}x[/bold] "
-        "speed-up. Every result is in the database: try `promptq list`."
+        f"\nThe same {count} questions, first one at a time (direct calls to the model, no "
+        f"queue), then through promptq ({settings.worker_concurrency} at a time):"
     )
-    return 0 if all(j["status"] == "succeeded" for j in done.values()) else 1
+    failures = 0
+    with _progress(console) as progress:
+        one_bar = progress.add_task("one at a time", total=count)
+        many_bar = progress.add_task("through promptq", total=count, start=False)
+        api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        async with aiohttp.ClientSession() as session:
+            llm = LLMClient(
+                session,
+                base_url=settings.llm_base_url,
+                api_key=api_key,
+                timeout_s=settings.llm_timeout_s,
+            )
+            started = time.monotonic()
+            for messages in prompts:
+                try:
+                    await llm.chat(settings.default_model, messages, QUESTION_PARAMS)
+                except LLMError:
+                    failures += 1
+                progress.advance(one_bar)
+            sequential_s = time.monotonic() - started
+
+        progress.start_task(many_bar)
+        job_ids = [
+            (await client.submit_prompt(messages, params=QUESTION_PARAMS))["id"]
+            for messages in prompts
+        ]
+        jobs = await _wait_all(client, job_ids, lambda _: progress.advance(many_bar))
+    created = min(_when(job["created_at"]) for job in jobs.values())
+    finished = max(_when(job["finished_at"] or job["created_at"]) for job in jobs.values())
+    return Comparison(
+        prompts=count,
+        concurrency=settings.worker_concurrency,
+        sequential_s=sequential_s,
+        sequential_failures=failures,
+        concurrent_s=(finished - created).total_seconds(),
+        job_ids=job_ids,
+    )
+
+
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _print_comparison(console: Console, comparison: Comparison, kind: LLMKind) -> None:
+    failures = comparison.sequential_failures
+    failed = f" ({failures} calls failed)" if failures else ""
+    console.print(
+        f"one at a time: {comparison.sequential_s:.2f} s{failed}; through promptq "
+        f"({comparison.concurrency} at a time): {comparison.concurrent_s:.2f} s; "
+        f"speed-up [bold]{comparison.speedup:.1f}x[/bold]"
+    )
+    if kind is LLMKind.BUNDLED:
+        console.print(
+            "[yellow]The bundled llama.cpp server computes one request at a time, so a speed-up "
+            "against it does not come from overlapping calls: its CPU threads slow down and "
+            "speed up with the machine's load, so read these two times with care. Against "
+            "Ollama (OLLAMA_NUM_PARALLEL) or a hosted API, requests overlap and the speed-up "
+            "grows with the concurrency.[/]"
+        )

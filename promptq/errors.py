@@ -4,6 +4,7 @@ PromptQError
 ├── InvalidRequest          bad input from a user (HTTP 400/422, CLI exit 2)
 │   ├── IdempotencyConflict same idempotency_key, different request (409)
 │   ├── DocumentTooLarge    a document over PROMPTQ_MAX_DOCUMENT_BYTES (413)
+│   ├── LimitExceeded       too many messages or characters in a job (413)
 │   ├── BatchTooLarge       a batch over PROMPTQ_BATCH_MAX_ITEMS / _BYTES (413)
 │   ├── InvalidBatch        a batch with invalid items, listed per line (422)
 │   └── UnsupportedDocument a file type promptq cannot read, or a file it cannot parse (422)
@@ -60,6 +61,13 @@ class DocumentTooLarge(InvalidRequest):
     """The document is larger than this server accepts."""
 
     code = "document_too_large"
+    http_status = 413
+
+
+class LimitExceeded(InvalidRequest):
+    """The request carries more than this server accepts (messages, characters)."""
+
+    code = "limit_exceeded"
     http_status = 413
 
 

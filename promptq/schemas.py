@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from promptq.models import Job, JobAttempt
 
 MAX_ATTEMPTS_LIMIT = 100
+#: Largest accepted `max_tokens`: more than any model writes in one answer.
+MAX_TOKENS_LIMIT = 1_000_000
 #: Longest accepted deadline_s: a week, as long as a job stays in Redis.
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 
@@ -31,10 +33,11 @@ class ChatParams(_Strict):
     """Optional sampling parameters forwarded to the model."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    #: A 64-bit integer, as OpenAI-compatible servers take it.
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
 
     @field_validator("stop")
     @classmethod

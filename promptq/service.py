@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from promptq.checkpoints import ChunkStore
 from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
+from promptq.input_limits import check_messages
 from promptq.models import Job, JobKind, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import JobOut, PromptJobCreate, SummarizeJobCreate, job_create_adapter
@@ -76,7 +77,9 @@ class JobService:
         self.checkpoints = ChunkStore(store.sessionmaker)
 
     def check(self, request: PromptJobCreate | SummarizeJobCreate) -> None:
-        """Refuse what the schema cannot judge alone: a document over the size limit (413)."""
+        """Refuse what the schema cannot judge alone: input over the settings' limits (413)."""
+        if isinstance(request, PromptJobCreate):
+            check_messages([m.model_dump() for m in request.messages], self.settings)
         if isinstance(request, SummarizeJobCreate):
             size_bytes = len(request.document.encode("utf-8", errors="surrogatepass"))
             check_size(request.filename or "document", size_bytes, self.settings.max_document_bytes)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = None
     default_model: str = "llama3.2"
     llm_timeout_s: float = Field(default=120.0, gt=0)
+    #: `promptq demo`/`up` with no LLM configured and no Ollama: start the bundled local model
+    #: (the `local` extra) instead of going straight to the built-in fake one.
+    bundled_llm: bool = True
     #: Endpoints and their limits (see promptq.endpoints): a TOML file, or the same as JSON.
     #: Without either, every model goes to PROMPTQ_LLM_BASE_URL without limits.
     endpoints_file: Path | None = None
@@ -70,6 +73,10 @@ class Settings(BaseSettings):
     #: How long the API trusts a key it has looked up; a revoked key works at most this long.
     api_key_cache_s: float = Field(default=30.0, ge=0)
 
+    #: Most messages one prompt job may carry.
+    max_messages_per_job: int = Field(default=1000, ge=1)
+    #: Most characters of text in one prompt job's messages, all together.
+    max_message_chars: int = Field(default=1_000_000, ge=1000)
     #: Largest document accepted for summarizing: an uploaded file, or a JSON `document`.
     max_document_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     #: Largest multipart upload (all its files together) `POST /api/jobs/summarize/upload` reads.
@@ -125,9 +132,15 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     def with_overrides(self, **changes: Any) -> Settings:
-        """A validated copy with some fields changed (model_copy would skip validation)."""
+        """A validated copy with some fields changed (model_copy would skip validation).
+
+        The copy remembers which fields the user set (env, .env, or these changes), so that a
+        default stays a default: `promptq demo` only starts its own Redis in that case.
+        """
         values = {name: getattr(self, name) for name in type(self).model_fields} | changes
-        return type(self)(_env_file=None, **values)
+        copy = type(self)(_env_file=None, **values)
+        object.__setattr__(copy, "__pydantic_fields_set__", self.model_fields_set | set(changes))
+        return copy
 
     @property
     def resolved_database_url(self) -> str:

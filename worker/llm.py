@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 
 from promptq.errors import PermanentLLMError, TransientLLMError
+from promptq.logs import Redactor
 from worker.retry import is_transient_status, parse_retry_after_s
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class LLMClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._secret = api_key
+        self._redact = Redactor([api_key] if api_key else [])
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def chat(
@@ -163,12 +164,12 @@ class LLMClient:
                 raise TypeError("not an object")
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise TransientLLMError(
-                self._scrub(f"the model endpoint streamed a malformed event: {_snippet(data)}"),
+                f"the model endpoint streamed a malformed event: {_snippet(data, self._scrub)}",
                 status_code=status,
             ) from exc
         if "error" in event:  # Ollama and others report mid-stream errors in-band
             raise TransientLLMError(
-                self._scrub(f"the model endpoint failed mid-stream: {_error_detail(data)}"),
+                f"the model endpoint failed mid-stream: {_error_detail(data, self._scrub)}",
                 status_code=status,
             )
         if isinstance(event.get("usage"), dict):
@@ -190,7 +191,7 @@ class LLMClient:
     def _http_error(
         self, status: int, raw: bytes, headers: Any
     ) -> TransientLLMError | PermanentLLMError:
-        detail = _error_detail(raw)
+        detail = _error_detail(raw, self._scrub)
         message = self._scrub(f"HTTP {status} from the model endpoint: {detail}")
         if is_transient_status(status):
             return TransientLLMError(
@@ -208,7 +209,7 @@ class LLMClient:
             usage = data.get("usage") or {}
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise TransientLLMError(
-                self._scrub(f"the model endpoint returned a malformed body: {_snippet(raw)}"),
+                f"the model endpoint returned a malformed body: {_snippet(raw, self._scrub)}",
                 status_code=status,
             ) from exc
         if not isinstance(content, str):
@@ -224,7 +225,8 @@ class LLMClient:
         )
 
     def _scrub(self, message: str) -> str:
-        return message.replace(self._secret, "***") if self._secret else message
+        """The text without the provider key, or anything else shaped like a key it echoes."""
+        return self._redact(message)
 
 
 @dataclass(slots=True)
@@ -238,17 +240,19 @@ class _StreamState:
     done: bool = False
 
 
-def _error_detail(raw: bytes) -> str:
+def _error_detail(raw: bytes, scrub: Callable[[str], str]) -> str:
+    """The error message of an error body, scrubbed of secrets before it is cut short."""
     try:
         data = orjson.loads(raw)
         message = data["error"]["message"] if isinstance(data.get("error"), dict) else data["error"]
-        return str(message)[:MAX_ERROR_BODY_CHARS]
+        return scrub(str(message))[:MAX_ERROR_BODY_CHARS]
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return _snippet(raw)
+        return _snippet(raw, scrub)
 
 
-def _snippet(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
+def _snippet(raw: bytes, scrub: Callable[[str], str]) -> str:
+    """The start of a body, scrubbed first: cutting first could leave half a key unmatched."""
+    text = scrub(raw.decode("utf-8", errors="replace")).strip()
     return repr(text[:MAX_ERROR_BODY_CHARS]) if text else "(empty body)"
 
 

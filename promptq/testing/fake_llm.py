@@ -96,6 +96,8 @@ class _Step:
     status: int = 200
     sleep_ms: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()
+    #: echo_auth_raw: characters of filler before the echoed Authorization header.
+    pad: int = 0
 
 
 def _is_number(value: object) -> TypeGuard[float]:
@@ -125,6 +127,10 @@ def _parse_step(text: str) -> _Step:
         return _Step("status", status=int(name), headers=tuple(headers))
     if name in _PLAIN_STEPS and not arg:
         return _Step(name)
+    if name == "echo_auth" and not arg:
+        return _Step(name, status=401)
+    if name == "echo_auth_raw" and (not arg or arg.isdigit()):
+        return _Step(name, status=502, pad=int(arg or 0))
     raise ValueError(f"unknown or malformed fake step {text!r}")
 
 
@@ -432,6 +438,14 @@ async def _run_step(
         missing = f"The model `{req.model}` does not exist or you do not have access to it."
         message = missing if step.status == 404 else None
         return _error(state, step.status, message=message, headers=dict(step.headers))
+    if kind == "echo_auth":  # like a provider that quotes the key it rejected
+        quoted = request.headers.get("Authorization", "(none)")
+        return _error(state, 401, message=f"Incorrect API key provided: {quoted}.")
+    if kind == "echo_auth_raw":  # like a proxy that dumps the request headers as text
+        first = sorted(request.headers.items(), key=lambda kv: kv[0].lower() != "authorization")
+        headers = "\n".join(f"{k}: {v}" for k, v in first)
+        state.record(step.status)
+        return web.Response(status=step.status, text="x" * step.pad + "\n" + headers)
     if kind == "context":
         tokens = max(_prompt_tokens(req.messages, cfg.chars_per_token), CONTEXT_LIMIT + 1)
         message = (

@@ -90,10 +90,11 @@ class Procs:
                 proc.kill()
                 proc.wait()
 
-    def logs(self) -> str:
-        """Every log, for failure messages."""
+    def logs(self, max_chars: int | None = 4000) -> str:
+        """Every log (the last `max_chars` of each; None: all of it), for failure messages."""
         return "\n".join(
-            f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.running
+            f"--- {log.name}\n{log.read_text(errors='replace')[-(max_chars or 0) :]}"
+            for _, log in self.running
         )
 
 

@@ -117,12 +117,15 @@ async def test_cli_reports_bad_input_clearly(procs: Procs) -> None:
 
 
 async def test_demo_runs_end_to_end_on_the_builtin_model(procs: Procs) -> None:
-    # No LLM configured and (on CI) no Ollama: the demo must fall back to the built-in model.
-    procs.settings = procs.settings.with_overrides(llm_base_url="http://localhost:11434/v1")
-    result = await procs.run("demo", timeout_s=120)
+    # No LLM configured, (on CI) no Ollama, and the bundled model turned off: the demo must
+    # fall back to the built-in fake model, and say so.
+    procs.settings = procs.settings.with_overrides(
+        llm_base_url="http://localhost:11434/v1", bundled_llm=False
+    )
+    result = await procs.run("demo", "--compare", "3", timeout_s=120)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAKE model" in result.stdout
-    assert "22 jobs in" in result.stdout and "speed-up" in result.stdout
+    assert "FAKE model" in result.stdout and "CANNED" in result.stdout
+    assert "23 jobs in" in result.stdout and "speed-up" in result.stdout
     listing = await procs.run("list", "--status", "succeeded", "--limit", "100")
-    assert listing.stdout.count("succeeded") == 22
+    assert listing.stdout.count("succeeded") == 23 + 3

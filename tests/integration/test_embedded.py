@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptq.embedded import embedded_redis, resolve_redis
 from promptq.settings import Settings
@@ -17,7 +19,9 @@ async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
         client = aioredis.Redis.from_url(url)
         await client.set("promptq:kept", "yes")
         await client.aclose()
-    assert (tmp_path / "redis").is_dir()
+    # Persistence is the append-only file alone (RDB snapshots are off).
+    assert (tmp_path / "redis" / "appendonly.aof").stat().st_size > 0
+    assert not (tmp_path / "redis" / "dump.rdb").exists()
 
     async with embedded_redis(tmp_path) as url:  # a new process, same data dir
         client = aioredis.Redis.from_url(url)
@@ -42,3 +46,14 @@ async def test_without_a_url_or_a_local_server_an_embedded_one_starts(tmp_path: 
         client = aioredis.Redis.from_url(resolved.redis_url)
         assert await client.ping()
         await client.aclose()
+
+
+async def test_the_embedded_redis_is_stopped_on_exit(tmp_path: Path) -> None:
+    async with embedded_redis(tmp_path) as url:
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5)
+        assert await client.ping()
+    with pytest.raises(RedisConnectionError):
+        await client.ping()
+    await client.aclose()
+    log = (tmp_path / "redis" / "redis.log").read_text()
+    assert "Ready to accept connections" in log and "ready to exit" in log  # a clean shutdown
