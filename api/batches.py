@@ -29,6 +29,7 @@ from promptq import batch_export
 from promptq.batch_items import (
     ItemSpec,
     Validation,
+    check_metadata,
     check_models,
     check_name,
     read_spool,
@@ -162,9 +163,7 @@ async def _create_from_json(
         raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
     name = check_name(body.get("name"))
     models = check_models(body.get("models"))
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise InvalidRequest("metadata must be a JSON object")
+    metadata = check_metadata(body.get("metadata"))
     specs = validate_list(
         body["jobs"],
         batches.service.check,

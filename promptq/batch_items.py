@@ -18,7 +18,12 @@ from pydantic import ValidationError
 
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest
 from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
-from promptq.service import MAX_JSON_DEPTH, describe_validation_error, parse_job_request
+from promptq.service import (
+    MAX_JSON_DEPTH,
+    check_storable,
+    describe_validation_error,
+    parse_job_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,8 @@ MAX_LINE_ERRORS = 100
 MAX_CUSTOM_ID_CHARS = 255
 #: Most models in one comparison batch.
 MAX_MODELS = 16
+#: Largest batch `metadata` (serialized).
+MAX_METADATA_BYTES = 16 * 1024
 
 JobRequest = PromptJobCreate | SummarizeJobCreate
 Check = Callable[[JobRequest], None]
@@ -121,9 +128,23 @@ def check_models(models: list[str] | None) -> list[str] | None:
     if len(distinct) > MAX_MODELS:
         raise InvalidRequest(f"a comparison batch may name at most {MAX_MODELS} models")
     for model in distinct:
+        if "\x00" in model:
+            raise InvalidRequest("model names may not contain NUL (\\u0000) characters")
         if len(model) > 255:
             raise InvalidRequest(f"model name {model[:64]!r}... is longer than 255 characters")
     return distinct
+
+
+def check_metadata(metadata: Any) -> dict[str, Any] | None:
+    """Free-form batch metadata: a JSON object of at most MAX_METADATA_BYTES, storable."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be a JSON object")
+    check_storable(metadata)
+    if len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"metadata may be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return metadata
 
 
 def check_name(name: Any) -> str | None:
@@ -154,7 +175,11 @@ def parse_item(
     custom_id = payload.get("custom_id")
     if "custom_id" in payload:
         payload = {k: v for k, v in payload.items() if k != "custom_id"}
-        if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS:
+        if (
+            not isinstance(custom_id, str)
+            or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS
+            or "\x00" in custom_id
+        ):
             raise InvalidRequest(
                 f"custom_id must be a string of 1-{MAX_CUSTOM_ID_CHARS} characters"
             )

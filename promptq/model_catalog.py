@@ -105,18 +105,30 @@ class ModelCatalog:
     async def check(self, names: Iterable[str]) -> None:
         """Raise UnknownModel unless each model's endpoint lists it."""
         for name in names:
-            source = self.source(name)
-            try:
-                known = {str(m.get("id")) for m in await self._models_of(source)}
-            except ModelsUnavailable as exc:
-                logger.warning("model check of %s skipped: %s", name, exc.message)
-                continue
-            if name not in known:
+            known = await self._listed_by_endpoint_of(name)
+            if known is not None and name not in known:
                 listed = ", ".join(sorted(known)[:MAX_LISTED]) or "(none)"
                 raise UnknownModel(
                     f"the model {name!r} is not served by the model endpoint; "
                     f"available models: {listed}"
                 )
+
+    async def unknown(self, names: Iterable[str]) -> set[str]:
+        """The models among `names` that their endpoint does not list."""
+        missing = set()
+        for name in set(names):
+            known = await self._listed_by_endpoint_of(name)
+            if known is not None and name not in known:
+                missing.add(name)
+        return missing
+
+    async def _listed_by_endpoint_of(self, name: str) -> set[str] | None:
+        """The models `name`'s endpoint lists; None (trust it) when it cannot be asked."""
+        try:
+            return {str(m.get("id")) for m in await self._models_of(self.source(name))}
+        except ModelsUnavailable as exc:
+            logger.warning("model check of %s skipped: %s", name, exc.message)
+            return None
 
     async def _models_of(self, source: ModelSource) -> list[dict[str, Any]]:
         async with self._locks[source.name]:  # one fetch at a time; the others reuse it

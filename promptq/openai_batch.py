@@ -35,7 +35,7 @@ from promptq.batches import BatchService
 from promptq.cancel import Canceller
 from promptq.errors import NotCancellable, NotFound
 from promptq.files import OUTPUT_PURPOSE, FileStore, new_file
-from promptq.model_catalog import ModelCatalog, ModelsUnavailable
+from promptq.model_catalog import ModelCatalog
 from promptq.models import Batch, BatchStatus, Job, JobAttempt, JobKind, JobStatus, Priority
 from promptq.openai_batch_input import COMPLETION_WINDOWS, ENDPOINTS, BatchRequest, check_input
 from promptq.openai_schemas import BadRequest
@@ -88,7 +88,10 @@ class OpenAIBatches:
         source = await self.files.get(input_file_id, owned_by=owned_by, content=True)
         if source.purpose != "batch":
             raise BadRequest(f"file {input_file_id} was not uploaded with purpose=batch")
-        check = check_input(source.content, endpoint, await self._known_models())
+        check = check_input(source.content, endpoint, None)
+        if self.catalog is not None:  # each model against its own endpoint's list
+            names = [m for r in check.requests for m in (r.body.model, *r.body.fallback_models)]
+            check.reject_models(await self.catalog.unknown(names))
         now = clock.now()
         fields: dict[str, Any] = {
             "input_file_id": input_file_id,
@@ -133,15 +136,6 @@ class OpenAIBatches:
                 .values(**fields, in_progress_at=now)
             )
         return await self._row(created.batch.id, owned_by=None)
-
-    async def _known_models(self) -> set[str] | None:
-        if self.catalog is None:
-            return None
-        try:
-            return {str(m.get("id")) for m in await self.catalog.models()}
-        except ModelsUnavailable as exc:
-            logger.warning("batch model check skipped: %s", exc.message)
-            return None
 
     # -- reading ---------------------------------------------------------------------------
 

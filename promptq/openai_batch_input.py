@@ -51,6 +51,23 @@ class InputCheck:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append({"code": code, "message": message, "param": param, "line": line})
 
+    def reject_models(self, unknown: set[str]) -> None:
+        """Turn the requests naming a model in `unknown` into per-line errors."""
+        kept = []
+        for request in self.requests:
+            missing = [m for m in _models(request.body) if m in unknown]
+            if missing:
+                self.fail(
+                    request.line,
+                    "model_not_found",
+                    f"the model {missing[0]!r} is not served by the model endpoint",
+                    "body.model",
+                )
+            else:
+                kept.append(request)
+        self.requests = kept
+        self.errors.sort(key=lambda e: e["line"] or 0)
+
     def errors_object(self) -> dict[str, Any]:
         """OpenAI's `errors` of a failed batch."""
         errors = list(self.errors)

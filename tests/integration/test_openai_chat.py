@@ -9,6 +9,7 @@ in SQL; identical deterministic requests are answered from the cache without a m
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from promptq.models import JobStatus, Priority
 from promptq.service import JobService
-from promptq.testing.fake_llm import FakeLLM, expected_reply
+from promptq.testing.fake_llm import FakeLLM, FakeLLMConfig, expected_reply
 from tests.conftest import ApiClient, ApiStarter, KeyFactory, WorkerFactory, bearer
 
 JOB_ID_HEADER = "x-promptq-job-id"
@@ -316,3 +317,24 @@ async def test_a_stream_cut_by_the_backend_resumes_on_retry_without_repeating_te
     assert text == expected_reply("fake-small", messages)
     job = await service.store.get_job(raw.headers[JOB_ID_HEADER])
     assert job is not None and job.attempts == 2 and job.result == text
+
+
+async def test_models_and_the_model_check_follow_the_endpoint_table(
+    start_api: ApiStarter, sdk: SdkFactory, key: str, fake_llm: FakeLLM
+) -> None:
+    # Given a second backend that serves the `two-*` models, and the default serving the rest
+    async with FakeLLM(FakeLLMConfig(models=["two-a", "two-b", "stray"])) as second:
+        table = [{"name": "second", "models": ["two-*"], "base_url": second.base_url}]
+        api = await start_api(endpoints=json.dumps(table))
+        client = sdk(key, api)
+
+        # Then /v1/models lists each backend's own models
+        listed = sorted(m.id for m in (await client.models.list()).data)
+        assert listed == sorted([*fake_llm.config.models, "two-a", "two-b"])
+
+        # And a model is checked against its own endpoint's list
+        with pytest.raises(openai.UnprocessableEntityError) as unknown:
+            await client.chat.completions.create(model="two-c", messages=user("hi"))
+        assert "two-a" in unknown.value.message and "fake-small" not in unknown.value.message
+        with pytest.raises(openai.UnprocessableEntityError):
+            await client.chat.completions.create(model="stray", messages=user("hi"))

@@ -151,3 +151,22 @@ def test_each_retry_starts_one_fallback_further_and_stays_on_the_last() -> None:
 )
 def test_statuses_map_to_openai_error_types(status: int, kind: str) -> None:
     assert error_type(status) == kind
+
+
+def test_lines_naming_a_model_their_endpoint_does_not_serve_become_errors_in_line_order() -> None:
+    content = b"\n".join(
+        [
+            line("a", body={"model": "gone", "messages": MESSAGES}),
+            b"not json",
+            line("b"),
+            line("c", body={"model": "m", "messages": MESSAGES, "fallback_models": ["gone"]}),
+        ]
+    )
+    check = check_input(content, "/v1/chat/completions", None)
+    check.reject_models({"gone"})
+    assert [(e["line"], e["code"]) for e in check.errors] == [
+        (1, "model_not_found"),
+        (2, "invalid_json_line"),
+        (4, "model_not_found"),
+    ]
+    assert [r.custom_id for r in check.requests] == ["b"]
