@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import socket
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -47,8 +48,8 @@ def prompt(content: str, **extra: Any) -> dict[str, Any]:
 
 
 def jsonl(items: list[Any]) -> bytes:
-    """Items as a JSONL body."""
-    return b"".join(orjson.dumps(item) + b"\n" for item in items)
+    """Items as a JSONL body (stdlib json: it writes integers of any size, as clients may)."""
+    return "".join(json.dumps(item) + "\n" for item in items).encode()
 
 
 @pytest.fixture
@@ -352,6 +353,7 @@ async def test_a_batch_saved_while_redis_is_down_is_queued_by_the_reconciler(
     ),
     models=st.none() | st.lists(any_text(max_size=10), max_size=3),
 )
+@example(items=[prompt("big", params={"seed": 2**70}), {"kind": 2**64}], models=None)
 @hypothesis_settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
