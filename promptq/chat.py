@@ -9,6 +9,7 @@ from datetime import timedelta
 from promptq import clock
 from promptq.cache import ResultCache, request_hash, wants_cache
 from promptq.errors import ServiceUnavailable
+from promptq.input_limits import check_messages
 from promptq.models import Job, JobKind, JobStatus, Priority
 from promptq.openai_schemas import ChatCompletionRequest
 from promptq.service import JobService
@@ -36,6 +37,7 @@ class ChatService:
         """
         settings = self.service.settings
         job_input = request.job_input()
+        check_messages(job_input["messages"], settings)
         params = job_input["params"]
         digest = request_hash(JobKind.PROMPT, request.model, job_input["messages"], params)
         source = None

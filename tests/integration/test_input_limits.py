@@ -118,3 +118,16 @@ async def test_job_options_out_of_range_are_422(
     assert status == 422, body
     assert next(iter(extra)) in body["error"]["message"]
     assert await service.store.list_jobs() == []
+
+
+async def test_openai_chat_completions_are_capped_too(
+    api: ApiClient, make_key: KeyFactory, service: JobService
+) -> None:
+    key = await make_key("openai")
+    body = {"model": "fake-small", "messages": prompt("a", "b", "c", "d")["messages"]}
+    async with api.post("/v1/chat/completions", json=body, headers=bearer(key)) as response:
+        assert response.status == 413
+        error = (await response.json())["error"]
+    assert "PROMPTQ_MAX_MESSAGES_PER_JOB" in error["message"]
+    assert error["type"] == "invalid_request_error"  # OpenAI's shape under /v1
+    assert await service.store.list_jobs() == []
