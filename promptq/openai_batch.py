@@ -88,7 +88,7 @@ class OpenAIBatches:
         source = await self.files.get(input_file_id, owned_by=owned_by, content=True)
         if source.purpose != "batch":
             raise BadRequest(f"file {input_file_id} was not uploaded with purpose=batch")
-        check = check_input(source.content, endpoint, None)
+        check = check_input(source.content, endpoint, None, settings=self.service.settings)
         if self.catalog is not None:  # each model against its own endpoint's list
             names = [m for r in check.requests for m in (r.body.model, *r.body.fallback_models)]
             check.reject_models(await self.catalog.unknown(names))

@@ -14,9 +14,11 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from promptq.errors import InvalidRequest
+from promptq.errors import InvalidRequest, LimitExceeded
+from promptq.input_limits import check_messages
 from promptq.openai_schemas import ChatCompletionRequest
 from promptq.service import check_storable, describe_validation_error
+from promptq.settings import Settings
 
 #: The endpoints a batch may target.
 ENDPOINTS = ("/v1/chat/completions",)
@@ -83,8 +85,15 @@ class InputCheck:
         return {"object": "list", "data": errors}
 
 
-def check_input(content: bytes, endpoint: str, known_models: set[str] | None) -> InputCheck:
-    """Check every line of an input file. `known_models` None skips the model check."""
+def check_input(
+    content: bytes,
+    endpoint: str,
+    known_models: set[str] | None,
+    *,
+    settings: Settings | None = None,
+) -> InputCheck:
+    """Check every line of an input file. `known_models` None skips the model check;
+    `settings` holds the per-job message limits (None skips them)."""
     check = InputCheck()
     seen: set[str] = set()
     lines = content.split(b"\n")
@@ -103,6 +112,12 @@ def check_input(content: bytes, endpoint: str, known_models: set[str] | None) ->
             )
             continue
         seen.add(request.custom_id)
+        if settings is not None:
+            try:
+                check_messages(request.body.job_input()["messages"], settings)
+            except LimitExceeded as exc:
+                check.fail(number, "limit_exceeded", exc.message, "body.messages")
+                continue
         if known_models is not None:
             missing = [m for m in _models(request.body) if m not in known_models]
             if missing:

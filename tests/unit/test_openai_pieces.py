@@ -12,6 +12,7 @@ from api.openai_errors import error_type
 from promptq.cache import request_hash, wants_cache
 from promptq.openai_batch_input import check_input
 from promptq.openai_schemas import BadRequest, parse_chat_request
+from promptq.settings import Settings
 from promptq.store import Claim
 from worker.prompt_call import model_chain
 
@@ -170,3 +171,26 @@ def test_lines_naming_a_model_their_endpoint_does_not_serve_become_errors_in_lin
         (4, "model_not_found"),
     ]
     assert [r.custom_id for r in check.requests] == ["b"]
+
+
+def test_lines_over_the_message_limits_become_errors_and_the_rest_stay() -> None:
+    # Given limits of 2 messages and 1,000 characters per job
+    settings = Settings(max_messages_per_job=2, max_message_chars=1000)
+    many = [{"role": "user", "content": "hi"}] * 3
+    long = [{"role": "user", "content": "x" * 1001}]
+    content = b"\n".join(
+        [
+            line("many", body={"model": "m", "messages": many}),
+            line("ok"),
+            line("long", body={"model": "m", "messages": long}),
+        ]
+    )
+    # When the file is checked with the settings, each line over a limit is an error naming it
+    check = check_input(content, "/v1/chat/completions", None, settings=settings)
+    assert [(e["line"], e["code"]) for e in check.errors] == [
+        (1, "limit_exceeded"),
+        (3, "limit_exceeded"),
+    ]
+    assert "PROMPTQ_MAX_MESSAGES_PER_JOB" in check.errors[0]["message"]
+    assert "PROMPTQ_MAX_MESSAGE_CHARS" in check.errors[1]["message"]
+    assert [r.custom_id for r in check.requests] == ["ok"]
