@@ -144,7 +144,9 @@ async def create_batch(request: web.Request) -> web.Response:
 async def batch_created_out(batches: BatchService, created: BatchCreated) -> BatchCreatedOut:
     """The response body of a created batch."""
     (out,) = await batches.describe([created.batch])
-    return BatchCreatedOut(**out.model_dump(), created=created.created, reused=created.reused)
+    return BatchCreatedOut(
+        **out.model_dump(), created=created.created, reused=created.reused, cached=created.cached
+    )
 
 
 def _invalid_batch(exc: InvalidBatch) -> web.Response:

@@ -182,7 +182,7 @@ async def wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
 def api_phases(log: str) -> dict[str, float]:
     """The full batch's phases, from the API's log: validation, insert, enqueue (seconds)."""
     validated = re.findall(r"item\(s\) validated in ([0-9.]+) s", log)
-    stored = re.findall(r"created in ([0-9.]+) s, \d+ reused, \d+ queued in ([0-9.]+) s", log)
+    stored = re.findall(r"created in ([0-9.]+) s .*?, \d+ reused, \d+ queued in ([0-9.]+) s", log)
     if not validated or not stored:
         return {}
     return {

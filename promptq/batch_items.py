@@ -51,6 +51,8 @@ class ItemSpec:
     deadline_s: float | None
     idempotency_key: str | None
     custom_id: str | None = None
+    #: The request's `cache` choice (prompt jobs; see promptq.cache).
+    cache: bool | None = None
 
     @classmethod
     def from_request(cls, request: JobRequest, custom_id: str | None = None) -> ItemSpec:
@@ -63,6 +65,7 @@ class ItemSpec:
             deadline_s=request.deadline_s,
             idempotency_key=request.idempotency_key,
             custom_id=custom_id,
+            cache=request.cache if isinstance(request, PromptJobCreate) else None,
         )
 
     def to_json(self) -> bytes:
@@ -76,6 +79,7 @@ class ItemSpec:
                 self.deadline_s,
                 self.idempotency_key,
                 self.custom_id,
+                self.cache,
             ]
         )
 

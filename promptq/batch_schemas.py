@@ -101,6 +101,8 @@ class BatchCreatedOut(BatchOut):
     created: int
     #: Items whose idempotency_key matched an existing job, which was kept instead.
     reused: int
+    #: Jobs of `created` answered from the result cache (already succeeded, never queued).
+    cached: int = 0
 
 
 class BatchPage(BaseModel):

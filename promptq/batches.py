@@ -4,8 +4,10 @@
 OpenAI Batch API alike. It takes items that are already valid (see promptq.batch_items) and
 
 1. inserts the `batches` row and the jobs in one transaction, a thousand rows per INSERT
-   (SQLAlchemy Core executemany), never building ORM objects, so memory stays flat;
-2. after the commit, queues the jobs through Redis pipelines (promptq.bulk_queue).
+   (SQLAlchemy Core executemany), never building ORM objects, so memory stays flat; a prompt
+   item that may reuse a stored answer (promptq.cache) and has one is written already
+   succeeded, from one lookup per thousand items;
+2. after the commit, queues the other jobs through Redis pipelines (promptq.bulk_queue).
 
 Jobs saved but not queued because Redis is down stay `queued` in SQL; the reconciler queues
 them. Counts per status are aggregated from `jobs` with one GROUP BY, never stored.
@@ -38,12 +40,14 @@ from promptq.batch_schemas import (
     ModelSummary,
 )
 from promptq.bulk_queue import enqueue_many
+from promptq.cache import find_many, hit_values, prompt_hash, wants_cache
 from promptq.errors import IdempotencyConflict, NotFound, ServiceUnavailable
 from promptq.models import (
     Batch,
     BatchStatus,
     Job,
     JobAttempt,
+    JobKind,
     JobStatus,
     Priority,
 )
@@ -73,6 +77,8 @@ class BatchCreated:
     created: int
     #: Items whose idempotency_key named an existing identical job (not inserted again).
     reused: int
+    #: Jobs answered from the result cache (created already succeeded, never queued).
+    cached: int
     #: Jobs put on the Redis queue now (the reconciler queues the rest if Redis was down).
     enqueued: int
 
@@ -125,8 +131,8 @@ class BatchService:
             updated_at=now,
             expires_at=expires_at,
         )
-        ids = bytearray()  # the created ids, 36 ASCII bytes each: 3.6 MB for 100k jobs
-        created = reused = 0
+        ids = bytearray()  # the queued ids, 36 ASCII bytes each: 3.6 MB for 100k jobs
+        created = reused = cached = 0
         try:
             async with self.sessionmaker() as session, session.begin():
                 session.add(batch)
@@ -142,19 +148,28 @@ class BatchService:
                     "priority": priority,
                     "created_at": now,
                     "updated_at": now,
-                }
+                } | dict.fromkeys(_ANSWER_KEYS)
                 index = 0
                 async for chunk in _chunks(items, INSERT_CHUNK):
                     rows: list[dict[str, Any]] = []
+                    cacheable: set[str] = set()  # ids of the rows that may reuse an answer
                     for spec in chunk:
-                        rows.extend(self._rows(spec, index, models, shared, now))
+                        for row in self._rows(spec, index, models, shared, now):
+                            rows.append(row)
+                            if self._wants_cache(spec):
+                                cacheable.add(row["id"])
                         index += 1
                     fresh = await _drop_reused(conn, rows, owner_key_id)
                     reused += len(rows) - len(fresh)
-                    if fresh:
-                        await _insert(conn, statement, fresh)
-                        created += len(fresh)
-                        for row in fresh:
+                    if not fresh:
+                        continue
+                    cached += await _answer_from_cache(
+                        conn, [row for row in fresh if row["id"] in cacheable], owner_key_id, now
+                    )
+                    await _insert(conn, statement, fresh)
+                    created += len(fresh)
+                    for row in fresh:
+                        if row["status"] == JobStatus.QUEUED.value:
                             ids.extend(row["id"].encode())
                 batch.job_count = created
         except IntegrityError as exc:
@@ -165,17 +180,26 @@ class BatchService:
                 "nothing was created: send the batch again"
             ) from None
         inserted = time.perf_counter()
-        enqueued = await self.enqueue_ids(_split_ids(ids)) if enqueue and created else 0
+        enqueued = await self.enqueue_ids(_split_ids(ids)) if enqueue and ids else 0
         logger.info(
-            "batch %s: %d job(s) created in %.2f s, %d reused, %d queued in %.2f s",
+            "batch %s: %d job(s) created in %.2f s (%d from the cache), %d reused, "
+            "%d queued in %.2f s",
             batch.id,
             created,
             inserted - started,
+            cached,
             reused,
             enqueued,
             time.perf_counter() - inserted,
         )
-        return BatchCreated(batch=batch, created=created, reused=reused, enqueued=enqueued)
+        return BatchCreated(
+            batch=batch, created=created, reused=reused, cached=cached, enqueued=enqueued
+        )
+
+    def _wants_cache(self, spec: ItemSpec) -> bool:
+        return spec.kind == JobKind.PROMPT and wants_cache(
+            spec.input["params"], spec.cache, enabled=self.settings.cache_enabled
+        )
 
     def _rows(
         self,
@@ -188,11 +212,13 @@ class BatchService:
         max_attempts = spec.max_attempts or self.settings.max_attempts
         deadline_at = None if spec.deadline_s is None else now + timedelta(seconds=spec.deadline_s)
         input_json = orjson.dumps(spec.input).decode()
+        prompt = spec.kind == JobKind.PROMPT
         for model in models or [spec.model or self.settings.default_model]:
             key = spec.idempotency_key
             if key is not None and models:
                 key = f"{key}:{model}"
             yield shared | {
+                "request_hash": prompt_hash(model, spec.input) if prompt else None,
                 "id": clock.new_id(),
                 "kind": spec.kind,
                 "model": model,
@@ -580,11 +606,31 @@ async def _drop_reused(
     return [row for row in rows if row["idempotency_key"] not in taken]
 
 
+async def _answer_from_cache(
+    conn: AsyncConnection, rows: list[dict[str, Any]], owner_key_id: str | None, now: datetime
+) -> int:
+    """Turn the rows with a stored answer into cache hits (in place); how many there were."""
+    answers = await find_many(conn, {row["request_hash"] for row in rows}, owner_key_id)
+    hits = 0
+    for row in rows:
+        source = answers.get(row["request_hash"])
+        if source is not None:
+            row.update(hit_values(source, now))
+            hits += 1
+    return hits
+
+
+#: The columns of a cache hit's answer (promptq.cache.hit_values), NULL in other rows.
+_ANSWER_KEYS = (
+    "cached_from", "result", "finish_reason", "prompt_tokens", "completion_tokens",
+    "started_at", "finished_at",
+)  # fmt: skip
 #: The columns a batch's INSERT writes, in the order of the PostgreSQL statement's parameters.
 _ROW_KEYS = (
     "id", "kind", "status", "model", "input_json", "attempts", "interruptions", "max_attempts",
     "attempt_budget", "deadline_s", "deadline_at", "idempotency_key", "owner_key_id",
     "batch_id", "batch_index", "custom_id", "priority", "created_at", "updated_at",
+    "request_hash", *_ANSWER_KEYS,
 )  # fmt: skip
 _ROW_VALUES = itemgetter(*_ROW_KEYS)
 _PG_INSERT = (

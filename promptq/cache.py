@@ -5,18 +5,22 @@ share `jobs.request_hash`. A request may reuse a stored result when it is determ
 (temperature 0, or a seed) or asks for it (`cache: true`), unless it says `cache: false` or
 `PROMPTQ_CACHE_ENABLED=false`. The cache is per owner: a key never gets another key's answer.
 A hit is resolved at submit: its job is written already succeeded, with `cached_from` naming
-the job whose answer it reused and 0 attempts, and never enters the queue.
+the job whose answer it reused and 0 attempts, and never enters the queue. This holds for every
+way prompt jobs come in: `POST /api/jobs`, `/v1/chat/completions`, and each item of a native or
+OpenAI Batch API batch (looked up a thousand items per query).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import ColumnElement, Row, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from promptq.models import Job, JobKind, JobStatus
 
@@ -44,6 +48,59 @@ def wants_cache(params: dict[str, Any], cache: bool | None, *, enabled: bool) ->
     return cache is True or is_deterministic(params)
 
 
+def prompt_hash(model: str, job_input: dict[str, Any]) -> str:
+    """The request hash of a prompt job's input (`messages` + `params`) on `model`."""
+    return request_hash(JobKind.PROMPT, model, job_input["messages"], job_input["params"])
+
+
+#: What a cache hit copies from the job that answered.
+_ANSWER = (
+    Job.id,
+    Job.request_hash,
+    Job.cached_from,
+    Job.result,
+    Job.finish_reason,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+)
+
+
+def hit_values(source: Row[Any] | Job, now: datetime) -> dict[str, Any]:
+    """The job columns of a cache hit answered by `source` (a job row with _ANSWER's fields)."""
+    return {
+        "status": JobStatus.SUCCEEDED.value,
+        "result": source.result,
+        "finish_reason": source.finish_reason,
+        "prompt_tokens": source.prompt_tokens,
+        "completion_tokens": source.completion_tokens,
+        "cached_from": source.cached_from or source.id,
+        "started_at": now,
+        "finished_at": now,
+    }
+
+
+def _answered(digests: Collection[str], owner_key_id: str | None) -> ColumnElement[bool]:
+    owner = Job.owner_key_id.is_(None) if owner_key_id is None else Job.owner_key_id == owner_key_id
+    return (
+        Job.request_hash.in_(list(digests))
+        & owner
+        & (Job.status == JobStatus.SUCCEEDED)
+        & (Job.kind == JobKind.PROMPT)
+    )
+
+
+async def find_many(
+    conn: AsyncConnection, digests: Collection[str], owner_key_id: str | None
+) -> dict[str, Row[Any]]:
+    """The newest succeeded prompt job of this owner for each of `digests` that has one."""
+    if not digests:
+        return {}
+    newest = select(func.max(Job.id)).where(_answered(digests, owner_key_id))
+    query = select(*_ANSWER).where(Job.id.in_(newest.group_by(Job.request_hash)))
+    rows: list[Row[Any]] = list(await conn.execute(query))
+    return {row.request_hash: row for row in rows}
+
+
 class ResultCache:
     """Finds a stored answer for a request hash among one owner's succeeded prompt jobs."""
 
@@ -52,21 +109,7 @@ class ResultCache:
 
     async def find(self, digest: str, owner_key_id: str | None) -> Job | None:
         """The newest succeeded prompt job of this owner with this request hash, if any."""
-        owner = (
-            Job.owner_key_id.is_(None)
-            if owner_key_id is None
-            else (Job.owner_key_id == owner_key_id)
-        )
-        query = (
-            select(Job)
-            .where(
-                Job.request_hash == digest,
-                owner,
-                Job.status == JobStatus.SUCCEEDED,
-                Job.kind == JobKind.PROMPT,
-            )
-            .order_by(Job.id.desc())
-            .limit(1)
-        )
+        query = select(Job).where(_answered([digest], owner_key_id))
+        query = query.order_by(Job.id.desc()).limit(1)
         async with self._sessionmaker() as session:
             return (await session.execute(query)).scalar_one_or_none()

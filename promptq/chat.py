@@ -7,7 +7,7 @@ import logging
 from datetime import timedelta
 
 from promptq import clock
-from promptq.cache import ResultCache, request_hash, wants_cache
+from promptq.cache import hit_values, prompt_hash, wants_cache
 from promptq.errors import ServiceUnavailable
 from promptq.input_limits import check_messages
 from promptq.models import Job, JobKind, JobStatus, Priority
@@ -22,7 +22,6 @@ class ChatService:
 
     def __init__(self, service: JobService) -> None:
         self.service = service
-        self.cache = ResultCache(service.store.sessionmaker)
 
     async def create(
         self,
@@ -39,10 +38,10 @@ class ChatService:
         job_input = request.job_input()
         check_messages(job_input["messages"], settings)
         params = job_input["params"]
-        digest = request_hash(JobKind.PROMPT, request.model, job_input["messages"], params)
+        digest = prompt_hash(request.model, job_input)
         source = None
         if wants_cache(params, request.cache, enabled=settings.cache_enabled):
-            source = await self.cache.find(digest, owner_key_id)
+            source = await self.service.cache.find(digest, owner_key_id)
         now = clock.now()
         max_attempts = request.max_attempts or settings.max_attempts
         job = Job(
@@ -66,13 +65,8 @@ class ChatService:
             updated_at=now,
         )
         if source is not None:
-            job.status = JobStatus.SUCCEEDED
-            job.result = source.result
-            job.finish_reason = source.finish_reason
-            job.prompt_tokens = source.prompt_tokens
-            job.completion_tokens = source.completion_tokens
-            job.cached_from = source.cached_from or source.id
-            job.started_at = job.finished_at = now
+            for column, value in hit_values(source, now).items():
+                setattr(job, column, value)
             logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
         async with self.service.store.sessionmaker() as session, session.begin():
             session.add(job)

@@ -94,6 +94,8 @@ def submit(
                 )
             if created.reused:
                 err_console.print(f"{created.reused} item(s) reused an existing job (same key)")
+            if created.cached:
+                err_console.print(f"{created.cached} job(s) answered from the result cache")
             if wait:
                 return await _wait(batches, created.batch.id, timeout_s)
             return await batches.get(created.batch.id, owned_by=None)

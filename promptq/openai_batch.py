@@ -331,6 +331,7 @@ def _item(request: BatchRequest) -> ItemSpec:
         deadline_s=body.deadline_s,
         idempotency_key=None,
         custom_id=request.custom_id,
+        cache=body.cache,
     )
 
 

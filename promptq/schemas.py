@@ -61,6 +61,9 @@ class PromptJobCreate(_JobCreateBase):
 
     kind: Literal["prompt"]
     messages: list[ChatMessage] = Field(min_length=1)
+    #: Reuse a stored identical answer (true), never (false), or when deterministic (unset:
+    #: temperature 0 or a seed). See promptq.cache.
+    cache: bool | None = None
 
     def job_input(self) -> dict[str, Any]:
         """The `jobs.input` JSON for this request."""
@@ -152,6 +155,8 @@ class JobOut(BaseModel):
     custom_id: str | None = None
     #: When a cancel was asked for while the job ran (it is `cancelled` once its worker stops).
     cancel_requested_at: datetime | None = None
+    #: A cache hit: the job whose stored answer this one reused (it made no model call).
+    cached_from: str | None = None
 
     @classmethod
     def from_row(cls, job: Job, progress: Progress | None = None) -> JobOut:
@@ -181,6 +186,7 @@ class JobOut(BaseModel):
             batch_index=job.batch_index,
             custom_id=job.custom_id,
             cancel_requested_at=job.cancel_requested_at,
+            cached_from=job.cached_from,
         )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from promptq.cache import ResultCache, prompt_hash, wants_cache
 from promptq.checkpoints import ChunkStore
 from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
@@ -75,6 +76,7 @@ class JobService:
         self.store = store
         self.queue = queue
         self.checkpoints = ChunkStore(store.sessionmaker)
+        self.cache = ResultCache(store.sessionmaker)
 
     def check(self, request: PromptJobCreate | SummarizeJobCreate) -> None:
         """Refuse what the schema cannot judge alone: input over the settings' limits (413)."""
@@ -98,16 +100,25 @@ class JobService:
         workers' reconciler enqueues it once Redis is back: nothing accepted is lost.
         """
         self.check(request)
+        model = request.model or self.settings.default_model
+        job_input = request.job_input()
+        digest = source = None
+        if isinstance(request, PromptJobCreate):
+            digest = prompt_hash(model, job_input)
+            if wants_cache(job_input["params"], request.cache, enabled=self.settings.cache_enabled):
+                source = await self.cache.find(digest, owner_key_id)
         job, created = await self.store.create_job(
             kind=request.kind,
-            model=request.model or self.settings.default_model,
-            input=request.job_input(),
+            model=model,
+            input=job_input,
             max_attempts=request.max_attempts or self.settings.max_attempts,
             idempotency_key=request.idempotency_key,
             owner_key_id=owner_key_id,
             deadline_s=request.deadline_s,
+            request_hash=digest,
+            answer_from=source,
         )
-        if created or job.status == JobStatus.QUEUED:
+        if job.status == JobStatus.QUEUED:
             await self._enqueue(job.id)
         return job, created
 

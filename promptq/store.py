@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from promptq import clock
+from promptq.cache import hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.fastpath import FastPath, Outcome
@@ -135,11 +136,15 @@ class JobStore:
         idempotency_key: str | None,
         owner_key_id: str | None = None,
         deadline_s: float | None = None,
+        request_hash: str | None = None,
+        answer_from: Job | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
 
         Idempotency keys are per owner: the same key from two owners makes two jobs.
         Returns (job, created). A reused key with a different request raises IdempotencyConflict.
+        With `answer_from` (a cache hit, see promptq.cache) the job is written already
+        succeeded with that job's answer, and 0 attempts.
         """
         if idempotency_key is not None:
             existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
@@ -160,9 +165,13 @@ class JobStore:
             deadline_at=_deadline_at(now, deadline_s),
             idempotency_key=idempotency_key,
             owner_key_id=owner_key_id,
+            request_hash=request_hash,
             created_at=now,
             updated_at=now,
         )
+        if answer_from is not None:
+            for column, value in hit_values(answer_from, now).items():
+                setattr(job, column, value)
         try:
             async with self._sessionmaker() as session, session.begin():
                 session.add(job)

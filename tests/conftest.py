@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import openai
 import pytest
 import redis
 from aiohttp import web
@@ -304,3 +305,29 @@ async def start_api(settings: Settings) -> AsyncIterator[ApiStarter]:
     yield start
     for client in clients:
         await client.close()
+
+
+SdkFactory = Callable[..., openai.AsyncOpenAI]
+
+
+@pytest.fixture
+async def sdk(api: ApiClient) -> AsyncIterator[SdkFactory]:
+    """AsyncOpenAI clients for promptq's /v1 (the test module's `api`, or `server`), closed
+    after the test: `sdk(key)`, `sdk(key, server)`."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(key: str, server: ApiClient | None = None) -> openai.AsyncOpenAI:
+        url = str((server or api).make_url("/v1"))
+        client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+def client(sdk: SdkFactory, key: str) -> openai.AsyncOpenAI:
+    """An AsyncOpenAI client with the test module's `key`."""
+    return sdk(key)

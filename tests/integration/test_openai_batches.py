@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -23,7 +22,7 @@ from promptq import clock
 from promptq.models import Batch, Job, JobStatus, Priority
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import ApiClient, ApiStarter, KeyFactory, WorkerFactory, wait_for
+from tests.conftest import ApiClient, ApiStarter, KeyFactory, SdkFactory, WorkerFactory, wait_for
 
 
 def request_line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
@@ -51,29 +50,6 @@ async def api(start_api: ApiStarter) -> ApiClient:
 @pytest.fixture
 async def key(make_key: KeyFactory) -> str:
     return await make_key("batch-user")
-
-
-SdkFactory = Callable[..., openai.AsyncOpenAI]
-
-
-@pytest.fixture
-async def sdk(api: ApiClient) -> AsyncIterator[SdkFactory]:
-    """Make AsyncOpenAI clients for promptq's /v1 (closed after the test): `sdk(key)`."""
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(key: str, server: ApiClient | None = None) -> openai.AsyncOpenAI:
-        client = openai.AsyncOpenAI(base_url=base_url(server or api), api_key=key, max_retries=0)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
-
-
-@pytest.fixture
-def client(sdk: SdkFactory, key: str) -> openai.AsyncOpenAI:
-    return sdk(key)
 
 
 async def upload(client: openai.AsyncOpenAI, lines: list[Any]) -> str:

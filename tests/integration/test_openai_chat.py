@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ import pytest
 from promptq.models import JobStatus, Priority
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM, FakeLLMConfig, expected_reply
-from tests.conftest import ApiClient, ApiStarter, KeyFactory, WorkerFactory, bearer
+from tests.conftest import ApiClient, ApiStarter, KeyFactory, SdkFactory, WorkerFactory, bearer
 
 JOB_ID_HEADER = "x-promptq-job-id"
 
@@ -41,29 +40,6 @@ async def key(make_key: KeyFactory) -> str:
 @pytest.fixture
 async def api(start_api: ApiStarter) -> ApiClient:
     return await start_api()
-
-
-SdkFactory = Callable[..., openai.AsyncOpenAI]
-
-
-@pytest.fixture
-async def sdk(api: ApiClient) -> AsyncIterator[SdkFactory]:
-    """Make AsyncOpenAI clients for promptq's /v1 (closed after the test): `sdk(key)`."""
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(key: str, server: ApiClient | None = None) -> openai.AsyncOpenAI:
-        client = openai.AsyncOpenAI(base_url=base_url(server or api), api_key=key, max_retries=0)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
-
-
-@pytest.fixture
-def client(sdk: SdkFactory, key: str) -> openai.AsyncOpenAI:
-    return sdk(key)
 
 
 async def test_sync_and_async_clients_get_completions_stored_as_interactive_jobs(
