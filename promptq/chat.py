@@ -4,13 +4,11 @@ or written at interactive priority and enqueued ahead of bulk work."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
-from promptq import clock
-from promptq.cache import hit_values, prompt_hash, wants_cache
+from promptq.cache import prompt_hash, wants_cache
 from promptq.errors import ServiceUnavailable
 from promptq.input_limits import check_messages
-from promptq.models import Job, JobKind, JobStatus, Priority
+from promptq.models import Job, JobKind, Priority
 from promptq.openai_schemas import ChatCompletionRequest
 from promptq.service import JobService
 
@@ -42,34 +40,18 @@ class ChatService:
         source = None
         if wants_cache(params, request.cache, enabled=settings.cache_enabled):
             source = await self.service.cache.find(digest, owner_key_id)
-        now = clock.now()
-        max_attempts = request.max_attempts or settings.max_attempts
-        job = Job(
-            id=clock.new_id(),
+        job, _ = await self.service.store.create_job(
             kind=JobKind.PROMPT,
-            status=JobStatus.QUEUED,
             model=request.model,
             input=job_input,
-            attempts=0,
-            interruptions=0,
-            max_attempts=max_attempts,
-            attempt_budget=max_attempts,
-            deadline_s=request.deadline_s,
-            deadline_at=(
-                None if request.deadline_s is None else now + timedelta(seconds=request.deadline_s)
-            ),
+            max_attempts=request.max_attempts or settings.max_attempts,
+            idempotency_key=None,
             owner_key_id=owner_key_id,
-            priority=priority,
+            deadline_s=request.deadline_s,
             request_hash=digest,
-            created_at=now,
-            updated_at=now,
+            answer_from=source,
+            priority=priority,
         )
-        if source is not None:
-            for column, value in hit_values(source, now).items():
-                setattr(job, column, value)
-            logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
-        async with self.service.store.sessionmaker() as session, session.begin():
-            session.add(job)
         return job
 
     async def enqueue(self, job: Job) -> None:

@@ -21,7 +21,7 @@ from promptq.cache import hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.fastpath import FastPath, Outcome
-from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, Priority
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class JobStore:
         deadline_s: float | None = None,
         request_hash: str | None = None,
         answer_from: Job | None = None,
+        priority: int = Priority.BULK,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
 
@@ -166,6 +167,7 @@ class JobStore:
             idempotency_key=idempotency_key,
             owner_key_id=owner_key_id,
             request_hash=request_hash,
+            priority=priority,
             created_at=now,
             updated_at=now,
         )
@@ -183,6 +185,8 @@ class JobStore:
             if existing is None:
                 raise
             return self._check_same(existing, kind, model, input, max_attempts), False
+        if answer_from is not None:
+            logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
         return job, True
 
     async def _by_idempotency_key(self, key: str, owner_key_id: str | None) -> Job | None:
