@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,22 +69,15 @@ class LLMClient:
         `timeout_s` shortens the client's timeout for this call (a job's deadline is near).
         """
         body = orjson.dumps({**params, "model": model, "messages": messages, "stream": False})
-        timeout = self._call_timeout(timeout_s)
-        try:
-            async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=timeout
-            ) as response:
-                raw = await response.read()
-                if response.status >= 400:
-                    raise self._http_error(response.status, raw, response.headers)
-        except TimeoutError as exc:
-            raise TransientLLMError(
-                f"the model endpoint did not answer within {timeout.total:g} s"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise TransientLLMError(
-                self._scrub(f"connection to the model endpoint failed: {exc!r}")
-            ) from exc
+        async with self._post(
+            body,
+            timeout_s,
+            timed_out="did not answer",
+            broke="connection to the model endpoint failed",
+        ) as response:
+            raw = await response.read()
+            if response.status >= 400:
+                raise self._http_error(response.status, raw, response.headers)
         return self._parse(raw, response.status)
 
     async def chat_stream(
@@ -108,28 +102,21 @@ class LLMClient:
             }
         )
         stream = _StreamState()
-        timeout = self._call_timeout(timeout_s)
-        try:
-            async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=timeout
-            ) as response:
-                if response.status >= 400:
-                    raw = await response.read()
-                    raise self._http_error(response.status, raw, response.headers)
-                async for line in response.content:
-                    delta = self._stream_event(line, stream, response.status)
-                    if delta:
-                        await on_delta(delta)
-                    if stream.done:
-                        break
-        except TimeoutError as exc:
-            raise TransientLLMError(
-                f"the model endpoint did not finish within {timeout.total:g} s"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise TransientLLMError(
-                self._scrub(f"the stream from the model endpoint broke: {exc!r}")
-            ) from exc
+        async with self._post(
+            body,
+            timeout_s,
+            timed_out="did not finish",
+            broke="the stream from the model endpoint broke",
+        ) as response:
+            if response.status >= 400:
+                raw = await response.read()
+                raise self._http_error(response.status, raw, response.headers)
+            async for line in response.content:
+                delta = self._stream_event(line, stream, response.status)
+                if delta:
+                    await on_delta(delta)
+                if stream.done:
+                    break
         if not stream.done:
             raise TransientLLMError("the model endpoint closed the stream before [DONE]")
         if not stream.parts and stream.finish_reason is None:
@@ -141,6 +128,26 @@ class LLMClient:
             completion_tokens=_as_int(stream.usage.get("completion_tokens")),
             model=stream.model,
         )
+
+    @asynccontextmanager
+    async def _post(
+        self, body: bytes, timeout_s: float | None, *, timed_out: str, broke: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST `body` to the endpoint; a timeout or a connection error, while posting or while
+        the caller reads the response, becomes a TransientLLMError: "the model endpoint
+        {timed_out} within N s", or "{broke}: <error>" (scrubbed)."""
+        timeout = self._call_timeout(timeout_s)
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, timeout=timeout
+            ) as response:
+                yield response
+        except TimeoutError as exc:
+            raise TransientLLMError(
+                f"the model endpoint {timed_out} within {timeout.total:g} s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TransientLLMError(self._scrub(f"{broke}: {exc!r}")) from exc
 
     def _call_timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
         """The client's timeout, shortened to `timeout_s` if that is sooner."""

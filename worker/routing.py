@@ -73,12 +73,11 @@ class ModelRouter:
         timeout_s: float | None = None,
     ) -> Completion:
         """`LLMClient.chat` on the model's endpoint, within its limits."""
-        client = self.client(model)
         return await self._limited(
             model,
             messages,
             params,
-            lambda: client.chat(model, messages, params, timeout_s=timeout_s),
+            lambda client: client.chat(model, messages, params, timeout_s=timeout_s),
         )
 
     async def chat_stream(
@@ -91,12 +90,13 @@ class ModelRouter:
         timeout_s: float | None = None,
     ) -> Completion:
         """`LLMClient.chat_stream` on the model's endpoint, within its limits."""
-        client = self.client(model)
         return await self._limited(
             model,
             messages,
             params,
-            lambda: client.chat_stream(model, messages, params, on_delta, timeout_s=timeout_s),
+            lambda client: client.chat_stream(
+                model, messages, params, on_delta, timeout_s=timeout_s
+            ),
         )
 
     async def _limited(
@@ -104,12 +104,14 @@ class ModelRouter:
         model: str,
         messages: list[dict[str, Any]],
         params: dict[str, Any],
-        call: Callable[[], Awaitable[Completion]],
+        call: Callable[[LLMClient], Awaitable[Completion]],
     ) -> Completion:
+        """`call` on the client of `model`'s endpoint, holding a permit if it has limits."""
         endpoint = self.endpoint(model)
+        client = self._clients[endpoint.name]
         limiter = self.limiter
         if limiter is None or not limiter.limited(endpoint):
-            return await call()
+            return await call(client)
         tokens = estimate_tokens(
             messages,
             params,
@@ -122,7 +124,7 @@ class ModelRouter:
         latency_s: float | None = None
         overload = False
         try:
-            completion = await call()
+            completion = await call(client)
             latency_s = time.monotonic() - started
             if completion.prompt_tokens is not None or completion.completion_tokens is not None:
                 used = (completion.prompt_tokens or 0) + (completion.completion_tokens or 0)
