@@ -22,7 +22,15 @@ from pydantic import BaseModel, Field
 from api import openapi
 from api.auth import principal
 from api.errors import ErrorOut
-from api.jobs import _limit, json_response, read_json
+from api.jobs import json_response, read_json
+from api.params import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    cursor_param,
+    page_limit,
+    path_id,
+    split_page,
+)
 from api.state import SERVICE
 from api.uploads import open_multipart
 from promptq import batch_export
@@ -38,7 +46,7 @@ from promptq.batch_items import (
 )
 from promptq.batch_schemas import BatchCreatedOut, BatchOut, BatchPage, ComparePage
 from promptq.batches import BatchCreated, BatchService, summarize_models
-from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest, NotFound
+from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest
 from promptq.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,7 +101,9 @@ BATCH_ID = {"id": "the batch's id (a UUID)"}
 class BatchListQuery(BaseModel):
     """The query parameters of `GET /api/batches` (documentation; parsed by the handler)."""
 
-    limit: int = Field(default=50, ge=1, le=500, description="most batches to return")
+    limit: int = Field(
+        default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="most batches to return"
+    )
     cursor: str | None = Field(default=None, description="`next_cursor` of the previous page")
 
 
@@ -106,7 +116,9 @@ class ResultsQuery(BaseModel):
 class CompareQuery(BaseModel):
     """The query parameters of `GET /api/batches/{id}/compare`."""
 
-    limit: int = Field(default=50, ge=1, le=500, description="most items to return")
+    limit: int = Field(
+        default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="most items to return"
+    )
     cursor: str | None = Field(default=None, description="`next_cursor` of the previous page")
 
 
@@ -294,16 +306,14 @@ def _too_many_bytes(limit: int) -> BatchTooLarge:
 @openapi.operation(query=BatchListQuery, responses={200: BatchPage}, tags=("batches",))
 async def list_batches(request: web.Request) -> web.Response:
     """Newest first, paginated by `limit` and `cursor`."""
-    limit = _limit(request.query.get("limit"))
-    cursor = request.query.get("cursor") or None
-    if cursor is not None:
-        cursor = _uuid(cursor, what="cursor")
+    limit = page_limit(request.query.get("limit"))
+    cursor = cursor_param(request.query.get("cursor"))
     batches = BatchService(request.app[SERVICE])
-    page = await batches.list_batches(
+    rows = await batches.list_batches(
         limit=limit + 1, before_id=cursor, owned_by=principal(request).owner_filter
     )
-    next_cursor = page[limit - 1].id if len(page) > limit else None
-    return json_response(BatchPage(batches=page[:limit], next_cursor=next_cursor))
+    page, next_cursor = split_page(rows, limit)
+    return json_response(BatchPage(batches=page, next_cursor=next_cursor))
 
 
 @routes.get("/api/batches/{id}")
@@ -363,7 +373,7 @@ async def compare_batch(request: web.Request) -> web.Response:
     batches = BatchService(request.app[SERVICE])
     batch_id = batch_id_param(request)
     batch = await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
-    limit = _limit(request.query.get("limit"))
+    limit = page_limit(request.query.get("limit"))
     after = request.query.get("cursor") or None
     after_index: int | None = None
     if after is not None:
@@ -387,17 +397,4 @@ async def compare_batch(request: web.Request) -> web.Response:
 
 def batch_id_param(request: web.Request) -> str:
     """The `{id}` of the route as a canonical id; NotFound when it cannot be one."""
-    return _uuid(request.match_info["id"], what="batch id")
-
-
-def _uuid(value: str, *, what: str) -> str:
-    import uuid
-
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        if what == "batch id":
-            raise NotFound(f"no batch with id {value[:64]!r}") from None
-        raise InvalidRequest(
-            f"{what} {value[:64]!r} is not valid; pass next_cursor back as is"
-        ) from None
+    return path_id(request.match_info["id"], noun="batch")

@@ -12,13 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from dataclasses import dataclass
 
 import orjson
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from api.sse import close_pubsub
 from promptq import events
 from promptq.errors import NotFound
 from promptq.models import Job, JobStatus
@@ -55,14 +55,14 @@ class JobListener:
             await pubsub.subscribe(events.channel(queue.queue_name, self.job_id))
         except (RedisError, OSError) as exc:
             logger.info("job %s: no Redis pub/sub (%r); polling SQL", self.job_id, exc)
-            await _close(pubsub)
+            await close_pubsub(pubsub)
         else:
             self._pubsub = pubsub
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._pubsub is not None:
-            await _close(self._pubsub)
+            await close_pubsub(self._pubsub)
             self._pubsub = None
 
     async def follow(self, timeout_s: float) -> AsyncIterator[Token | Job]:
@@ -101,7 +101,7 @@ class JobListener:
                 )
             except (RedisError, OSError) as exc:
                 logger.info("job %s: Redis pub/sub failed (%r); polling SQL", self.job_id, exc)
-                await _close(self._pubsub)
+                await close_pubsub(self._pubsub)
                 self._pubsub = None
                 return
             if message is None:
@@ -113,8 +113,3 @@ class JobListener:
             if not isinstance(event, dict) or event.get("type") != "token":
                 return
             yield Token(call=str(event.get("call", "")), text=str(event.get("text", "")))
-
-
-async def _close(pubsub: PubSub) -> None:
-    with suppress(RedisError, OSError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -12,6 +12,15 @@ from pydantic import BaseModel, Field
 from api import openapi
 from api.auth import principal
 from api.errors import ErrorOut
+from api.params import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    choice,
+    cursor_param,
+    page_limit,
+    path_id,
+    split_page,
+)
 from api.state import SERVICE
 from promptq.errors import InvalidRequest, NotFound
 from promptq.models import JobKind, JobStatus
@@ -20,9 +29,6 @@ from promptq.service import parse_job_request
 
 routes = web.RouteTableDef()
 
-#: Largest page `GET /api/jobs` returns.
-MAX_PAGE_SIZE = 500
-DEFAULT_PAGE_SIZE = 50
 #: The `{id}` of the per-job routes.
 JOB_ID = {"id": "the job's id (a UUID)"}
 #: Where a submitted or re-queued job can be read.
@@ -102,14 +108,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     """Newest first, filtered by `status`, `kind`, `batch_id` and `model`, paginated by `limit`
     and `cursor`."""
     query = request.query
-    status = _choice(query.get("status"), "status", [s.value for s in JobStatus])
-    kind = _choice(query.get("kind"), "kind", [k.value for k in JobKind])
+    status = choice(query.get("status"), "status", [s.value for s in JobStatus])
+    kind = choice(query.get("kind"), "kind", [k.value for k in JobKind])
     batch_id = _batch_filter(query.get("batch_id") or None)
     model = query.get("model") or None
-    limit = _limit(query.get("limit"))
-    cursor = query.get("cursor") or None
-    if cursor is not None:
-        _job_id(cursor, what="cursor")
+    limit = page_limit(query.get("limit"))
+    cursor = cursor_param(query.get("cursor"))
     service = request.app[SERVICE]
     jobs = await service.store.list_jobs(
         status=status,
@@ -120,8 +124,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         batch_id=batch_id,
         model=model,
     )
-    page = jobs[:limit]
-    next_cursor = page[-1].id if len(jobs) > limit else None
+    page, next_cursor = split_page(jobs, limit)
     return json_response(JobPage(jobs=await service.describe(page), next_cursor=next_cursor))
 
 
@@ -129,7 +132,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 @openapi.operation(responses={200: JobOut, 404: ErrorOut}, path_params=JOB_ID, tags=("jobs",))
 async def get_job(request: web.Request) -> web.Response:
     """One job with its result, error, usage and attempt count."""
-    job_id = _job_id(request.match_info["id"])
+    job_id = job_id_param(request)
     service = request.app[SERVICE]
     job = await service.store.get_job(job_id, owned_by=principal(request).owner_filter)
     if job is None:  # also when it exists but is not the caller's: never say which
@@ -142,7 +145,7 @@ async def get_job(request: web.Request) -> web.Response:
 @openapi.operation(responses={200: AttemptList, 404: ErrorOut}, path_params=JOB_ID, tags=("jobs",))
 async def list_attempts(request: web.Request) -> web.Response:
     """Every attempt of a job, oldest first."""
-    job_id = _job_id(request.match_info["id"])
+    job_id = job_id_param(request)
     store = request.app[SERVICE].store
     owned_by = principal(request).owner_filter
     if await store.get_job(job_id, owned_by=owned_by) is None:
@@ -162,7 +165,7 @@ async def list_attempts(request: web.Request) -> web.Response:
 )
 async def retry_job(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again with a fresh attempt budget; 409 for other jobs."""
-    job_id = _job_id(request.match_info["id"])
+    job_id = job_id_param(request)
     service = request.app[SERVICE]
     if await service.store.get_job(job_id, owned_by=principal(request).owner_filter) is None:
         raise NotFound(f"no job with id {job_id}")
@@ -173,18 +176,7 @@ async def retry_job(request: web.Request) -> web.Response:
 
 def job_id_param(request: web.Request) -> str:
     """The `{id}` of the route as a canonical job id; NotFound when it cannot be one."""
-    return _job_id(request.match_info["id"])
-
-
-def _job_id(value: str, *, what: str = "job id") -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        if what == "job id":
-            raise NotFound(f"no job with id {value[:64]!r}") from None
-        raise InvalidRequest(
-            f"{what} {value[:64]!r} is not valid; pass next_cursor back as is"
-        ) from None
+    return path_id(request.match_info["id"], noun="job")
 
 
 def _batch_filter(value: str | None) -> str | None:
@@ -194,23 +186,3 @@ def _batch_filter(value: str | None) -> str | None:
         return str(uuid.UUID(value))
     except ValueError:
         raise InvalidRequest(f"batch_id {value[:64]!r} is not a batch id") from None
-
-
-def _choice(value: str | None, name: str, allowed: list[str]) -> str | None:
-    if value is None or value == "":
-        return None
-    if value not in allowed:
-        raise InvalidRequest(f"{name} must be one of {', '.join(allowed)}; got {value[:64]!r}")
-    return value
-
-
-def _limit(value: str | None) -> int:
-    if value is None or value == "":
-        return DEFAULT_PAGE_SIZE
-    try:
-        limit = int(value)
-    except ValueError:
-        raise InvalidRequest(f"limit must be an integer; got {value[:64]!r}") from None
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}; got {limit}")
-    return limit

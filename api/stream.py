@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -29,6 +28,7 @@ from api import openapi
 from api.auth import principal
 from api.errors import ErrorOut
 from api.jobs import JOB_ID, job_id_param
+from api.sse import close_pubsub, send_event
 from api.state import SERVICE
 from promptq import events
 from promptq.errors import NotFound
@@ -84,7 +84,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         logger.debug("stream of job %s: the client went away", job_id)
     finally:
         if pubsub is not None:
-            await _close(pubsub)
+            await close_pubsub(pubsub)
     return response
 
 
@@ -106,17 +106,17 @@ async def _follow(
         }
         terminal = JobStatus(state.status).is_terminal
         if status != sent.get("status") and not terminal:
-            await _send(response, "status", status)
+            await send_event(response, "status", status)
             sent["status"], last_write = status, time.monotonic()
         if state.kind == JobKind.SUMMARIZE:
             progress = (await service.checkpoints.progress([job_id]))[job_id].model_dump()
             if progress != sent.get("progress"):
-                await _send(response, "progress", progress)
+                await send_event(response, "progress", progress)
                 sent["progress"], last_write = progress, time.monotonic()
         if terminal:
             await _drain_tokens(pubsub, response, DRAIN_S)
             job = await service.store.get_job(job_id)
-            await _send(response, "status", status | {"result": job.result if job else None})
+            await send_event(response, "status", status | {"result": job.result if job else None})
             return
         if await _drain_tokens(pubsub, response, POLL_S):
             last_write = time.monotonic()
@@ -147,13 +147,9 @@ async def _drain_tokens(pubsub: PubSub | None, response: web.StreamResponse, wai
             continue
         if event.get("type") != "token":
             return forwarded  # something changed in SQL: go and read it
-        await _send(response, "token", {"text": event.get("text", "")})
+        await send_event(response, "token", {"text": event.get("text", "")})
         forwarded = True
     return forwarded
-
-
-async def _send(response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
-    await response.write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
 
 
 async def _subscribe(service: JobService, job_id: str) -> PubSub | None:
@@ -162,11 +158,6 @@ async def _subscribe(service: JobService, job_id: str) -> PubSub | None:
         await pubsub.subscribe(events.channel(service.queue.queue_name, job_id))
     except (RedisError, OSError) as exc:
         logger.info("stream of job %s: no Redis pub/sub (%r); polling SQL", job_id, exc)
-        await _close(pubsub)
+        await close_pubsub(pubsub)
         return None
     return pubsub
-
-
-async def _close(pubsub: PubSub) -> None:
-    with suppress(RedisError, OSError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]

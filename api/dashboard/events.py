@@ -25,8 +25,9 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from api.auth import principal
+from api.sse import close_pubsub, send_event
 from api.state import SERVICE
-from api.stream import KEEPALIVE_S, _close, _send
+from api.stream import KEEPALIVE_S
 from promptq import events
 from promptq.service import JobService
 
@@ -70,14 +71,14 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
         streams.add(task)
     try:
         await response.prepare(request)
-        await _send(response, "hello", {"live": pubsub is not None})
+        await send_event(response, "hello", {"live": pubsub is not None})
         while True:
             if pubsub is None:
                 await _sleep_then_poll(response)
                 continue
             job_ids = await _changed_jobs(pubsub)
             if job_ids is None:  # pub/sub broke: poll from now on
-                await _close(pubsub)
+                await close_pubsub(pubsub)
                 pubsub = None
                 continue
             if not job_ids:
@@ -85,7 +86,7 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
                 continue
             states = await service.store.get_states(sorted(job_ids), owned_by=owned_by)
             for state in states.values():
-                await _send(
+                await send_event(
                     response,
                     "job",
                     {
@@ -101,13 +102,13 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
         if task is not None:
             streams.discard(task)
         if pubsub is not None:
-            await _close(pubsub)
+            await close_pubsub(pubsub)
     return response
 
 
 async def _sleep_then_poll(response: web.StreamResponse) -> None:
     await asyncio.sleep(POLL_S)
-    await _send(response, "poll", {})
+    await send_event(response, "poll", {})
 
 
 async def _changed_jobs(pubsub: PubSub) -> set[str] | None:
@@ -150,6 +151,6 @@ async def _subscribe_all(service: JobService) -> PubSub | None:
         await pubsub.psubscribe(events.channel(service.queue.queue_name, "*"))
     except (RedisError, OSError) as exc:
         logger.info("dashboard events: no Redis pub/sub (%r); polling", exc)
-        await _close(pubsub)
+        await close_pubsub(pubsub)
         return None
     return pubsub

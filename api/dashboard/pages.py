@@ -15,7 +15,7 @@ from aiohttp import web
 from api.auth import principal
 from api.dashboard.queries import CHART_WINDOWS_S, STATUSES, DashboardReader, JobFilter
 from api.dashboard.render import partial_requested, render
-from api.jobs import _choice
+from api.params import choice, split_page
 from api.state import SERVICE
 from promptq import clock
 from promptq.batches import BatchService
@@ -59,8 +59,8 @@ async def jobs(request: web.Request) -> web.Response:
     """Jobs, newest first, filtered by status, kind, model and batch."""
     query = request.query
     where = JobFilter(
-        status=_choice(query.get("status"), "status", STATUSES),
-        kind=_choice(query.get("kind"), "kind", [k.value for k in JobKind]),
+        status=choice(query.get("status"), "status", STATUSES),
+        kind=choice(query.get("kind"), "kind", [k.value for k in JobKind]),
         model=query.get("model") or None,
         batch_id=_uuid(query.get("batch"), "batch"),
     )
@@ -68,10 +68,11 @@ async def jobs(request: web.Request) -> web.Response:
     rows = await reader(request).jobs(
         where, owned_by=principal(request).owner_filter, limit=PAGE_SIZE + 1, before_id=cursor
     )
+    page, next_cursor = split_page(rows, PAGE_SIZE)
     filters = {k: v for k, v in query.items() if k in ("status", "kind", "model", "batch") and v}
     context = {
-        "jobs": rows[:PAGE_SIZE],
-        "next_cursor": rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None,
+        "jobs": page,
+        "next_cursor": next_cursor,
         "filters": filters,
         "statuses": STATUSES,
         "kinds": [k.value for k in JobKind],
