@@ -24,7 +24,20 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, Table, Text, and_, bindparam, cast, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -81,6 +94,12 @@ class BatchCreated:
     cached: int
     #: Jobs put on the Redis queue now (the reconciler queues the rest if Redis was down).
     enqueued: int
+
+
+def owned_batches(owned_by: str | None) -> Select[Batch]:
+    """SELECT the batches that key id owns; every batch for None (an admin)."""
+    query = select(Batch)
+    return query if owned_by is None else query.where(Batch.owner_key_id == owned_by)
 
 
 class BatchService:
@@ -250,9 +269,7 @@ class BatchService:
 
     async def get_row(self, batch_id: str, *, owned_by: str | None) -> Batch:
         """The batch row; NotFound if it does not exist or (with owned_by) is not theirs."""
-        query = select(Batch).where(Batch.id == batch_id)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
+        query = owned_batches(owned_by).where(Batch.id == batch_id)
         async with self.sessionmaker() as session:
             batch = (await session.execute(query)).scalar_one_or_none()
         if batch is None:
@@ -268,9 +285,7 @@ class BatchService:
         self, *, limit: int, before_id: str | None, owned_by: str | None
     ) -> list[BatchOut]:
         """Newest first; pass the last id seen as `before_id` for the next page."""
-        query = select(Batch).order_by(Batch.id.desc()).limit(limit)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
+        query = owned_batches(owned_by).order_by(Batch.id.desc()).limit(limit)
         if before_id is not None:
             query = query.where(Batch.id < before_id)
         async with self.sessionmaker() as session:

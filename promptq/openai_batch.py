@@ -31,7 +31,7 @@ from sqlalchemy import and_, func, select, tuple_, update
 
 from promptq import clock, openai_format
 from promptq.batch_items import ItemSpec
-from promptq.batches import BatchService
+from promptq.batches import BatchService, owned_batches
 from promptq.cancel import Canceller
 from promptq.errors import NotCancellable, NotFound
 from promptq.files import OUTPUT_PURPOSE, FileStore, new_file
@@ -148,9 +148,12 @@ class OpenAIBatches:
         self, *, after: str | None, limit: int, owned_by: str | None
     ) -> tuple[list[dict[str, Any]], bool]:
         """A page of batch objects, newest first, after the `after` id; and whether more."""
-        query = select(Batch).where(Batch.api == API).order_by(Batch.id.desc()).limit(limit + 1)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
+        query = (
+            owned_batches(owned_by)
+            .where(Batch.api == API)
+            .order_by(Batch.id.desc())
+            .limit(limit + 1)
+        )
         if after is not None:
             query = query.where(Batch.id < after)
         async with self.sessionmaker() as session:
@@ -159,9 +162,7 @@ class OpenAIBatches:
         return [batch_object(row, await self.counts(row.id)) for row in page], len(rows) > limit
 
     async def _row(self, batch_id: str, *, owned_by: str | None) -> Batch:
-        query = select(Batch).where(Batch.id == batch_id, Batch.api == API)
-        if owned_by is not None:
-            query = query.where(Batch.owner_key_id == owned_by)
+        query = owned_batches(owned_by).where(Batch.id == batch_id, Batch.api == API)
         async with self.sessionmaker() as session:
             batch = (await session.execute(query)).scalar_one_or_none()
         if batch is None:
