@@ -286,6 +286,8 @@ class Job(Base):
         Index("ix_jobs_request_hash", "request_hash"),
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_owner_key_id_id", "owner_key_id", "id"),
+        # The dashboard chart counts the jobs finished within its window.
+        Index("ix_jobs_finished_at", "finished_at"),
         # An idempotency key is unique per owner. A plain UNIQUE (owner_key_id, idempotency_key)
         # would not do: NULLs are distinct in it (SQLite, and PostgreSQL by default), so unowned
         # jobs could share a key. Hence one partial unique index for owned jobs, one for unowned.
@@ -326,7 +328,11 @@ class JobAttempt(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
 
-    __table_args__ = (UniqueConstraint("job_id", "number"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "number"),
+        # The dashboard chart's latency per bucket reads the attempts finished in its window.
+        Index("ix_job_attempts_finished_at", "finished_at"),
+    )
 
 
 class JobChunk(Base):

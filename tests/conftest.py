@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,19 @@ async def _pg_admin(*statements: str) -> None:
         await conn.close()
 
 
+@contextmanager
+def scratch_pg_database(prefix: str, *, template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database (a clone of `template`, or empty) for one test, dropped after;
+    yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clone = f" TEMPLATE {template}" if template else ""
+    asyncio.run(_pg_admin(f"CREATE DATABASE {name}{clone}"))
+    try:
+        yield pg_url(name)
+    finally:
+        asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 def base_settings(tmp: Path, database_url: str, **overrides: Any) -> Settings:
     """Settings for a test: fast retries, quick polling, no .env file."""
     values: dict[str, Any] = {
@@ -147,13 +161,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite+aiosqlite:///{path}"
         return
-    template = request.getfixturevalue("pg_template")
-    name = f"promptq_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f"CREATE DATABASE {name} TEMPLATE {template}"))
-    try:
-        yield pg_url(name)
-    finally:
-        asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with scratch_pg_database("promptq_t", template=request.getfixturevalue("pg_template")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -181,9 +190,9 @@ def settings(tmp_path: Path, database_url: str, redis_url: str, fake_llm: FakeLL
     )
 
 
-@pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[JobService]:
-    """The producer side (store + queue), as the API and CLI use it."""
+@asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[JobService]:
+    """The producer side (store + queue) on `settings`, closed after."""
     engine = create_engine(settings)
     queue = await QueueClient.connect(settings)
     try:
@@ -191,6 +200,13 @@ async def service(settings: Settings) -> AsyncIterator[JobService]:
     finally:
         await queue.close()
         await engine.dispose()
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[JobService]:
+    """The producer side (store + queue), as the API and CLI use it."""
+    async with open_service(settings) as opened:
+        yield opened
 
 
 KeyFactory = Callable[..., Awaitable[str]]

@@ -17,13 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from promptq.db import create_engine, create_sessionmaker
 from promptq.models import TERMINAL_STATUSES, AttemptOutcome, Job, JobAttempt
-from promptq.queue import QueueClient
 from promptq.service import JobService
 from promptq.settings import Settings
-from promptq.store import JobStore
-from tests.conftest import wait_for
+from tests.conftest import open_service, wait_for
 from tests.e2e.conftest import Procs, free_port
 from tests.services import port_open, wait_port
 
@@ -93,13 +90,8 @@ def chaos_settings(settings: Settings, private_redis: RedisServer) -> Settings:
 @pytest.fixture
 async def chaos_service(chaos_settings: Settings) -> AsyncIterator[JobService]:
     """The producer side on the private Redis."""
-    engine = create_engine(chaos_settings)
-    queue = await QueueClient.connect(chaos_settings)
-    try:
-        yield JobService(chaos_settings, JobStore(create_sessionmaker(engine)), queue)
-    finally:
-        await queue.close()
-        await engine.dispose()
+    async with open_service(chaos_settings) as service:
+        yield service
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,11 @@ from promptq.db import create_engine
 from promptq.models import Base
 from promptq.settings import Settings
 from tests import services
-from tests.conftest import _pg_admin, base_settings, pg_url
+from tests.conftest import base_settings, scratch_pg_database
 
 PROMPTQ_TABLES = {"jobs", "job_attempts", "api_keys", "job_chunks", "batches", "files"}
+#: Added by 0007, for the dashboard chart's window.
+FINISHED_AT_INDEXES = {"ix_jobs_finished_at", "ix_job_attempts_finished_at"}
 CLI = Path(sys.executable).parent / "promptq"
 
 
@@ -44,12 +45,8 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         return
     if not services.ensure_postgres():
         pytest.skip("PostgreSQL is not available on 127.0.0.1:5432")
-    name = f"promptq_mig_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f"CREATE DATABASE {name}"))
-    try:
-        yield pg_url(name)
-    finally:
-        asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with scratch_pg_database("promptq_mig") as url:
+        yield url
 
 
 @pytest.fixture
@@ -111,6 +108,7 @@ def assert_at_head(settings: Settings) -> None:
         "ix_jobs_owner_key_id_id",
         "uq_jobs_owner_key_id_idempotency_key",
         "uq_jobs_unowned_idempotency_key",
+        *FINISHED_AT_INDEXES,
     } <= state["indexes"]
     assert {
         "uq_job_attempts_job_id",
@@ -371,6 +369,26 @@ def test_0006_adds_files_and_openai_batch_columns_and_keeps_jobs_both_ways(
     assert "files" not in describe(settings)["tables"]
     assert execute(settings, counts)[0] == [(1, 1, 1)]
     assert execute(settings, "SELECT batch_id FROM jobs")[0] == [("b1",)]
+    migrate.upgrade(settings)
+    migrate.check(settings)
+
+
+def test_0007_indexes_finished_at_and_keeps_jobs_both_ways(settings: Settings) -> None:
+    # Given a database at 0006 holding a job and its attempt
+    migrate.upgrade(settings, "0006")
+    execute(settings, *JOB_ROWS)
+    counts = "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_attempts)"
+
+    # When 0007 runs, both finished_at columns are indexed and the rows stay
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert describe(settings)["indexes"] >= FINISHED_AT_INDEXES
+    assert execute(settings, counts)[0] == [(1, 1)]
+
+    # And undoing it drops only the indexes
+    migrate.downgrade(settings, "0006")
+    assert not FINISHED_AT_INDEXES & describe(settings)["indexes"]
+    assert execute(settings, counts)[0] == [(1, 1)]
     migrate.upgrade(settings)
     migrate.check(settings)
 
