@@ -18,7 +18,6 @@ from typing import IO, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from promptq import batch_export
@@ -26,6 +25,7 @@ from promptq.batch_items import ItemSpec, check_models, check_name, read_spool, 
 from promptq.batch_schemas import BatchOut, ComparePage
 from promptq.batches import BatchService, summarize_models
 from promptq.cancel import Canceller
+from promptq.cli_progress import progress_bars
 from promptq.errors import InvalidRequest, PromptQError
 from promptq.models import BatchStatus, JobStatus
 from promptq.service import JobService
@@ -112,14 +112,7 @@ def submit(
 
 async def _wait(batches: BatchService, batch_id: str, timeout_s: float) -> BatchOut:
     deadline = time.monotonic() + timeout_s
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err_console) as progress:
+    with progress_bars(err_console) as progress:
         bar = progress.add_task(f"batch {batch_id[:8]}", total=None, state="")
         while True:
             batch = await batches.get(batch_id, owned_by=None)

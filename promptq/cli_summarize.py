@@ -9,15 +9,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import TaskID
 
+from promptq.cli_progress import progress_bars
 from promptq.documents import Document, check_size, read_document, supported
 from promptq.errors import InvalidRequest, PromptQError
 from promptq.models import TERMINAL_STATUSES, Job, JobStatus
@@ -84,14 +78,7 @@ async def wait_with_progress(
     """Show a bar per job (chunks done at its current level) and one overall, until every job
     has finished; returns the finished jobs in order."""
     deadline = time.monotonic() + timeout_s
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with progress_bars(console) as progress:
         overall = progress.add_task("all files", total=len(job_ids), state="")
         bars: dict[str, TaskID] = {
             job_id: progress.add_task(_short(label), total=None, state="queued")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from promptq.models import AttemptOutcome, JobStatus
+from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM, expected_reply
@@ -39,16 +39,29 @@ def prompt(content: str, max_attempts: int = 5) -> PromptJobCreate:
 
 
 async def sigterm_when_busy(
-    service: JobService, procs: Procs, worker: subprocess.Popen[bytes]
-) -> float:
-    """Wait until the worker runs IN_FLIGHT attempts, SIGTERM it; return when it was sent."""
+    service: JobService, procs: Procs, *, grace_s: str
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a worker for IN_FLIGHT jobs with `--grace-s grace_s`, wait until it runs IN_FLIGHT
+    attempts and SIGTERM it; return it and when the signal was sent."""
+    worker = procs.start(
+        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", grace_s, name="worker"
+    )
 
     async def busy() -> bool:
         return await running_attempts(service, worker_name(worker)) == IN_FLIGHT
 
     await wait_for(busy, timeout_s=20, interval_s=0.05)
     worker.send_signal(signal.SIGTERM)
-    return time.monotonic()
+    return worker, time.monotonic()
+
+
+async def assert_answered(service: JobService, content: str, job_id: str) -> Job:
+    """The job succeeded with the fake model's answer to `content`; its row."""
+    row = await service.store.get_job(job_id)
+    assert row is not None, f"no job {job_id}"
+    assert row.status == JobStatus.SUCCEEDED, row.error
+    assert row.result == expected_reply("fake-small", [{"role": "user", "content": content}])
+    return row
 
 
 async def exit_code(procs: Procs, worker: subprocess.Popen[bytes], timeout_s: float) -> int:
@@ -68,18 +81,12 @@ async def test_with_a_long_grace_in_flight_jobs_finish_and_no_new_job_starts(
     slow = [f"finish me {i} [[fake: sleep:1500, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
     waiting = [(await chaos_service.submit(prompt(f"not yet {i}")))[0] for i in range(2)]
-    worker = chaos_procs.start(
-        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "30", name="worker"
-    )
-
-    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker)
+    worker, sent = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="30")
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
     assert time.monotonic() - sent < 10
 
     for content, job in zip(slow, jobs, strict=True):
-        row = await chaos_service.store.get_job(job.id)
-        assert row is not None and row.status == JobStatus.SUCCEEDED
-        assert row.result == expected_reply("fake-small", [{"role": "user", "content": content}])
+        row = await assert_answered(chaos_service, content, job.id)
         assert (row.attempts, row.interruptions) == (1, 0)
     for job in waiting:  # taken by nobody: the stopping worker picked up nothing new
         row = await chaos_service.store.get_job(job.id)
@@ -96,11 +103,7 @@ async def test_with_a_short_grace_in_flight_jobs_are_handed_back_uncharged(
     # One charged attempt each: if the interrupted attempt were charged, no second could run.
     slow = [f"hand me back {i} [[fake: sleep:30000, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c, max_attempts=1)))[0] for c in slow]
-    worker = chaos_procs.start(
-        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "0.5", name="worker"
-    )
-
-    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker)
+    worker, sent = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="0.5")
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
     assert time.monotonic() - sent < 8
 
@@ -115,9 +118,7 @@ async def test_with_a_short_grace_in_flight_jobs_are_handed_back_uncharged(
     chaos_procs.start("worker", name="next-worker")
     await wait_terminal(chaos_service.store, [j.id for j in jobs], timeout_s=20)
     for content, job in zip(slow, jobs, strict=True):
-        row = await chaos_service.store.get_job(job.id)
-        assert row is not None and row.status == JobStatus.SUCCEEDED, row.error
-        assert row.result == expected_reply("fake-small", [{"role": "user", "content": content}])
+        row = await assert_answered(chaos_service, content, job.id)
         assert (row.attempts, row.interruptions, row.max_attempts) == (2, 1, 1)
         outcomes = [a.outcome for a in await chaos_service.store.list_attempts(job.id)]
         assert outcomes == [AttemptOutcome.INTERRUPTED, AttemptOutcome.SUCCEEDED]
@@ -131,11 +132,7 @@ async def test_a_second_signal_stops_at_once(
 ) -> None:
     slow = [f"impatient {i} [[fake: sleep:30000, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
-    worker = chaos_procs.start(
-        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "60", name="worker"
-    )
-
-    await sigterm_when_busy(chaos_service, chaos_procs, worker)
+    worker, _ = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="60")
     worker.send_signal(signal.SIGINT)  # Ctrl-C again: don't wait out the grace period
     sent = time.monotonic()
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
