@@ -75,7 +75,7 @@ class JobListener:
             if state is None:
                 raise NotFound(f"job {self.job_id} was deleted")
             if JobStatus(state.status).is_terminal:
-                async for token in self._tokens(DRAIN_S):
+                async for token in self.tokens(DRAIN_S):
                     yield token
                 job = await store.get_job(self.job_id)
                 if job is None:
@@ -85,10 +85,10 @@ class JobListener:
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 raise TimeoutError
-            async for token in self._tokens(min(POLL_S, left_s)):
+            async for token in self.tokens(min(POLL_S, left_s)):
                 yield token
 
-    async def _tokens(self, wait_s: float) -> AsyncIterator[Token]:
+    async def tokens(self, wait_s: float) -> AsyncIterator[Token]:
         """Tokens for up to `wait_s`, returning early on any other event (go read SQL)."""
         if self._pubsub is None:
             await asyncio.sleep(wait_s)

@@ -14,23 +14,19 @@ and at least every `POLL_S`, so it works (more slowly) with Redis pub/sub unavai
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from api import openapi
 from api.auth import principal
 from api.errors import ErrorOut
+from api.job_listener import JobListener
 from api.jobs import JOB_ID, job_id_param
-from api.sse import close_pubsub, send_event
+from api.sse import send_event
 from api.state import SERVICE
-from promptq import events
 from promptq.errors import NotFound
 from promptq.models import JobKind, JobStatus
 from promptq.service import JobService
@@ -69,7 +65,6 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     if not await service.store.get_states([job_id], owned_by=principal(request).owner_filter):
         raise NotFound(f"no job with id {job_id}")  # also when it is not the caller's
-    pubsub = await _subscribe(service, job_id)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -77,19 +72,17 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # nginx: pass events through as they come
         }
     )
-    try:
-        await response.prepare(request)
-        await _follow(service, job_id, pubsub, response)
-    except ConnectionResetError:
-        logger.debug("stream of job %s: the client went away", job_id)
-    finally:
-        if pubsub is not None:
-            await close_pubsub(pubsub)
+    async with JobListener(service, job_id) as listener:
+        try:
+            await response.prepare(request)
+            await _follow(service, job_id, listener, response)
+        except ConnectionResetError:
+            logger.debug("stream of job %s: the client went away", job_id)
     return response
 
 
 async def _follow(
-    service: JobService, job_id: str, pubsub: PubSub | None, response: web.StreamResponse
+    service: JobService, job_id: str, listener: JobListener, response: web.StreamResponse
 ) -> None:
     sent: dict[str, Any] = {}
     last_write = time.monotonic()
@@ -114,50 +107,22 @@ async def _follow(
                 await send_event(response, "progress", progress)
                 sent["progress"], last_write = progress, time.monotonic()
         if terminal:
-            await _drain_tokens(pubsub, response, DRAIN_S)
+            await _send_tokens(listener, response, DRAIN_S)
             job = await service.store.get_job(job_id)
             await send_event(response, "status", status | {"result": job.result if job else None})
             return
-        if await _drain_tokens(pubsub, response, POLL_S):
+        if await _send_tokens(listener, response, POLL_S):
             last_write = time.monotonic()
         elif time.monotonic() - last_write > KEEPALIVE_S:
             await response.write(b": keep-alive\n\n")
             last_write = time.monotonic()
 
 
-async def _drain_tokens(pubsub: PubSub | None, response: web.StreamResponse, wait_s: float) -> bool:
-    """Forward token events for up to `wait_s` (returning early on any other event)."""
-    if pubsub is None:
-        await asyncio.sleep(wait_s)
-        return False
+async def _send_tokens(listener: JobListener, response: web.StreamResponse, wait_s: float) -> bool:
+    """Forward token events for up to `wait_s` (returning early on any other event); whether
+    any was sent."""
     forwarded = False
-    deadline = time.monotonic() + wait_s
-    while (left_s := deadline - time.monotonic()) > 0:
-        try:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left_s)
-        except (RedisError, OSError) as exc:
-            logger.info("stream: Redis pub/sub failed (%r); polling SQL only", exc)
-            await asyncio.sleep(left_s)
-            return forwarded
-        if message is None:
-            continue
-        try:
-            event = orjson.loads(message["data"])
-        except (orjson.JSONDecodeError, TypeError):
-            continue
-        if event.get("type") != "token":
-            return forwarded  # something changed in SQL: go and read it
-        await send_event(response, "token", {"text": event.get("text", "")})
+    async for token in listener.tokens(wait_s):
+        await send_event(response, "token", {"text": token.text})
         forwarded = True
     return forwarded
-
-
-async def _subscribe(service: JobService, job_id: str) -> PubSub | None:
-    pubsub = service.queue.redis.pubsub()
-    try:
-        await pubsub.subscribe(events.channel(service.queue.queue_name, job_id))
-    except (RedisError, OSError) as exc:
-        logger.info("stream of job %s: no Redis pub/sub (%r); polling SQL", job_id, exc)
-        await close_pubsub(pubsub)
-        return None
-    return pubsub
