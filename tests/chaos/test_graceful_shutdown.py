@@ -1,7 +1,8 @@
 """SIGTERM a worker while it runs jobs.
 
 Given a `promptq worker` with jobs in flight, when it gets SIGTERM, then it takes no new job,
-and either (long grace) lets the in-flight ones finish, or (short grace) cancels them and hands
+hands its prefetched jobs (claimed, waiting for a model slot) back at once, uncharged, and
+either (long grace) lets the in-flight ones finish, or (short grace) cancels them and hands
 them back as interrupted, uncharged, for another worker to finish; either way it exits 0.
 """
 
@@ -39,12 +40,12 @@ def prompt(content: str, max_attempts: int = 5) -> PromptJobCreate:
 
 
 async def sigterm_when_busy(
-    service: JobService, procs: Procs, worker: subprocess.Popen[bytes]
+    service: JobService, procs: Procs, worker: subprocess.Popen[bytes], attempts: int = IN_FLIGHT
 ) -> float:
-    """Wait until the worker runs IN_FLIGHT attempts, SIGTERM it; return when it was sent."""
+    """Wait until the worker runs `attempts` attempts, SIGTERM it; return when it was sent."""
 
     async def busy() -> bool:
-        return await running_attempts(service, worker_name(worker)) == IN_FLIGHT
+        return await running_attempts(service, worker_name(worker)) == attempts
 
     await wait_for(busy, timeout_s=20, interval_s=0.05)
     worker.send_signal(signal.SIGTERM)
@@ -67,12 +68,18 @@ async def test_with_a_long_grace_in_flight_jobs_finish_and_no_new_job_starts(
 ) -> None:
     slow = [f"finish me {i} [[fake: sleep:1500, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
-    waiting = [(await chaos_service.submit(prompt(f"not yet {i}")))[0] for i in range(2)]
     worker = chaos_procs.start(
         "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "30", name="worker"
     )
 
-    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker)
+    async def slots_busy() -> bool:
+        return fake_llm.stats.in_flight == IN_FLIGHT
+
+    await wait_for(slots_busy, timeout_s=20)
+    # Two more jobs come while the slow ones hold the model slots: the worker prefetches them
+    # (the default prefetch is half the concurrency, rounded up: 2), claimed, waiting for a slot
+    waiting = [(await chaos_service.submit(prompt(f"not yet {i}")))[0] for i in range(2)]
+    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker, attempts=IN_FLIGHT + 2)
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
     assert time.monotonic() - sent < 10
 
@@ -81,9 +88,16 @@ async def test_with_a_long_grace_in_flight_jobs_finish_and_no_new_job_starts(
         assert row is not None and row.status == JobStatus.SUCCEEDED
         assert row.result == expected_reply("fake-small", [{"role": "user", "content": content}])
         assert (row.attempts, row.interruptions) == (1, 0)
-    for job in waiting:  # taken by nobody: the stopping worker picked up nothing new
+    for job in waiting:  # handed back at the signal, uncharged, without reaching the model
         row = await chaos_service.store.get_job(job.id)
-        assert row is not None and (row.status, row.attempts) == (JobStatus.QUEUED, 0)
+        assert row is not None and (row.status, row.attempts, row.interruptions) == (
+            JobStatus.QUEUED,
+            1,
+            1,
+        )
+        (attempt,) = await chaos_service.store.list_attempts(job.id)
+        assert attempt.outcome == AttemptOutcome.INTERRUPTED
+        assert job.input["messages"][0]["content"] not in fake_llm.stats.requests_by_prompt
 
     chaos_procs.start("worker", name="next-worker")
     await wait_terminal(chaos_service.store, [j.id for j in waiting], timeout_s=20)
