@@ -81,17 +81,31 @@ def _check_alive(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
 
 
 _LAST_CHECKOUT = "promptq_last_checkout"
+#: Connections an engine keeps open by default (see create_engine).
+DEFAULT_POOL_SIZE = 10
+#: Connections an engine may open beyond its pool for a burst.
+MAX_OVERFLOW = 10
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    """Create the process's engine for the configured database (not awaited: it is lazy)."""
+def create_engine(settings: Settings, *, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
+    """Create the process's engine for the configured database (not awaited: it is lazy).
+
+    It keeps up to `pool_size` connections open (settings.db_pool_size wins), and opens up to
+    MAX_OVERFLOW more for a burst, closed when returned.
+    """
     url = make_url(settings.resolved_database_url)
+    pool: dict[str, Any] = {
+        "pool_size": settings.db_pool_size or pool_size,
+        "max_overflow": MAX_OVERFLOW,
+    }
     # asyncpg connections are checked by _check_alive instead of SQLAlchemy's ping.
-    kwargs: dict[str, Any] = {"pool_pre_ping": url.get_driver_name() != "asyncpg"}
+    kwargs: dict[str, Any] = {"pool_pre_ping": url.get_driver_name() != "asyncpg", **pool}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {}
+            kwargs = pool
+        else:
+            kwargs = {}
     engine = create_async_engine(url, **kwargs)
     if url.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

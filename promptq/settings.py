@@ -38,7 +38,15 @@ class Settings(BaseSettings):
     #: it goes back to the queue (uncharged) so that the slot can run another model's job.
     limit_wait_s: float = Field(default=0.5, ge=0)
 
+    #: Database connections a process keeps open (more are opened for a burst and closed
+    #: after); unset: 10 for the API and the CLI, and for a worker its concurrency + prefetch
+    #: + 4, so that its jobs never open and close connections as they go.
+    db_pool_size: int | None = Field(default=None, ge=1, le=1_000)
+    #: Jobs one worker works on with the model at once (its model slots).
     worker_concurrency: int = Field(default=10, ge=1, le=10_000)
+    #: Jobs a worker takes ahead, claimed and waiting for a model slot, so that a freed slot
+    #: starts its next call at once (worker.slots); unset: half the concurrency, rounded up.
+    worker_prefetch: int | None = Field(default=None, ge=0, le=10_000)
     #: Fallback poll interval. Enqueues and freed slots wake a worker at once, and it wakes when
     #: a deferred job falls due; this poll only catches what a lost wake-up message missed.
     worker_poll_delay_s: float = Field(default=0.5, gt=0)
@@ -141,6 +149,13 @@ class Settings(BaseSettings):
         copy = type(self)(_env_file=None, **values)
         object.__setattr__(copy, "__pydantic_fields_set__", self.model_fields_set | set(changes))
         return copy
+
+    @property
+    def prefetch(self) -> int:
+        """Jobs a worker takes ahead of its model slots (worker_prefetch, or its default)."""
+        if self.worker_prefetch is not None:
+            return self.worker_prefetch
+        return -(-self.worker_concurrency // 2)
 
     @property
     def resolved_database_url(self) -> str:

@@ -21,6 +21,7 @@ from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
 from worker.context import WorkerContext
 from worker.fastpoll import FastPollWorker
@@ -30,6 +31,7 @@ from worker.limiter import Limiter
 from worker.observe import MeteredLLMClient, Observability
 from worker.reconcile import Reconciler
 from worker.routing import ModelRouter, client_options
+from worker.slots import ModelSlots
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 ARQ_MAX_TRIES = 1_000_000
 #: Extra time arq allows a job beyond the LLM timeout, for the SQL writes around the call.
 JOB_TIMEOUT_MARGIN_S = 30.0
+#: Database connections a worker keeps open beyond one per job: the lease keeper, the
+#: reconciler, the cancel watcher, the metrics.
+POOL_EXTRA = 4
 #: arq keeps a job's in-progress marker this much longer than the job timeout.
 ARQ_MARKER_MARGIN_S = 10.0
 
@@ -71,17 +76,22 @@ def create_worker(
 
     The worker is a `FastPollWorker` (worker.fastpoll): arq's Worker kept alive through Redis
     outages (worker.resilient) and woken at once by enqueues, freed slots and due deferred
-    jobs. Besides its poll loop, the worker runs background tasks: the lease keeper, which
-    renews the leases of this worker's running attempts, the limiter's permit renewal, and the
-    reconciler. A bad endpoints config raises ConfigError here, before anything starts.
+    jobs. It holds up to worker_concurrency + prefetch jobs, of which worker_concurrency work
+    with the model at once (worker.slots). Besides its poll loop, the worker runs background
+    tasks: the lease keeper, which renews the leases of this worker's running attempts, the
+    limiter's permit renewal, and the reconciler. A bad endpoints config raises ConfigError
+    here, before anything starts.
     """
     endpoints = load_endpoints(settings)
 
+    max_jobs = settings.worker_concurrency + settings.prefetch
     metrics = Metrics(refresh_s=settings.metrics_refresh_s)
     observability = Observability(settings, metrics)
+    slots = ModelSlots(settings.worker_concurrency)
 
     async def startup(ctx: dict[str, Any]) -> None:
-        engine = create_engine(settings)
+        # A connection per job slot and prefetched job, and a few for the background tasks.
+        engine = create_engine(settings, pool_size=max_jobs + POOL_EXTRA)
         try:
             await ensure_current(engine)
         except BaseException:
@@ -113,6 +123,9 @@ def create_worker(
             ),
         )
         typed["rng"] = random.Random()
+        typed["slots"] = slots
+        typed["announcer"] = StatusAnnouncer(ctx["redis"], settings.queue_name)
+        typed["announcer"].start()
         typed["worker_name"] = worker_name()
         typed["cancels"] = CancelWatcher(
             ctx["redis"], settings.queue_name, typed["store"].sessionmaker
@@ -132,14 +145,15 @@ def create_worker(
         ctx["_engine"], ctx["_http"] = engine, session
         ctx["_observability"] = observability
         try:
-            await observability.start(ctx, lambda: (worker.job_counter, worker.max_jobs))
+            await observability.start(ctx, lambda: (slots.in_use, slots.size))
         except BaseException:
             await shutdown(ctx)
             raise
         logger.info(
-            "worker %s: concurrency=%d db=%s endpoints=%s queue=%s",
+            "worker %s: concurrency=%d prefetch=%d db=%s endpoints=%s queue=%s",
             typed["worker_name"],
             settings.worker_concurrency,
+            settings.prefetch,
             redact_url(settings.resolved_database_url),
             ", ".join(f"{e.name}={e.base_url}" for e in endpoints.endpoints),
             settings.queue_name,
@@ -155,6 +169,8 @@ def create_worker(
             await ctx["leases"].stop()
         if "cancels" in ctx:
             await ctx["cancels"].stop()
+        if "announcer" in ctx:
+            await ctx["announcer"].stop()
         if "limiter" in ctx:
             await ctx["limiter"].stop()
         if "_http" in ctx:
@@ -163,13 +179,13 @@ def create_worker(
             await ctx["_engine"].dispose()
 
     timeout_s = job_timeout_s(settings)
-    worker: Worker = FastPollWorker(
+    worker = FastPollWorker(
         functions=[func(run_job, name=RUN_JOB, max_tries=ARQ_MAX_TRIES, timeout=timeout_s)],  # type: ignore[arg-type]
         queue_name=settings.queue_name,
         redis_settings=redis_settings(settings),
         on_startup=startup,
         on_shutdown=shutdown,
-        max_jobs=settings.worker_concurrency,
+        max_jobs=max_jobs,
         job_timeout=timeout_s,
         keep_result=0,
         poll_delay=settings.worker_poll_delay_s,
@@ -182,4 +198,5 @@ def create_worker(
         # then cancel them: run_job records them as interrupted and hands them back.
         job_completion_wait=settings.worker_grace_s,
     )
+    worker.stop_hooks.append(slots.close)  # prefetched jobs go back at once, not after the grace
     return worker

@@ -10,10 +10,12 @@ from promptq.metrics import Metrics
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
 from worker.leases import LeaseKeeper
 from worker.limiter import Limiter
 from worker.routing import ModelRouter
+from worker.slots import ModelSlots
 
 
 class WorkerContext(TypedDict, total=False):
@@ -32,6 +34,10 @@ class WorkerContext(TypedDict, total=False):
     leases: LeaseKeeper
     #: Aborts attempts whose job is cancelled while they run.
     cancels: CancelWatcher
+    #: Publishes status events to listeners, coalesced (worker.announce).
+    announcer: StatusAnnouncer
+    #: The worker_concurrency jobs that may work with the model at once (worker.slots).
+    slots: ModelSlots
     #: This worker's name in `job_attempts.worker`: host:pid.
     worker_name: str
     #: This worker's Prometheus metrics (in memory; served on --metrics-port).
@@ -39,3 +45,5 @@ class WorkerContext(TypedDict, total=False):
     # Set by arq for each job:
     job_id: str
     job_try: int
+    #: The job's score in the queue: when it was due (Unix ms); interactive jobs days earlier.
+    score: int

@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from arq import Retry
 
-from promptq import clock, events, logs
+from promptq import clock, logs
 from promptq.db import is_db_unavailable
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
@@ -24,6 +23,7 @@ from worker.observe import record_attempt
 from worker.prompt_call import complete_prompt
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
+from worker.slots import SlotsClosed
 from worker.summarize import summarize
 
 logger = logging.getLogger(__name__)
@@ -90,54 +90,57 @@ async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     logs.bind_job(job_id, claim.number)
     leases.hold(claim)
     try:
-        await _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
+        _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
         await _attempt(ctx, claim)
     finally:
         leases.release(claim)
 
 
+class Stopwatch:
+    """Milliseconds since the attempt got its model slot (since it began, until then)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def restart(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self) -> int:
+        return round((time.monotonic() - self.started) * 1000)
+
+
 async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
-    started = time.monotonic()
-
-    def elapsed_ms() -> int:
-        return round((time.monotonic() - started) * 1000)
-
     try:
-        await _run_attempt(ctx, claim, elapsed_ms)
+        await _run_attempt(ctx, claim, Stopwatch())
     except Retry:
-        await _announce(ctx, claim.job_id)
+        _announce(ctx, claim.job_id)
         raise
-    await _announce(ctx, claim.job_id)
+    _announce(ctx, claim.job_id)
 
 
-async def _announce(ctx: WorkerContext, job_id: str) -> None:
+def _announce(ctx: WorkerContext, job_id: str) -> None:
     """Tell stream listeners the job's status changed (they read the new one from SQL)."""
-    queue = ctx["queue"]
-    await events.publish(queue.redis, queue.queue_name, job_id, {"type": "status"})
+    ctx["announcer"].announce(job_id)
 
 
-async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[], int]) -> None:
+async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Stopwatch) -> None:
     cancels = ctx.get("cancels")
     try:
         with cancels.cancellable(claim) if cancels else contextlib.nullcontext():
-            completion = await complete(ctx, claim)
+            # worker.slots: prefetched jobs wait here, in the queue's order (arq's score)
+            async with ctx["slots"].hold(ctx.get("score", 0)):
+                elapsed_ms.restart()  # an attempt's latency is its model work
+                completion = await complete(ctx, claim)
     except asyncio.CancelledError:
         if cancels is not None and cancels.consume(claim):
             await _record_cancelled(ctx, claim, elapsed_ms())
             return
         # The worker is stopping (or arq timed the job out): hand the job back, uncharged.
-        await _finish(
-            ctx,
-            claim,
-            AttemptResult(
-                outcome=AttemptOutcome.INTERRUPTED,
-                latency_ms=elapsed_ms(),
-                error="interrupted: the worker stopped during this attempt",
-            ),
-            job_status=JobStatus.QUEUED,
-            give_up_after_s=INTERRUPTED_RETRY_S,
-        )
+        await _hand_back(ctx, claim, elapsed_ms(), "the worker stopped during this attempt")
         raise
+    except SlotsClosed:
+        await _hand_back(ctx, claim, 0, "the worker stopped before this attempt reached the model")
+        raise Retry() from None  # back on the queue now
     except ClaimLost as exc:
         logger.warning("job %s attempt %d stopped: %s", claim.job_id, claim.number, exc.message)
     except LLMError as exc:
@@ -149,6 +152,19 @@ async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Callable[[]
         )
     else:
         await _record_success(ctx, claim, completion, elapsed_ms())
+
+
+async def _hand_back(ctx: WorkerContext, claim: Claim, latency_ms: int, why: str) -> None:
+    """Record the attempt as interrupted and the job as queued again, uncharged."""
+    await _finish(
+        ctx,
+        claim,
+        AttemptResult(
+            outcome=AttemptOutcome.INTERRUPTED, latency_ms=latency_ms, error=f"interrupted: {why}"
+        ),
+        job_status=JobStatus.QUEUED,
+        give_up_after_s=INTERRUPTED_RETRY_S,
+    )
 
 
 async def _record_success(

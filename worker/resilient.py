@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 import signal
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -53,6 +54,8 @@ class ResilientWorker(Worker):
         self._stopping = False
         #: Slots given back so far (arq gives one back as each job task ends).
         self._slots_released = 0
+        #: Called once, when the worker starts to stop (a signal, or close()).
+        self.stop_hooks: list[Callable[[], None]] = []
 
     async def main(self) -> None:
         """Connect (retrying for as long as it takes), then run arq's main loop."""
@@ -133,7 +136,18 @@ class ResilientWorker(Worker):
             self.handle_sig(signum)
             return
         self._stopping = True
+        self._run_stop_hooks()
         super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        """Stop now: arq's, after the stop hooks."""
+        self._run_stop_hooks()
+        super().handle_sig(signum)
+
+    def _run_stop_hooks(self) -> None:
+        hooks, self.stop_hooks = self.stop_hooks, []
+        for hook in hooks:
+            hook()
 
     async def close(self) -> None:
         """arq's close, except that a Redis outage doesn't skip on_shutdown."""

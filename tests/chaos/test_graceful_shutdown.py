@@ -1,7 +1,8 @@
 """SIGTERM a worker while it runs jobs.
 
 Given a `promptq worker` with jobs in flight, when it gets SIGTERM, then it takes no new job,
-and either (long grace) lets the in-flight ones finish, or (short grace) cancels them and hands
+hands its prefetched jobs (claimed, waiting for a model slot) back at once, uncharged, and
+either (long grace) lets the in-flight ones finish, or (short grace) cancels them and hands
 them back as interrupted, uncharged, for another worker to finish; either way it exits 0.
 """
 
@@ -39,20 +40,16 @@ def prompt(content: str, max_attempts: int = 5) -> PromptJobCreate:
 
 
 async def sigterm_when_busy(
-    service: JobService, procs: Procs, *, grace_s: str
-) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a worker for IN_FLIGHT jobs with `--grace-s grace_s`, wait until it runs IN_FLIGHT
-    attempts and SIGTERM it; return it and when the signal was sent."""
-    worker = procs.start(
-        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", grace_s, name="worker"
-    )
+    service: JobService, procs: Procs, worker: subprocess.Popen[bytes], attempts: int = IN_FLIGHT
+) -> float:
+    """Wait until the worker runs `attempts` attempts, SIGTERM it; return when it was sent."""
 
     async def busy() -> bool:
-        return await running_attempts(service, worker_name(worker)) == IN_FLIGHT
+        return await running_attempts(service, worker_name(worker)) == attempts
 
     await wait_for(busy, timeout_s=20, interval_s=0.05)
     worker.send_signal(signal.SIGTERM)
-    return worker, time.monotonic()
+    return time.monotonic()
 
 
 async def assert_answered(service: JobService, content: str, job_id: str) -> Job:
@@ -80,17 +77,34 @@ async def test_with_a_long_grace_in_flight_jobs_finish_and_no_new_job_starts(
 ) -> None:
     slow = [f"finish me {i} [[fake: sleep:1500, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
+    worker = chaos_procs.start(
+        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "30", name="worker"
+    )
+
+    async def slots_busy() -> bool:
+        return fake_llm.stats.in_flight == IN_FLIGHT
+
+    await wait_for(slots_busy, timeout_s=20)
+    # Two more jobs come while the slow ones hold the model slots: the worker prefetches them
+    # (the default prefetch is half the concurrency, rounded up: 2), claimed, waiting for a slot
     waiting = [(await chaos_service.submit(prompt(f"not yet {i}")))[0] for i in range(2)]
-    worker, sent = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="30")
+    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker, attempts=IN_FLIGHT + 2)
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
     assert time.monotonic() - sent < 10
 
     for content, job in zip(slow, jobs, strict=True):
         row = await assert_answered(chaos_service, content, job.id)
         assert (row.attempts, row.interruptions) == (1, 0)
-    for job in waiting:  # taken by nobody: the stopping worker picked up nothing new
+    for job in waiting:  # handed back at the signal, uncharged, without reaching the model
         row = await chaos_service.store.get_job(job.id)
-        assert row is not None and (row.status, row.attempts) == (JobStatus.QUEUED, 0)
+        assert row is not None and (row.status, row.attempts, row.interruptions) == (
+            JobStatus.QUEUED,
+            1,
+            1,
+        )
+        (attempt,) = await chaos_service.store.list_attempts(job.id)
+        assert attempt.outcome == AttemptOutcome.INTERRUPTED
+        assert job.input["messages"][0]["content"] not in fake_llm.stats.requests_by_prompt
 
     chaos_procs.start("worker", name="next-worker")
     await wait_terminal(chaos_service.store, [j.id for j in waiting], timeout_s=20)
@@ -103,7 +117,11 @@ async def test_with_a_short_grace_in_flight_jobs_are_handed_back_uncharged(
     # One charged attempt each: if the interrupted attempt were charged, no second could run.
     slow = [f"hand me back {i} [[fake: sleep:30000, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c, max_attempts=1)))[0] for c in slow]
-    worker, sent = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="0.5")
+    worker = chaos_procs.start(
+        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "0.5", name="worker"
+    )
+
+    sent = await sigterm_when_busy(chaos_service, chaos_procs, worker)
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()
     assert time.monotonic() - sent < 8
 
@@ -132,7 +150,11 @@ async def test_a_second_signal_stops_at_once(
 ) -> None:
     slow = [f"impatient {i} [[fake: sleep:30000, ok]]" for i in range(IN_FLIGHT)]
     jobs = [(await chaos_service.submit(prompt(c)))[0] for c in slow]
-    worker, _ = await sigterm_when_busy(chaos_service, chaos_procs, grace_s="60")
+    worker = chaos_procs.start(
+        "worker", "--concurrency", str(IN_FLIGHT), "--grace-s", "60", name="worker"
+    )
+
+    await sigterm_when_busy(chaos_service, chaos_procs, worker)
     worker.send_signal(signal.SIGINT)  # Ctrl-C again: don't wait out the grace period
     sent = time.monotonic()
     assert await exit_code(chaos_procs, worker, 20) == 0, chaos_procs.logs()

@@ -1,0 +1,119 @@
+"""worker.slots.ModelSlots: at most `size` holders; waiters by rank, then arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.slots import ModelSlots, SlotsClosed
+
+
+async def test_at_most_size_hold_a_slot_and_waiters_go_by_rank_then_arrival() -> None:
+    slots = ModelSlots(2)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def job(name: str, rank: float = 100) -> None:
+        async with slots.hold(rank):
+            order.append(name)
+            assert slots.in_use <= slots.size
+            await release.wait()
+
+    holders = [asyncio.create_task(job(n)) for n in ("a", "b")]
+    await asyncio.sleep(0)  # let them take both slots
+    waiters = [
+        asyncio.create_task(job("bulk-1")),
+        asyncio.create_task(job("bulk-2")),
+        asyncio.create_task(job("interactive", rank=1)),
+    ]
+    async with asyncio.timeout(5):
+        while slots.waiting < 3:
+            await asyncio.sleep(0)
+    assert order == ["a", "b"] and slots.in_use == 2
+
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*holders, *waiters), timeout=5)
+    assert order == ["a", "b", "interactive", "bulk-1", "bulk-2"]
+    assert slots.in_use == 0 and slots.waiting == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_line_and_loses_no_slot() -> None:
+    slots = ModelSlots(1)
+    hold = asyncio.Event()
+    got: list[str] = []
+
+    async def job(name: str) -> None:
+        async with slots.hold():
+            got.append(name)
+            await hold.wait()
+
+    first = asyncio.create_task(job("first"))
+    await asyncio.sleep(0)
+    doomed = asyncio.create_task(job("doomed"))
+    last = asyncio.create_task(job("last"))
+    async with asyncio.timeout(5):
+        while slots.waiting < 2:
+            await asyncio.sleep(0)
+
+    doomed.cancel()
+    hold.set()
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=5)
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert got == ["first", "last"] and slots.in_use == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
+    slots = ModelSlots(1)
+    got: list[str] = []
+
+    async def job(name: str) -> None:
+        async with slots.hold():
+            got.append(name)
+
+    async with slots.hold():
+        handed = asyncio.create_task(job("handed"))
+        after = asyncio.create_task(job("after"))
+        async with asyncio.timeout(5):
+            while slots.waiting < 2:
+                await asyncio.sleep(0)
+    # Leaving the block handed the slot to `handed`; cancel it before it runs
+    handed.cancel()
+    await asyncio.wait_for(after, timeout=5)
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    assert got == ["after"] and slots.in_use == 0
+
+
+def test_a_worker_needs_a_slot() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ModelSlots(0)
+
+
+async def test_closing_turns_waiters_away_and_lets_holders_finish() -> None:
+    slots = ModelSlots(1)
+    finish = asyncio.Event()
+    done: list[str] = []
+
+    async def job(name: str) -> None:
+        async with slots.hold():
+            await finish.wait()
+            done.append(name)
+
+    holder = asyncio.create_task(job("holder"))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(job("waiter"))
+    async with asyncio.timeout(5):
+        while slots.waiting < 1:
+            await asyncio.sleep(0)
+
+    slots.close()
+    with pytest.raises(SlotsClosed):
+        await asyncio.wait_for(waiter, timeout=5)
+    with pytest.raises(SlotsClosed):
+        async with slots.hold():
+            pass  # pragma: no cover - never entered
+    finish.set()
+    await asyncio.wait_for(holder, timeout=5)
+    assert done == ["holder"] and slots.in_use == 0
