@@ -102,6 +102,9 @@ class Workload:
     concurrency: int
     latency_ms: float
     jitter: float
+    #: How promptq gets the jobs: "jobs" (one POST /api/jobs each) or "batch" (one JSONL
+    #: POST /api/batches, the way to submit thousands of jobs).
+    submit: str = "jobs"
 
 
 @dataclass
@@ -159,7 +162,15 @@ def workloads(scale: float) -> list[Workload]:
     return [
         Workload("saq", "SAQ: 1,000 jobs, c=10, 0-50 ms", 1_000, 10, 25.0, 1.0),
         Workload("llm", f"LLM-like: {llm_jobs:,} jobs, c=100, 1 s ±30%", llm_jobs, 100, 1000, 0.3),
-        Workload("zero", f"zero latency: {zero_jobs:,} jobs, c=10", zero_jobs, 10, 0.0, 0.0),
+        Workload(
+            "zero",
+            f"zero latency: {zero_jobs:,} jobs, c=10, one batch",
+            zero_jobs,
+            10,
+            0.0,
+            0.0,
+            submit="batch",
+        ),
     ]
 
 
@@ -484,6 +495,21 @@ async def submit_http(api_url: str, contents: list[str]) -> list[str]:
         return list(await asyncio.gather(*(one(c) for c in contents)))
 
 
+async def submit_batch_http(api_url: str, contents: list[str]) -> None:
+    """POST all the prompt jobs to the API as one JSONL batch."""
+    body = b"".join(
+        orjson.dumps({"kind": "prompt", "messages": [{"role": "user", "content": text}]}) + b"\n"
+        for text in contents
+    )
+    headers = {"Content-Type": "application/x-ndjson"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(api_url + "/api/batches", data=body, headers=headers) as response,
+    ):
+        if response.status != 201:
+            raise RuntimeError(f"POST /api/batches: {response.status} {await response.text()}")
+
+
 # -- (c) promptq ---------------------------------------------------------------------------------
 
 
@@ -572,7 +598,8 @@ class PromptQ:
                 cpu0 = proc.freeze()
                 prepare_fake(fake, w)
                 api_cpu0 = api.cpu_s()
-                await submit_http(api_url, [content(w.name, i) for i in range(w.jobs)])
+                submit = submit_batch_http if w.submit == "batch" else submit_http
+                await submit(api_url, [content(w.name, i) for i in range(w.jobs)])
                 api_cpu_s = api.cpu_s() - api_cpu0
                 thawed_at = proc.thaw()
                 await wait_until(

@@ -39,7 +39,9 @@ arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
 * Each job runs as arq's `Worker.run_job(job_id, score)` task, with
   `_release_sem_dec_counter_on_complete()` as its done callback, counted in `job_counter` and
   `sem`, kept in `tasks`; arq's marker TTL is `in_progress_timeout_s`.
-* `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue.
+* `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue; its
+  `finish=True` case without a result is written in batches (worker.finishes), with the same
+  commands on the same keys (`job_key_prefix`, `retry_key_prefix`, `abort_jobs_ss`).
 * Attributes `_pool`, `tasks`, `job_counter`, `max_jobs`, `poll_delay_s`, `burst`,
   `max_burst_jobs`, `allow_pick_jobs`, `_jobs_started()`, `heart_beat()`; the in-progress key
   prefix.
@@ -60,6 +62,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from promptq.queue import wake_channel
+from worker.finishes import BatchedFinish
 from worker.resilient import REDIS_DOWN, ResilientWorker
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,7 @@ class FastPollWorker(ResilientWorker):
         #: whether that answer is still unused (the loop consumes it once).
         self._next_due_ms: float | None = None
         self._next_due_known = False
+        self._finishes: BatchedFinish | None = None
 
     def wake(self) -> None:
         """Make the main loop poll now."""
@@ -263,7 +267,16 @@ class FastPollWorker(ResilientWorker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's finish; a job put back on the queue also wakes the other workers."""
+        """arq's finish; a job put back on the queue also wakes the other workers.
+
+        The common end, a finished job with no result to keep, is written together with the
+        other jobs that end at the same time (worker.finishes).
+        """
+        if finish and not result_data and keep_in_progress is None:
+            if self._finishes is None:
+                self._finishes = BatchedFinish(self.pool, self.queue_name)
+            await self._finishes.finish(job_id)
+            return
         await super().finish_job(
             job_id,
             finish,

@@ -184,7 +184,7 @@ async def _record_success(
         ),
         job_status=JobStatus.SUCCEEDED,
     )
-    logger.info("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
+    logger.debug("job %s succeeded on attempt %d in %d ms", claim.job_id, claim.number, latency_ms)
 
 
 async def _record_cancelled(ctx: WorkerContext, claim: Claim, latency_ms: int) -> None:

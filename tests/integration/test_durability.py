@@ -205,7 +205,7 @@ async def test_an_orphan_is_taken_back_while_every_slot_is_busy(
     marker_ttl_ms = round(marker_ttl_s(settings) * 1000) - marker_age_ms
     await service.queue.redis.psetex(in_progress_key_prefix + orphan.id, marker_ttl_ms, b"1")
     await set_columns(service, orphan.id, lease_expires_at=clock.now() - timedelta(seconds=1))
-    backlog = [(await service.submit(prompt(f"busy {i}")))[0] for i in range(10)]
+    backlog = [(await service.submit(prompt(f"busy {i}")))[0] for i in range(16)]
     fake_llm.config.latency_ms = 600
 
     # when a worker starts, then the orphan runs again long before the backlog is through

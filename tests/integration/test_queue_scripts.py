@@ -5,14 +5,18 @@ reports what Redis holds."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import Job as ArqJob
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptq.queue import RUN_JOB, QueueClient, deserialize
 from promptq.settings import Settings
 from tests.conftest import base_settings
+from worker.finishes import BatchedFinish
 
 
 @pytest.fixture
@@ -66,3 +70,52 @@ async def test_states_report_queued_jobs_markers_and_missing_jobs(queue: QueueCl
     assert states["marked"].queued and marked_ttl_s is not None and 0 < marked_ttl_s <= 60
     assert not states["missing"].queued and states["missing"].due_at_ms is None
     assert await queue.missing(["queued", "missing"]) == ["missing"]
+
+
+async def test_batched_finishes_clear_what_arq_clears_and_share_a_round_trip(
+    queue: QueueClient,
+) -> None:
+    redis = queue.redis
+    ids = [f"done-{i}" for i in range(5)]
+    for job_id in ids:
+        await queue.enqueue(job_id)
+        await redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
+        await redis.set(retry_key_prefix + job_id, 1)
+    await queue.enqueue("still-queued")
+    finishes = BatchedFinish(redis, queue.queue_name)
+    writes = 0
+    write = finishes._write
+
+    async def counted(job_ids: list[str]) -> None:
+        nonlocal writes
+        writes += 1
+        await write(job_ids)
+
+    finishes._write = counted  # type: ignore[method-assign]
+
+    # When five jobs end at once
+    await asyncio.wait_for(asyncio.gather(*(finishes.finish(j) for j in ids)), timeout=5)
+
+    # Then their keys are gone as after arq's finish_job, in one transaction, others untouched
+    assert writes == 1
+    for job_id in ids:
+        keys = (job_key_prefix, in_progress_key_prefix, retry_key_prefix)
+        assert not await redis.exists(*(prefix + job_id for prefix in keys))
+    assert await redis.zrange(queue.queue_name, 0, -1) == [b"still-queued"]
+
+
+async def test_a_batched_finish_fails_when_redis_does(queue: QueueClient) -> None:
+    away = Redis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=1)
+    try:
+        finishes = BatchedFinish(away, queue.queue_name)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(finishes.finish("job-1"), timeout=5)
+    finally:
+        await away.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
