@@ -123,6 +123,9 @@ class Run:
     jobs_per_s: float
     llm_requests: int
     peak_in_flight: int
+    #: Time the fake's slots were busy (requests in flight, summed) / (concurrency x makespan):
+    #: efficiency is this divided by how much the fake's own answers ran late.
+    model_busy: float | None = None
     worker_cpu_ms_per_job: float | None = None
     worker_rss_mib: float | None = None
     #: promptq only: CPU of the API process while it took the submissions.
@@ -209,6 +212,7 @@ def make_run(system: str, w: Workload, makespan_s: float, fake: FakeLLM, **extra
         jobs_per_s=w.jobs / makespan_s,
         llm_requests=fake.stats.total_requests,
         peak_in_flight=fake.stats.peak_in_flight,
+        model_busy=fake.stats.busy_ms_total / 1000 / (w.concurrency * makespan_s),
         **extra,
     )
 
@@ -518,8 +522,11 @@ class PromptQ:
 
     QUEUE = "promptq:bench"
 
-    def __init__(self, backend: str, redis_url: str, pg_dsn: str, tmp: Path) -> None:
+    def __init__(
+        self, backend: str, redis_url: str, pg_dsn: str, tmp: Path, prefetch: int | None = None
+    ) -> None:
         self.backend, self.redis_url, self.pg_dsn, self.tmp = backend, redis_url, pg_dsn, tmp
+        self.prefetch = prefetch
         self.system = f"promptq-{backend}"
 
     @contextlib.asynccontextmanager
@@ -555,6 +562,7 @@ class PromptQ:
             llm_base_url=fake.base_url,
             default_model=MODEL,
             worker_concurrency=concurrency,
+            worker_prefetch=self.prefetch,
         )
 
     @staticmethod
@@ -563,6 +571,8 @@ class PromptQ:
         for name in ("data_dir", "database_url", "redis_url", "queue_name", "llm_base_url"):
             env[f"PROMPTQ_{name.upper()}"] = str(getattr(settings, name))
         env["PROMPTQ_DEFAULT_MODEL"] = settings.default_model
+        if settings.worker_prefetch is not None:
+            env["PROMPTQ_WORKER_PREFETCH"] = str(settings.worker_prefetch)
         return env
 
     async def run(
@@ -713,9 +723,9 @@ def fmt(value: float | None, spec: str) -> str:
 def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) -> str:
     """A Markdown table of every run, then one of pickup latencies."""
     lines = [
-        "| workload | system | makespan s | ideal s | efficiency | jobs/s | c/a | c/b "
-        "| CPU ms/job (worker + API) | worker RSS MiB | peak in flight |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | system | makespan s | ideal s | efficiency | model busy | jobs/s | c/a "
+        "| c/b | CPU ms/job (worker + API) | worker RSS MiB | peak in flight |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in ws:
         group = by_system(runs, w.name)
@@ -730,7 +740,8 @@ def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) ->
                 cpu += f" ({fmt(r.worker_cpu_ms_per_job, '.2f')} + {r.api_cpu_ms_per_job:.2f})"
             lines.append(
                 f"| {w.label} | {system} | {r.makespan_s:.2f} | {r.ideal_s:.2f} "
-                f"| {fmt(r.efficiency, '.3f')} | {r.jobs_per_s:,.0f} | {fmt(vs_a, '.2f')} "
+                f"| {fmt(r.efficiency, '.3f')} | {fmt(r.model_busy, '.3f')} | {r.jobs_per_s:,.0f} "
+                f"| {fmt(vs_a, '.2f')} "
                 f"| {fmt(vs_b, '.2f')} | {cpu} | {fmt(r.worker_rss_mib, '.0f')} "
                 f"| {r.peak_in_flight} / {r.concurrency} |"
             )
@@ -867,8 +878,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             args.redis_url = stack.enter_context(private_redis(tmp))
         runners: dict[str, Any] = {
             "arq": PlainArq(args.redis_url, tmp),
-            "promptq-sqlite": PromptQ("sqlite", args.redis_url, args.pg_dsn, tmp),
-            "promptq-postgres": PromptQ("postgres", args.redis_url, args.pg_dsn, tmp),
+            "promptq-sqlite": PromptQ("sqlite", args.redis_url, args.pg_dsn, tmp, args.prefetch),
+            "promptq-postgres": PromptQ(
+                "postgres", args.redis_url, args.pg_dsn, tmp, args.prefetch
+            ),
         }
         async with FakeLLM() as fake:
             for w in ws:
@@ -917,6 +930,9 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default="saq,llm,zero")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    parser.add_argument(
+        "--prefetch", type=int, default=None, help="PROMPTQ_WORKER_PREFETCH (default: its default)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.scale = min(args.scale, 0.1)

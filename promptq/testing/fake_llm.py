@@ -213,6 +213,8 @@ class FakeLLMStats:
     completion_tokens_total: int = 0
     #: Latency the server added before answering, summed over requests (benchmarks' ideal).
     latency_ms_total: float = 0.0
+    #: Time requests spent in flight (arrival to answer), summed: how busy the "model" was.
+    busy_ms_total: float = 0.0
     #: Requests whose prompt was longer than `context_window_tokens` (and silently cut).
     truncated_requests: int = 0
 
@@ -494,6 +496,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(state, 429, headers={"Retry-After": "1"})
     stats.in_flight += 1
     stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+    started = time.monotonic()
     try:
         state.note_arrival()
         try:
@@ -503,6 +506,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return await _run_step(request, state, req, step)
     finally:
         stats.in_flight -= 1
+        stats.busy_ms_total += (time.monotonic() - started) * 1000
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -55,7 +55,8 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 async def test_json_logs_check_and_metrics_of_a_real_worker(
     procs: Procs, service: JobService, fake_llm: FakeLLM
 ) -> None:
-    procs.settings = procs.settings.with_overrides(llm_api_key=SECRET)
+    # DEBUG: the per-job lines (claim, success) are written too, and must carry the job id
+    procs.settings = procs.settings.with_overrides(llm_api_key=SECRET, log_level="DEBUG")
     code, line = await check(procs)
     assert code == 1 and line.startswith("unhealthy:") and "\n" not in line
 
@@ -92,7 +93,8 @@ async def test_json_logs_check_and_metrics_of_a_real_worker(
     assert SECRET not in log
     records = json_lines(log)
     assert {"ts", "level", "logger", "message"} <= set(records[0])
-    about_job = [r for r in records if job.id in r["message"]]
+    # (aiosqlite's DEBUG lines come from its own thread, outside any job's task)
+    about_job = [r for r in records if job.id in r["message"] and r["logger"] != "aiosqlite"]
     assert about_job, log
     for record in about_job:
         assert record.get("job_id") == job.id, (record, log)
