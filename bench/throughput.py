@@ -1,6 +1,7 @@
 """Throughput benchmark: how close promptq keeps a model to saturation, on this machine.
 
-Run `python -m bench --quick` (a few minutes) or `python -m bench` (the full run, ~20 min).
+Run `python -m bench --quick` (about 5 minutes) or `python -m bench` (the full run, about 12
+minutes on a quiet 2-core machine).
 It needs the `bench` extra (matplotlib, psutil), Redis, and PostgreSQL for the PostgreSQL rows.
 
 Every system calls the same fake OpenAI-compatible LLM, served over real HTTP from this process:
@@ -918,7 +919,7 @@ def main() -> None:
     """Parse arguments, run, write JSON and PNG, print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="--scale 0.1: a few minutes instead of ~20"
+        "--quick", action="store_true", help="--scale 0.1: about 5 minutes instead of 12"
     )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="job-count factor for the LLM-like/zero runs"
