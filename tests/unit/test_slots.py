@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from worker.slots import ModelSlots, SlotsClosed
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until `condition()` holds (fail after 5 s)."""
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0)
 
 
 async def test_at_most_size_hold_a_slot_and_waiters_go_by_rank_then_arrival() -> None:
@@ -21,15 +29,13 @@ async def test_at_most_size_hold_a_slot_and_waiters_go_by_rank_then_arrival() ->
             await release.wait()
 
     holders = [asyncio.create_task(job(n)) for n in ("a", "b")]
-    await asyncio.sleep(0)  # let them take both slots
+    await until(lambda: slots.in_use == 2)
     waiters = [
         asyncio.create_task(job("bulk-1")),
         asyncio.create_task(job("bulk-2")),
         asyncio.create_task(job("interactive", rank=1)),
     ]
-    async with asyncio.timeout(5):
-        while slots.waiting < 3:
-            await asyncio.sleep(0)
+    await until(lambda: slots.waiting == 3)
     assert order == ["a", "b"] and slots.in_use == 2
 
     release.set()
@@ -49,12 +55,10 @@ async def test_a_cancelled_waiter_leaves_the_line_and_loses_no_slot() -> None:
             await hold.wait()
 
     first = asyncio.create_task(job("first"))
-    await asyncio.sleep(0)
+    await until(lambda: slots.in_use == 1)
     doomed = asyncio.create_task(job("doomed"))
     last = asyncio.create_task(job("last"))
-    async with asyncio.timeout(5):
-        while slots.waiting < 2:
-            await asyncio.sleep(0)
+    await until(lambda: slots.waiting == 2)
 
     doomed.cancel()
     hold.set()
@@ -75,9 +79,7 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
     async with slots.hold():
         handed = asyncio.create_task(job("handed"))
         after = asyncio.create_task(job("after"))
-        async with asyncio.timeout(5):
-            while slots.waiting < 2:
-                await asyncio.sleep(0)
+        await until(lambda: slots.waiting == 2)
     # Leaving the block handed the slot to `handed`; cancel it before it runs
     handed.cancel()
     await asyncio.wait_for(after, timeout=5)
@@ -102,11 +104,9 @@ async def test_closing_turns_waiters_away_and_lets_holders_finish() -> None:
             done.append(name)
 
     holder = asyncio.create_task(job("holder"))
-    await asyncio.sleep(0)
+    await until(lambda: slots.in_use == 1)
     waiter = asyncio.create_task(job("waiter"))
-    async with asyncio.timeout(5):
-        while slots.waiting < 1:
-            await asyncio.sleep(0)
+    await until(lambda: slots.waiting == 1)
 
     slots.close()
     with pytest.raises(SlotsClosed):
