@@ -248,7 +248,10 @@ def api(
 @app.command()
 def worker(
     concurrency: Annotated[
-        int | None, typer.Option(min=1, help="Jobs run at once [env PROMPTQ_WORKER_CONCURRENCY].")
+        int | None,
+        typer.Option(
+            min=1, help="Jobs calling the model at once [env PROMPTQ_WORKER_CONCURRENCY]."
+        ),
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
     grace_s: Annotated[
