@@ -250,7 +250,7 @@ def worker(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Jobs calling the model at once [env PROMPTQ_WORKER_CONCURRENCY]."
+            min=1, help="Jobs calling the model at once (env PROMPTQ_WORKER_CONCURRENCY)."
         ),
     ] = None,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
@@ -258,7 +258,7 @@ def worker(
         float | None,
         typer.Option(
             min=0,
-            help="On SIGTERM, seconds in-flight jobs may finish [env PROMPTQ_WORKER_GRACE_S].",
+            help="On SIGTERM, seconds in-flight jobs may finish (env PROMPTQ_WORKER_GRACE_S).",
         ),
     ] = None,
     metrics_port: Annotated[
@@ -266,7 +266,7 @@ def worker(
         typer.Option(
             min=0,
             max=65535,
-            help="Serve Prometheus /metrics on this port [env PROMPTQ_WORKER_METRICS_PORT].",
+            help="Serve Prometheus /metrics on this port (env PROMPTQ_WORKER_METRICS_PORT).",
         ),
     ] = None,
     check: Annotated[
@@ -380,7 +380,7 @@ def fake_llm(
 @submit_app.command("prompt")
 def submit_prompt(
     text: str,
-    model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (env PROMPTQ_DEFAULT_MODEL).")] = None,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
     deadline_s: Annotated[
@@ -418,7 +418,7 @@ def submit_summarize(
     context_window: Annotated[
         int | None, typer.Option(help="The model's context window in tokens.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model [env PROMPTQ_DEFAULT_MODEL].")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (env PROMPTQ_DEFAULT_MODEL).")] = None,
     deadline_s: Annotated[
         float | None, typer.Option(help="Fail each job if not done this many seconds from now.")
     ] = None,

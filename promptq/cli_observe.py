@@ -22,7 +22,7 @@ LogFormatOption = Annotated[
     LogFormat | None,
     typer.Option(
         "--log-format",
-        help="console (readable) or json (one object per line) [env PROMPTQ_LOG_FORMAT].",
+        help="console (readable) or json (one object per line) (env PROMPTQ_LOG_FORMAT).",
         case_sensitive=False,
     ),
 ]
