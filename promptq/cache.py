@@ -65,7 +65,7 @@ _ANSWER = (
 )
 
 
-def hit_values(source: Row[Any] | Job, now: datetime) -> dict[str, Any]:
+def hit_values(source: Row[Any], now: datetime) -> dict[str, Any]:
     """The job columns of a cache hit answered by `source` (a job row with _ANSWER's fields)."""
     return {
         "status": JobStatus.SUCCEEDED.value,
@@ -102,14 +102,27 @@ async def find_many(
 
 
 class ResultCache:
-    """Finds a stored answer for a request hash among one owner's succeeded prompt jobs."""
+    """Decides whether a prompt may reuse a stored answer, and finds it (one owner's jobs)."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *, enabled: bool) -> None:
         self._sessionmaker = sessionmaker
+        self.enabled = enabled
 
-    async def find(self, digest: str, owner_key_id: str | None) -> Job | None:
-        """The newest succeeded prompt job of this owner with this request hash, if any."""
-        query = select(Job).where(_answered([digest], owner_key_id))
-        query = query.order_by(Job.id.desc()).limit(1)
+    def wants(self, params: dict[str, Any], cache: bool | None) -> bool:
+        """Whether a request with these params and `cache` choice may reuse an answer."""
+        return wants_cache(params, cache, enabled=self.enabled)
+
+    async def lookup(
+        self,
+        model: str,
+        job_input: dict[str, Any],
+        cache: bool | None,
+        owner_key_id: str | None,
+    ) -> tuple[str, Row[Any] | None]:
+        """The prompt's request hash, and the stored answer it may reuse (None: a miss)."""
+        digest = prompt_hash(model, job_input)
+        if not self.wants(job_input["params"], cache):
+            return digest, None
         async with self._sessionmaker() as session:
-            return (await session.execute(query)).scalar_one_or_none()
+            found = await find_many(await session.connection(), [digest], owner_key_id)
+        return digest, found.get(digest)

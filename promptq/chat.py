@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from promptq.cache import prompt_hash, wants_cache
 from promptq.errors import ServiceUnavailable
 from promptq.input_limits import check_messages
 from promptq.models import Job, JobKind, Priority
@@ -35,11 +34,9 @@ class ChatService:
         settings = self.service.settings
         job_input = request.job_input()
         check_messages(job_input["messages"], settings)
-        params = job_input["params"]
-        digest = prompt_hash(request.model, job_input)
-        source = None
-        if wants_cache(params, request.cache, enabled=settings.cache_enabled):
-            source = await self.service.cache.find(digest, owner_key_id)
+        digest, source = await self.service.cache.lookup(
+            request.model, job_input, request.cache, owner_key_id
+        )
         job, _ = await self.service.store.create_job(
             kind=JobKind.PROMPT,
             model=request.model,

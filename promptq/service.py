@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from promptq.cache import ResultCache, prompt_hash, wants_cache
+from promptq.cache import ResultCache
 from promptq.checkpoints import ChunkStore
 from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
@@ -76,7 +76,7 @@ class JobService:
         self.store = store
         self.queue = queue
         self.checkpoints = ChunkStore(store.sessionmaker)
-        self.cache = ResultCache(store.sessionmaker)
+        self.cache = ResultCache(store.sessionmaker, enabled=settings.cache_enabled)
 
     def check(self, request: PromptJobCreate | SummarizeJobCreate) -> None:
         """Refuse what the schema cannot judge alone: input over the settings' limits (413)."""
@@ -104,9 +104,7 @@ class JobService:
         job_input = request.job_input()
         digest = source = None
         if isinstance(request, PromptJobCreate):
-            digest = prompt_hash(model, job_input)
-            if wants_cache(job_input["params"], request.cache, enabled=self.settings.cache_enabled):
-                source = await self.cache.find(digest, owner_key_id)
+            digest, source = await self.cache.lookup(model, job_input, request.cache, owner_key_id)
         job, created = await self.store.create_job(
             kind=request.kind,
             model=model,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_, update
+from sqlalchemy import Row, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -137,7 +137,7 @@ class JobStore:
         owner_key_id: str | None = None,
         deadline_s: float | None = None,
         request_hash: str | None = None,
-        answer_from: Job | None = None,
+        answer_from: Row[Any] | None = None,
         priority: int = Priority.BULK,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
