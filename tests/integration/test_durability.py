@@ -111,7 +111,9 @@ async def test_a_lapsed_lease_is_taken_over_and_the_result_written_once(
     fast = {"lease_s": 1.0, "reconcile_interval_s": 0.2, "worker_concurrency": 1}
     stalled = await start_worker(**fast)
     stalled.ctx["worker_name"] = "stalled"
-    content = "lapse [[fake: sleep:2500, sleep:300, ok]]"
+    # The stalled call answers after 6 s: long after the lease (1 s) lapses and the rescuer takes
+    # over, even on a loaded machine (with 2.5 s, a slow takeover let the stalled answer win).
+    content = "lapse [[fake: sleep:6000, sleep:300, ok]]"
     job, _ = await service.submit(prompt(content))
     await fake_llm.wait_for_requests(1)
     # The first worker stops renewing (as if its event loop hung) while its call runs on.
