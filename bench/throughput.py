@@ -4,7 +4,9 @@ Run `python -m bench --quick` (about 5 minutes) or `python -m bench` (the full r
 minutes on a quiet 2-core machine).
 It needs the `bench` extra (matplotlib, psutil), Redis, and PostgreSQL for the PostgreSQL rows.
 
-Every system calls the same fake OpenAI-compatible LLM, served over real HTTP from this process:
+Every system calls the same fake OpenAI-compatible LLM over real HTTP: `promptq fake-llm`, in a
+process of its own with microsecond timers (bench.fake_process), so that its answers come when
+their injected latency is up and it shares no event loop with the systems under test:
 
 * baseline: `asyncio.gather` under a semaphore, calling the fake over aiohttp (least overhead);
 * arq: plain arq on its defaults (poll_delay 0.5 s) with `max_jobs` = the concurrency, running a
@@ -15,14 +17,16 @@ Every system calls the same fake OpenAI-compatible LLM, served over real HTTP fr
 
 For the queues, the worker is started and then frozen (SIGSTOP) while the whole workload is
 submitted, then thawed: the makespan runs from the thaw to the last job's finish, so it measures
-draining a full queue, and the worker's CPU time excludes its start-up and the submission.
-CPU per job end to end is the worker's CPU during the drain plus the API's during the
-submission (psutil). Efficiency is ideal / makespan, where ideal = the latency the fake injected
-/ concurrency. The fake records its peak of requests in flight; a run that exceeds the configured
-concurrency fails. Pickup latency (enqueue to attempt start: the bench's queue client records
-when it hands each job to Redis, the attempt row when the worker started it) is measured on an
-idle worker, one job at a time. Results go to bench/results/throughput.json and .png. Numbers
-are for this machine only (a 2-core VM shared with other work: see load_avg_1m in the JSON).
+draining a full queue, and the worker's CPU time excludes its start-up and the submission. CPU
+per job end to end is the worker's CPU during the drain plus the API's during the submission
+(psutil). Efficiency is ideal / makespan, where ideal = the latency the fake injected /
+concurrency. A slot hand-off is how long a model slot freed by a finished call stays empty until
+the next call arrives (handoff_gaps_ms). The fake records its peak of requests in flight; a run
+that exceeds the configured concurrency fails. Pickup latency (enqueue to attempt start: the
+bench's queue client records when it hands each job to Redis, the attempt row when the worker
+started it) is measured on an idle worker, one job at a time. Results go to
+bench/results/throughput.json and .png. Numbers are for this machine only (a 2-core VM shared
+with other work: see load_avg_1m in the JSON).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import redis.asyncio
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy import func, select
 
+from bench.fake_process import FakeLLMProcess
 from bench.plain_arq import CALL_LLM, MODEL
 from promptq import migrate
 from promptq.db import create_engine, create_sessionmaker
@@ -66,7 +71,6 @@ from promptq.schemas import PromptJobCreate
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.store import JobStore
-from promptq.testing.fake_llm import FakeLLM
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_DIR / "bench" / "results"
@@ -127,6 +131,9 @@ class Run:
     #: Time the fake's slots were busy (requests in flight, summed) / (concurrency x makespan):
     #: efficiency is this divided by how much the fake's own answers ran late.
     model_busy: float | None = None
+    #: A freed model slot's wait for the next call, p50 and p99 (bench.throughput.handoff_gaps_ms).
+    handoff_p50_ms: float | None = None
+    handoff_p99_ms: float | None = None
     worker_cpu_ms_per_job: float | None = None
     worker_rss_mib: float | None = None
     #: promptq only: CPU of the API process while it took the submissions.
@@ -190,17 +197,21 @@ def content(workload: str, i: int) -> str:
     return f"bench {workload} job {i}"
 
 
-def make_run(system: str, w: Workload, makespan_s: float, fake: FakeLLM, **extra: Any) -> Run:
+async def make_run(
+    system: str, w: Workload, makespan_s: float, fake: FakeLLMProcess, **extra: Any
+) -> Run:
     """A Run with the derived numbers filled in from the fake's counters.
 
     Raises if the fake saw more requests in flight at once than the configured concurrency.
     """
-    if fake.stats.peak_in_flight > w.concurrency:
+    stats = await fake.stats()
+    if stats["peak_in_flight"] > w.concurrency:
         raise RuntimeError(
-            f"{system} {w.name}: {fake.stats.peak_in_flight} requests in flight at once, "
+            f"{system} {w.name}: {stats['peak_in_flight']} requests in flight at once, "
             f"over the configured concurrency of {w.concurrency}"
         )
-    ideal_s = fake.stats.latency_ms_total / 1000 / w.concurrency
+    ideal_s = stats["latency_ms_total"] / 1000 / w.concurrency
+    gaps_ms = handoff_gaps_ms(stats["spans"], w.concurrency)
     return Run(
         system=system,
         workload=w.name,
@@ -211,17 +222,27 @@ def make_run(system: str, w: Workload, makespan_s: float, fake: FakeLLM, **extra
         load_avg_1m=os.getloadavg()[0],
         efficiency=ideal_s / makespan_s if ideal_s > 0 else None,
         jobs_per_s=w.jobs / makespan_s,
-        llm_requests=fake.stats.total_requests,
-        peak_in_flight=fake.stats.peak_in_flight,
-        model_busy=fake.stats.busy_ms_total / 1000 / (w.concurrency * makespan_s),
+        llm_requests=stats["total_requests"],
+        peak_in_flight=stats["peak_in_flight"],
+        model_busy=stats["busy_ms_total"] / 1000 / (w.concurrency * makespan_s),
+        handoff_p50_ms=percentile(gaps_ms, 50) if gaps_ms else None,
+        handoff_p99_ms=percentile(gaps_ms, 99) if gaps_ms else None,
         **extra,
     )
 
 
-def prepare_fake(fake: FakeLLM, w: Workload) -> None:
+def handoff_gaps_ms(spans: list[list[float]], concurrency: int) -> list[float]:
+    """How long each freed model slot stayed empty, as the fake saw it: from the k-th call to
+    end until the (k + concurrency)-th call to start (the one that took its place, with the
+    model kept at its concurrency)."""
+    ends = sorted(end for _, end in spans)
+    starts = sorted(start for start, _ in spans)
+    return [(starts[k + concurrency] - ends[k]) * 1000 for k in range(len(ends) - concurrency)]
+
+
+async def prepare_fake(fake: FakeLLMProcess, w: Workload) -> None:
     """Set the fake's latency for `w` and clear its counters (reseeding its RNG)."""
-    fake.config.latency_ms, fake.config.jitter, fake.config.seed = w.latency_ms, w.jitter, SEED
-    fake.reset()
+    await fake.prepare(latency_ms=w.latency_ms, jitter=w.jitter, seed=SEED)
 
 
 async def wait_until(
@@ -308,9 +329,9 @@ class WorkerProcess:
 # -- (a) baseline --------------------------------------------------------------------------------
 
 
-async def run_baseline(w: Workload, fake: FakeLLM) -> Run:
+async def run_baseline(w: Workload, fake: FakeLLMProcess) -> Run:
     """gather + semaphore over aiohttp, in this process."""
-    prepare_fake(fake, w)
+    await prepare_fake(fake, w)
     url = fake.base_url + "/chat/completions"
     headers = {"Content-Type": "application/json"}
     slots = asyncio.Semaphore(w.concurrency)
@@ -328,7 +349,8 @@ async def run_baseline(w: Workload, fake: FakeLLM) -> Run:
         cpu0, started = time.process_time(), time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(w.jobs)))
         makespan_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu0
-    return make_run("baseline", w, makespan_s, fake, process_cpu_ms_per_job=cpu_s * 1000 / w.jobs)
+    cpu_ms_per_job = cpu_s * 1000 / w.jobs
+    return await make_run("baseline", w, makespan_s, fake, process_cpu_ms_per_job=cpu_ms_per_job)
 
 
 # -- (b) plain arq -------------------------------------------------------------------------------
@@ -343,7 +365,7 @@ class PlainArq:
         self.redis_url, self.tmp = redis_url, tmp
 
     async def run(
-        self, w: Workload, fake: FakeLLM, pickup_samples: int
+        self, w: Workload, fake: FakeLLMProcess, pickup_samples: int
     ) -> tuple[Run, Pickup | None]:
         """Fill the queue under a frozen worker, thaw it, and time the drain."""
         pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
@@ -369,7 +391,7 @@ class PlainArq:
         try:
             await proc.wait_ready(pool, self.QUEUE + ":health-check")
             cpu0 = proc.freeze()
-            prepare_fake(fake, w)
+            await prepare_fake(fake, w)
             await self._enqueue(pool, [content(w.name, i) for i in range(w.jobs)])
             thawed_at = proc.thaw()
 
@@ -387,7 +409,7 @@ class PlainArq:
                     f"{len(failed)} failed, e.g. {example}"
                 )
             makespan_s = max(r.finish_time.timestamp() for r in results) - thawed_at
-            run = make_run(
+            run = await make_run(
                 "arq",
                 w,
                 makespan_s,
@@ -412,9 +434,8 @@ class PlainArq:
 
         return list(await asyncio.gather(*(one(c) for c in contents)))
 
-    async def _pickup(self, pool: ArqRedis, fake: FakeLLM, samples: int) -> Pickup:
-        fake.config.latency_ms = 0.0
-        fake.reset()
+    async def _pickup(self, pool: ArqRedis, fake: FakeLLMProcess, samples: int) -> Pickup:
+        await fake.prepare(latency_ms=0.0)
         ids = []
         for i in range(samples):
             await asyncio.sleep(random.uniform(*PICKUP_IDLE_S))
@@ -553,7 +574,7 @@ class PromptQ:
             finally:
                 await conn.close()
 
-    def _settings(self, database_url: str, fake: FakeLLM, concurrency: int) -> Settings:
+    def _settings(self, database_url: str, fake: FakeLLMProcess, concurrency: int) -> Settings:
         return Settings(
             _env_file=None,
             data_dir=self.tmp,
@@ -577,7 +598,7 @@ class PromptQ:
         return env
 
     async def run(
-        self, w: Workload, fake: FakeLLM, pickup_samples: int
+        self, w: Workload, fake: FakeLLMProcess, pickup_samples: int
     ) -> tuple[Run, Pickup | None]:
         """Submit through a `promptq api` process while the worker is frozen, thaw it, and
         time the drain from SQL."""
@@ -607,7 +628,7 @@ class PromptQ:
                 await proc.wait_ready(queue.redis, self.QUEUE + ":health-check")
                 await wait_http_ok(api_url + "/healthz", api)
                 cpu0 = proc.freeze()
-                prepare_fake(fake, w)
+                await prepare_fake(fake, w)
                 api_cpu0 = api.cpu_s()
                 submit = submit_batch_http if w.submit == "batch" else submit_http
                 await submit(api_url, [content(w.name, i) for i in range(w.jobs)])
@@ -621,7 +642,7 @@ class PromptQ:
                 )
                 cpu_s = proc.cpu_s() - cpu0
                 last_finish = await self._last_finish(service, w.jobs)
-                run = make_run(
+                run = await make_run(
                     self.system,
                     w,
                     last_finish.timestamp() - thawed_at,
@@ -676,10 +697,9 @@ class PromptQ:
         return last if last.tzinfo else last.replace(tzinfo=UTC)
 
     async def _pickup(
-        self, service: JobService, queue: TimedQueue, fake: FakeLLM, samples: int
+        self, service: JobService, queue: TimedQueue, fake: FakeLLMProcess, samples: int
     ) -> Pickup:
-        fake.config.latency_ms = 0.0
-        fake.reset()
+        await fake.prepare(latency_ms=0.0)
         ids = []
         for i in range(samples):
             await asyncio.sleep(random.uniform(*PICKUP_IDLE_S))
@@ -724,9 +744,10 @@ def fmt(value: float | None, spec: str) -> str:
 def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) -> str:
     """A Markdown table of every run, then one of pickup latencies."""
     lines = [
-        "| workload | system | makespan s | ideal s | efficiency | model busy | jobs/s | c/a "
+        "| workload | system | makespan s | ideal s | efficiency | model busy "
+        "| slot hand-off p50 / p99 ms | jobs/s | c/a "
         "| c/b | CPU ms/job (worker + API) | worker RSS MiB | peak in flight |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in ws:
         group = by_system(runs, w.name)
@@ -741,7 +762,9 @@ def summary_table(ws: list[Workload], runs: list[Run], pickups: list[Pickup]) ->
                 cpu += f" ({fmt(r.worker_cpu_ms_per_job, '.2f')} + {r.api_cpu_ms_per_job:.2f})"
             lines.append(
                 f"| {w.label} | {system} | {r.makespan_s:.2f} | {r.ideal_s:.2f} "
-                f"| {fmt(r.efficiency, '.3f')} | {fmt(r.model_busy, '.3f')} | {r.jobs_per_s:,.0f} "
+                f"| {fmt(r.efficiency, '.3f')} | {fmt(r.model_busy, '.3f')} "
+                f"| {fmt(r.handoff_p50_ms, '.2f')} / {fmt(r.handoff_p99_ms, '.2f')} "
+                f"| {r.jobs_per_s:,.0f} "
                 f"| {fmt(vs_a, '.2f')} "
                 f"| {fmt(vs_b, '.2f')} | {cpu} | {fmt(r.worker_rss_mib, '.0f')} "
                 f"| {r.peak_in_flight} / {r.concurrency} |"
@@ -869,7 +892,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if "promptq-postgres" in systems and not await pg_available(args.pg_dsn):
         print(f"PostgreSQL is not reachable at {args.pg_dsn}: skipping promptq-postgres")
         systems.remove("promptq-postgres")
-    pickup_samples = 40 if args.quick else 100
+    pickup_samples = args.pickup_samples
+    if pickup_samples is None:
+        pickup_samples = 40 if args.quick else 100
     runs: list[Run] = []
     pickups: list[Pickup] = []
     started, load_at_start = time.monotonic(), os.getloadavg()[0]
@@ -884,7 +909,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 "postgres", args.redis_url, args.pg_dsn, tmp, args.prefetch
             ),
         }
-        async with FakeLLM() as fake:
+        fake_log = tmp / "fake-llm.log"
+        async with FakeLLMProcess(PROMPTQ, free_port(), fake_log) as fake:
             for w in ws:
                 print(f"{w.label}")
                 for system in systems:
@@ -933,6 +959,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
     parser.add_argument(
         "--prefetch", type=int, default=None, help="PROMPTQ_WORKER_PREFETCH (default: its default)"
+    )
+    parser.add_argument(
+        "--pickup-samples", type=int, default=None, help="pickup jobs (default 100, quick 40)"
     )
     args = parser.parse_args()
     if args.quick:

@@ -359,9 +359,16 @@ def fake_llm(
         float | None,
         typer.Option(help="Count prompt tokens as characters / this instead of words."),
     ] = None,
+    exact_latency: Annotated[
+        bool,
+        typer.Option(
+            help="Keep latencies to the microsecond (select(2): at most ~1,000 connections); "
+            "off: epoll, which rounds each wait up to the next millisecond."
+        ),
+    ] = True,
 ) -> None:
     """Serve a fake OpenAI-compatible LLM, scriptable with `[[fake: ...]]` in prompts."""
-    from promptq.testing.fake_llm import FakeLLMConfig, serve
+    from promptq.testing.fake_llm import FakeLLMConfig, exact_timer_loop, serve
 
     load_settings()
     config = FakeLLMConfig(
@@ -370,8 +377,11 @@ def fake_llm(
         context_window_tokens=context_window_tokens,
         chars_per_token=chars_per_token,
     )
-    with suppress(KeyboardInterrupt):
-        asyncio.run(serve(host, port, config))
+    with (
+        suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=exact_timer_loop if exact_latency else None) as runner,
+    ):
+        runner.run(serve(host, port, config))
 
 
 # -- producers and readers ----------------------------------------------------------------------

@@ -8,12 +8,13 @@ commit, the status event, and after the call the result's SQL commit) overlaps o
 calls instead of leaving a slot idle between two calls, and the model is kept as busy as the
 concurrency allows.
 
-A freed slot goes to the waiting job that comes first in the queue's order: the lowest arq
-score (its due time; interactive jobs are scored days earlier than bulk ones), then the one
-that has waited longest. A job cancelled while it waits leaves the line; one
-cancelled just as it was handed a slot gives the slot back. When the worker starts to stop,
-`close()` turns the waiting jobs away (SlotsClosed): they are handed back to the queue,
-uncharged, instead of starting model work during the grace period.
+A freed slot goes to the waiting job that comes first in the queue's order, and that job runs
+before the one that freed it goes on to record its result, so its model call starts at once: the
+lowest arq score (its due time; interactive jobs are scored days earlier than bulk ones), then
+the one that has waited longest. A job cancelled while it waits leaves the line; one cancelled
+just as it was handed a slot gives the slot back. When the worker starts to stop, `close()`
+turns the waiting jobs away (SlotsClosed): they are handed back to the queue, uncharged, instead
+of starting model work during the grace period.
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ class ModelSlots:
         await self._acquire(rank)
         try:
             yield
-        finally:
+        except BaseException:
             self._release()
+            raise
+        if self._release():
+            # Let the waiter start its model call before this job records its result.
+            await asyncio.sleep(0)
 
     def close(self) -> None:
         """Turn away every waiting and later job with SlotsClosed (holders carry on)."""
@@ -80,10 +85,12 @@ class ModelSlots:
                 self._release()  # handed a slot as we were cancelled: pass it on
             raise
 
-    def _release(self) -> None:
+    def _release(self) -> bool:
+        """Hand the slot to the first waiter (True), else free it."""
         while self._waiters:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():  # skip waiters that were cancelled
                 future.set_result(None)  # the slot passes on: in_use stays the same
-                return
+                return True
         self.in_use -= 1
+        return False

@@ -15,10 +15,12 @@ import pytest
 from promptq.testing import (
     FakeLLM,
     FakeLLMConfig,
+    FakeLLMStats,
     count_tokens,
     expected_reply,
     serve,
 )
+from promptq.testing.fake_llm import exact_timer_loop
 
 SHORT = aiohttp.ClientTimeout(total=0.3)
 
@@ -527,3 +529,21 @@ async def test_serve_runs_until_cancelled(http: aiohttp.ClientSession) -> None:
         logger.setLevel(old_level)
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_the_exact_latency_loop_serves_and_records_each_call_in_flight() -> None:
+    # `promptq fake-llm` runs on this loop (select(2) timers, not epoll's whole milliseconds).
+    async def one_call() -> tuple[FakeLLMStats, float]:
+        async with FakeLLM(FakeLLMConfig(latency_ms=20)) as llm, aiohttp.ClientSession() as http:
+            started = time.monotonic()
+            async with http.post(f"{llm.base_url}/chat/completions", json=payload("hi")) as resp:
+                assert resp.status == 200
+                await resp.read()
+            return llm.stats, time.monotonic() - started
+
+    with asyncio.Runner(loop_factory=exact_timer_loop) as runner:
+        assert isinstance(runner.get_loop(), asyncio.SelectorEventLoop)
+        stats, took_s = runner.run(one_call())
+    [(start, end)] = stats.spans
+    assert end - start >= 0.020 and took_s >= 0.020  # never early
+    assert stats.busy_ms_total == pytest.approx((end - start) * 1000)

@@ -44,6 +44,31 @@ async def test_at_most_size_hold_a_slot_and_waiters_go_by_rank_then_arrival() ->
     assert slots.in_use == 0 and slots.waiting == 0
 
 
+async def test_a_handed_over_slot_lets_the_waiter_run_before_the_holder_goes_on() -> None:
+    # The next job's model call starts before the previous job writes its result.
+    slots = ModelSlots(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with slots.hold():
+            await release.wait()
+        order.append("holder records its result")
+
+    async def waiter() -> None:
+        async with slots.hold():
+            order.append("waiter calls the model")
+
+    first = asyncio.create_task(holder())
+    await until(lambda: slots.in_use == 1)
+    second = asyncio.create_task(waiter())
+    await until(lambda: slots.waiting == 1)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+    assert order == ["waiter calls the model", "holder records its result"]
+    assert slots.in_use == 0
+
+
 async def test_a_cancelled_waiter_leaves_the_line_and_loses_no_slot() -> None:
     slots = ModelSlots(1)
     hold = asyncio.Event()
@@ -80,8 +105,8 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
         handed = asyncio.create_task(job("handed"))
         after = asyncio.create_task(job("after"))
         await until(lambda: slots.waiting == 2)
-    # Leaving the block handed the slot to `handed`; cancel it before it runs
-    handed.cancel()
+        # Leaving the block hands the slot to `handed`, which is cancelled before it runs.
+        asyncio.get_running_loop().call_soon(handed.cancel)
     await asyncio.wait_for(after, timeout=5)
     with pytest.raises(asyncio.CancelledError):
         await handed
