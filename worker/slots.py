@@ -58,7 +58,10 @@ class ModelSlots:
             self._release()
             raise
         if self._release():
-            # Let the waiter start its model call before this job records its result.
+            # Let the waiter start its model call before this job records its result: one
+            # turn of the loop for the waiter, one for a task it starts (aiohttp sends a
+            # request's body from a task of its own before Python 3.12).
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
 
     def close(self) -> None:

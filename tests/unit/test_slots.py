@@ -55,17 +55,27 @@ async def test_a_handed_over_slot_lets_the_waiter_run_before_the_holder_goes_on(
             await release.wait()
         order.append("holder records its result")
 
+    async def send_body() -> None:
+        order.append("waiter's request goes out")
+
     async def waiter() -> None:
         async with slots.hold():
             order.append("waiter calls the model")
+            # aiohttp (Python < 3.12) writes a request's body in a task of its own
+            sending.append(asyncio.create_task(send_body()))
 
+    sending: list[asyncio.Task[None]] = []
     first = asyncio.create_task(holder())
     await until(lambda: slots.in_use == 1)
     second = asyncio.create_task(waiter())
     await until(lambda: slots.waiting == 1)
     release.set()
-    await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
-    assert order == ["waiter calls the model", "holder records its result"]
+    await asyncio.wait_for(asyncio.gather(first, second, *sending), timeout=5)
+    assert order == [
+        "waiter calls the model",
+        "waiter's request goes out",
+        "holder records its result",
+    ]
     assert slots.in_use == 0
 
 
