@@ -77,9 +77,10 @@ def create_worker(
     The worker is a `FastPollWorker` (worker.fastpoll): arq's Worker kept alive through Redis
     outages (worker.resilient) and woken at once by enqueues, freed slots and due deferred
     jobs. It holds up to worker_concurrency + prefetch jobs, of which worker_concurrency work
-    with the model at once (worker.slots). Besides its poll loop, the worker runs background
-    tasks: the lease keeper, which renews the leases of this worker's running attempts, the
-    limiter's permit renewal, and the reconciler. A bad endpoints config raises ConfigError
+    with the model at once (worker.slots), besides the jobs finishing (recording their
+    outcome). Besides its poll loop, the worker runs background tasks: the lease keeper, which
+    renews the leases of this worker's running attempts, the limiter's permit renewal, and the
+    reconciler. A bad endpoints config raises ConfigError
     here, before anything starts.
     """
     endpoints = load_endpoints(settings)
@@ -194,6 +195,7 @@ def create_worker(
         job_deserializer=deserialize,
         burst=burst,
         handle_signals=handle_signals,
+        slots=slots,
         # On SIGTERM/SIGINT stop taking jobs, let in-flight ones finish for up to this long,
         # then cancel them: run_job records them as interrupted and hands them back.
         job_completion_wait=settings.worker_grace_s,

@@ -4,7 +4,9 @@ arq's main loop sleeps `poll_delay` between polls, so a slot that frees up, or a
 arrives, waits for the next poll. `FastPollWorker` waits on an `asyncio.Event` instead. The
 event is set when one of these happens:
 
-* a job task of this worker ends (a slot is free);
+* a job task of this worker ends, or gives up its model slot (worker.slots): it is finishing,
+  and finishing jobs (at most one per model slot) don't count against `max_jobs`, so the
+  worker takes the next job while the last one records its outcome;
 * a producer publishes on `<queue_name>:wake` (`QueueClient.enqueue` does, after each enqueue);
 * a worker puts a job back on the queue (retry, defer, cancel) and publishes the same wake-up.
 
@@ -64,6 +66,7 @@ from redis.exceptions import RedisError
 from promptq.queue import wake_channel
 from worker.finishes import BatchedFinish
 from worker.resilient import REDIS_DOWN, ResilientWorker
+from worker.slots import ModelSlots
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +109,13 @@ RESUBSCRIBE_DELAY_S = 1.0
 class FastPollWorker(ResilientWorker):
     """ResilientWorker, woken by freed slots and wake-up messages; `poll_delay` is a fallback."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, slots: ModelSlots | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The jobs' model slots: jobs past theirs (finishing) don't count against max_jobs.
+        self.slots = slots
+        if slots is not None:
+            slots.on_release = self.wake  # a finishing job makes room for another
+            self.sem = asyncio.BoundedSemaphore(self.max_jobs + slots.size)
         self.wake_channel = wake_channel(self.queue_name)
         self._wake = asyncio.Event()
         self._claim: AsyncScript | None = None
@@ -156,7 +164,7 @@ class FastPollWorker(ResilientWorker):
                 await asyncio.gather(*self.tasks.values())
                 return
             timeout_s = self.poll_delay_s
-            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            if self.allow_pick_jobs and self._free_jobs() > 0:
                 timeout_s = min(timeout_s, await self._seconds_until_next_due())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
@@ -172,8 +180,8 @@ class FastPollWorker(ResilientWorker):
 
     async def _poll_once(self) -> None:
         """Claim jobs for the free slots, clean up finished tasks, heartbeat (arq's order)."""
-        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-            slots = self.max_jobs - self.job_counter
+        slots = self._free_jobs()
+        if self.allow_pick_jobs and slots > 0:
             if self.burst and self.max_burst_jobs >= 0:
                 slots = min(slots, self.max_burst_jobs - self._jobs_started())
                 if slots < 1:
@@ -184,6 +192,12 @@ class FastPollWorker(ResilientWorker):
                 del self.tasks[job_id]
                 task.result()  # re-raise what escaped arq's run_job, as arq does
         await self.heart_beat()
+
+    def _free_jobs(self) -> int:
+        """How many more jobs to take: max_jobs, plus the finishing ones (at most one per model
+        slot: they are about to end), less the jobs held."""
+        finishing = 0 if self.slots is None else min(self.slots.finishing, self.slots.size)
+        return self.max_jobs + finishing - self.job_counter
 
     async def _claim_and_start(self, slots: int) -> None:
         """Take up to `slots` due jobs in one round trip and start each as arq would."""
@@ -208,7 +222,7 @@ class FastPollWorker(ResilientWorker):
                 # Already running here (its lease lapsed and the reconciler freed it): the
                 # marker we just set is this run's; don't start a second one.
                 continue
-            await self.sem.acquire()  # free: job_counter < max_jobs
+            await self.sem.acquire()  # free: see _free_jobs
             self.job_counter += 1
             task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())

@@ -1,12 +1,13 @@
 """A worker's model slots: how many of its jobs may work with the model at once.
 
-A worker holds up to `concurrency + prefetch` jobs (arq's `max_jobs`), but only `concurrency`
-of them at a time do their model work (a prompt job's call, a summarize job's map-reduce).
-The others are prefetched: already taken from the queue and claimed in SQL, waiting here for a
-slot. So the bookkeeping around each call (taking the next job from Redis, the claim's SQL
-commit, the status event, and after the call the result's SQL commit) overlaps other jobs'
-calls instead of leaving a slot idle between two calls, and the model is kept as busy as the
-concurrency allows.
+Only `concurrency` of a worker's jobs at a time do their model work (a prompt job's call, a
+summarize job's map-reduce). Up to `prefetch` more are prefetched: already taken from the queue
+and claimed in SQL, waiting here for a slot. So the bookkeeping around each call (taking the
+next job from Redis, the claim's SQL commit, the status event, and after the call the result's
+SQL commit) overlaps other jobs' calls instead of leaving a slot idle between two calls, and the
+model is kept as busy as the concurrency allows. Jobs past their model work, still recording
+their outcome, are `finishing`: they don't count against the prefetch (worker.fastpoll takes the
+next job as soon as a slot is given up, not when the job that held it ends).
 
 A freed slot goes to the waiting job that comes first in the queue's order, and that job runs
 before the one that freed it goes on to record its result, so its model call starts at once: the
@@ -22,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 
 class SlotsClosed(Exception):
@@ -42,22 +44,38 @@ class ModelSlots:
         self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
         self.closed = False
+        #: Called when a holder gives its slot up (the worker polls for more jobs).
+        self.on_release: Callable[[], None] = lambda: None
+        self._past: set[asyncio.Task[Any]] = set()
 
     @property
     def waiting(self) -> int:
         """Jobs waiting for a slot (prefetched)."""
         return sum(not future.done() for _, _, future in self._waiters)
 
+    @property
+    def finishing(self) -> int:
+        """Jobs (tasks) past their model work that have not ended: recording the outcome."""
+        self._past = {task for task in self._past if not task.done()}
+        return len(self._past)
+
     @asynccontextmanager
     async def hold(self, rank: float = 0) -> AsyncIterator[None]:
-        """Wait for a slot (lower `rank` first) and hold it inside the block."""
+        """Wait for a slot (lower `rank` first) and hold it inside the block.
+
+        Afterwards the calling task counts as finishing until it ends, and `on_release` is
+        called: the worker may take another job ahead.
+        """
         await self._acquire(rank)
         try:
             yield
         except BaseException:
             self._release()
+            self._finishing()
             raise
-        if self._release():
+        handed_over = self._release()
+        self._finishing()
+        if handed_over:
             # Let the waiter start its model call before this job records its result: one
             # turn of the loop for the waiter, one for a task it starts (aiohttp sends a
             # request's body from a task of its own before Python 3.12).
@@ -87,6 +105,12 @@ class ModelSlots:
             if future.done() and not future.cancelled():
                 self._release()  # handed a slot as we were cancelled: pass it on
             raise
+
+    def _finishing(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._past.add(task)
+        self.on_release()
 
     def _release(self) -> bool:
         """Hand the slot to the first waiter (True), else free it."""

@@ -152,3 +152,23 @@ async def test_closing_turns_waiters_away_and_lets_holders_finish() -> None:
     finish.set()
     await asyncio.wait_for(holder, timeout=5)
     assert done == ["holder"] and slots.in_use == 0
+
+
+async def test_a_job_past_its_slot_is_finishing_until_it_ends() -> None:
+    slots = ModelSlots(1)
+    released: list[int] = []
+    slots.on_release = lambda: released.append(slots.finishing)
+    recorded = asyncio.Event()
+
+    async def job() -> None:
+        async with slots.hold():
+            assert slots.finishing == 0  # at the model
+        await recorded.wait()  # recording its outcome
+
+    task = asyncio.create_task(job())
+    await until(lambda: bool(released))
+    assert released == [1]  # the worker hears of it once the job counts as finishing
+    assert slots.finishing == 1 and slots.in_use == 0
+    recorded.set()
+    await asyncio.wait_for(task, timeout=5)
+    assert slots.finishing == 0
