@@ -569,8 +569,12 @@ class PromptQ:
     async def _database(self, name: str) -> Any:
         """A fresh, migrated database; yields its SQLAlchemy URL and drops it afterwards."""
         if self.backend == "sqlite":
-            path = self.tmp / f"{name}.db"
-            yield f"sqlite+aiosqlite:///{path}"
+            path = self.tmp / f"{name}-{uuid.uuid4().hex[:10]}.db"
+            try:
+                yield f"sqlite+aiosqlite:///{path}"
+            finally:
+                for leftover in self.tmp.glob(f"{path.name}*"):  # with its -wal and -shm
+                    leftover.unlink()
             return
         db = f"promptq_bench_{uuid.uuid4().hex[:10]}"
         conn = await asyncpg.connect(self.pg_dsn)
