@@ -147,6 +147,7 @@ class FastPath:
         self.postgres = dialect.name == "postgresql" and dialect.driver == "asyncpg"
         sqlite = dialect.name == "sqlite" and dialect.driver == "aiosqlite"
         self.available = self.postgres or (sqlite and sqlite3.sqlite_version_info >= (3, 35))
+        self._sqlite_turn = asyncio.Lock()
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
         )
@@ -192,7 +193,7 @@ class FastPath:
                 "lease": self._bind_time(lease),
                 "worker": worker,
             }
-            row = await driver._execute(_sqlite_claim, driver._conn, params)
+            row = await self._sqlite_write(driver, _sqlite_claim, params)
         if row is None:
             return None
         kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline, prio = row
@@ -207,6 +208,18 @@ class FastPath:
             self._read_time(deadline),
             prio,
         )
+
+    async def _sqlite_write(
+        self, driver: Any, work: Callable[[sqlite3.Connection, dict[str, Any]], Any], params: Any
+    ) -> Any:
+        """Run `work` in aiosqlite's thread, one transaction of this process at a time.
+
+        SQLite lets one transaction write at a time, and a connection that finds the write lock
+        taken sleeps in its busy handler (1, 2, 5, 10 ms and longer) before it looks again,
+        which left model slots idle: this process's fast-path writers queue here instead.
+        """
+        async with self._sqlite_turn:
+            return await driver._execute(work, driver._conn, params)
 
     async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         """Close the attempt as succeeded and store the result, if the claim still holds."""
@@ -240,7 +253,7 @@ class FastPath:
                 "result": done.result,
                 "finish_reason": done.finish_reason,
             }
-            return bool(await driver._execute(_sqlite_succeed, driver._conn, params))
+            return bool(await self._sqlite_write(driver, _sqlite_succeed, params))
 
     async def finish(
         self,
