@@ -8,8 +8,9 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
 * claim (a queued or retrying job with attempts left and time before its deadline): one
   conditional `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the
   attempt row is inserted in the same transaction. On PostgreSQL that is one statement (a
-  data-modifying CTE, atomic on its own); on SQLite one function run in aiosqlite's thread
-  (BEGIN IMMEDIATE, UPDATE, INSERT, COMMIT). When nothing matches, `claim` returns None and
+  data-modifying CTE, atomic on its own); on SQLite an UPDATE and an INSERT in aiosqlite's
+  thread, in a transaction shared with the process's other claims and results of the moment
+  (promptq.group_commit). When nothing matches, `claim` returns None and
   `JobStore.claim` takes its general path, which handles every other case (an expired lease
   to take over, a passed deadline, no attempts left, a finished or missing job).
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
@@ -44,6 +45,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from promptq.db import is_db_unavailable
+from promptq.group_commit import GroupCommit
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, JSONType, UTCDateTime
 
 #: SQLite: take a claimable job (parameters: now, lease, id).
@@ -147,7 +149,8 @@ class FastPath:
         self.postgres = dialect.name == "postgresql" and dialect.driver == "asyncpg"
         sqlite = dialect.name == "sqlite" and dialect.driver == "aiosqlite"
         self.available = self.postgres or (sqlite and sqlite3.sqlite_version_info >= (3, 35))
-        self._sqlite_turn = asyncio.Lock()
+        #: SQLite: claims and results go through one shared transaction at a time.
+        self._sqlite_writes = GroupCommit(self._driver)
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
         )
@@ -181,19 +184,17 @@ class FastPath:
     ) -> ClaimedRow | None:
         """Take a claimable job and open its attempt; None when the general path must decide."""
         lease = now + timedelta(seconds=lease_s)
-        async with self._driver() as driver:
-            if self.postgres:
-                row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
-                if row is None:
-                    return None
-                return ClaimedRow(*row)
-            params = {
-                "id": job_id,
-                "now": self._bind_time(now),
-                "lease": self._bind_time(lease),
-                "worker": worker,
-            }
-            row = await self._sqlite_write(driver, _sqlite_claim, params)
+        if self.postgres:
+            async with self._driver() as driver:
+                pg_row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
+            return None if pg_row is None else ClaimedRow(*pg_row)
+        params = {
+            "id": job_id,
+            "now": self._bind_time(now),
+            "lease": self._bind_time(lease),
+            "worker": worker,
+        }
+        row = await self._sqlite_writes.run(_sqlite_claim, params)
         if row is None:
             return None
         kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline, prio = row
@@ -209,22 +210,10 @@ class FastPath:
             prio,
         )
 
-    async def _sqlite_write(
-        self, driver: Any, work: Callable[[sqlite3.Connection, dict[str, Any]], Any], params: Any
-    ) -> Any:
-        """Run `work` in aiosqlite's thread, one transaction of this process at a time.
-
-        SQLite lets one transaction write at a time, and a connection that finds the write lock
-        taken sleeps in its busy handler (1, 2, 5, 10 ms and longer) before it looks again,
-        which left model slots idle: this process's fast-path writers queue here instead.
-        """
-        async with self._sqlite_turn:
-            return await driver._execute(work, driver._conn, params)
-
     async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         """Close the attempt as succeeded and store the result, if the claim still holds."""
-        async with self._driver() as driver:
-            if self.postgres:
+        if self.postgres:
+            async with self._driver() as driver:
                 status = await driver.execute(
                     _PG_SUCCEED,
                     now,
@@ -239,21 +228,21 @@ class FastPath:
                     job_id,
                     number,
                 )
-                return bool(status == "UPDATE 1")
-            params = {
-                "id": job_id,
-                "number": number,
-                "now": self._bind_time(now),
-                "outcome": done.outcome.value,
-                "status_code": done.status_code,
-                "error": done.error,
-                "latency_ms": done.latency_ms,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-                "result": done.result,
-                "finish_reason": done.finish_reason,
-            }
-            return bool(await self._sqlite_write(driver, _sqlite_succeed, params))
+            return bool(status == "UPDATE 1")
+        params = {
+            "id": job_id,
+            "number": number,
+            "now": self._bind_time(now),
+            "outcome": done.outcome.value,
+            "status_code": done.status_code,
+            "error": done.error,
+            "latency_ms": done.latency_ms,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "result": done.result,
+            "finish_reason": done.finish_reason,
+        }
+        return bool(await self._sqlite_writes.run(_sqlite_succeed, params))
 
     async def finish(
         self,
@@ -296,41 +285,18 @@ def _processor(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     return fn if fn is not None else (lambda value: value)
 
 
-def _in_transaction(db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
-    """Run `work` between BEGIN IMMEDIATE and COMMIT (rolled back if it raises)."""
-    if db.in_transaction:  # never expected from a pooled connection; don't build on it
-        db.rollback()
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = work()
-    except BaseException:
-        db.rollback()
-        raise
-    db.commit()
-    return result
-
-
 def _sqlite_claim(db: sqlite3.Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
     """In aiosqlite's thread: the claim UPDATE and, if it took the job, the attempt INSERT."""
-
-    def work() -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = db.execute(_SQLITE_CLAIM, params).fetchone()
-        if row is not None:
-            db.execute(_SQLITE_OPEN_ATTEMPT, {**params, "number": row[3], "model": row[1]})
-        return row
-
-    result: tuple[Any, ...] | None = _in_transaction(db, work)
-    return result
+    row: tuple[Any, ...] | None = db.execute(_SQLITE_CLAIM, params).fetchone()
+    if row is not None:
+        db.execute(_SQLITE_OPEN_ATTEMPT, {**params, "number": row[3], "model": row[1]})
+    return row
 
 
 def _sqlite_succeed(db: sqlite3.Connection, params: dict[str, Any]) -> bool:
     """In aiosqlite's thread: close the attempt, then move the job if the claim holds."""
-
-    def work() -> bool:
-        db.execute(_SQLITE_CLOSE_ATTEMPT, params)
-        return db.execute(_SQLITE_SUCCEED_JOB, params).rowcount == 1
-
-    return bool(_in_transaction(db, work))
+    db.execute(_SQLITE_CLOSE_ATTEMPT, params)
+    return bool(db.execute(_SQLITE_SUCCEED_JOB, params).rowcount == 1)
 
 
 #: What the drivers raise (translated by `_driver` when it means "the database is away").

@@ -1,0 +1,122 @@
+"""SQLite: one process's fast-path writes, many per transaction (group commit).
+
+SQLite lets one transaction write at a time. When a worker's jobs each opened their own (a
+claim, a result), they met SQLite's write lock, and a connection that finds it taken sleeps in
+its busy handler (1, 2, 5, 10 ms and longer) before it looks again, which left model slots idle;
+each write also cost a round trip to aiosqlite's thread and a commit.
+
+`GroupCommit.run(work, params)` queues the write and returns its result. A task started on
+demand takes everything queued since its last transaction and runs it in one: BEGIN IMMEDIATE,
+each write under a savepoint of its own, COMMIT, in one trip to aiosqlite's thread. A lone write
+waits one event-loop turn; under load, writes that come together share a transaction. Each
+write's SQL error is its own (its savepoint is rolled back, the others stand); a failed BEGIN
+or COMMIT fails them all. Errors that mean "the database is away" arrive as SQLAlchemy's
+OperationalError, as from the rest of the fast path (promptq.db.is_db_unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+#: One write: runs in aiosqlite's thread inside the group's transaction.
+Write = Callable[[sqlite3.Connection, dict[str, Any]], Any]
+
+
+class GroupCommit:
+    """Runs SQLite writes of one process together, one transaction per batch."""
+
+    def __init__(self, connect: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+        #: Yields a pooled aiosqlite connection (promptq.fastpath.FastPath._driver).
+        self._connect = connect
+        self._pending: list[tuple[Write, dict[str, Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        #: Transactions run so far (each holds one or more writes).
+        self.transactions = 0
+
+    async def run(self, write: Write, params: dict[str, Any]) -> Any:
+        """Run `write(connection, params)` in a transaction shared with others; its result."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((write, params, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="promptq-group-commit")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            batch = [item for item in batch if not item[2].done()]  # its caller gave up
+            if not batch:
+                continue
+            writes = [(write, params) for write, params, _ in batch]
+            self.transactions += 1
+            try:
+                async with self._connect() as driver:
+                    outcomes = await driver._execute(_write_all, driver._conn, writes)
+            except BaseException as exc:
+                for _, _, future in batch:
+                    if future.done():
+                        continue
+                    if isinstance(exc, sqlite3.Error):
+                        future.set_exception(_translated(exc))
+                    elif isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(_translated(value))
+
+
+def _translated(exc: sqlite3.Error) -> Exception:
+    if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk I/O, ...
+        return OperationalError("promptq fast path", None, exc)
+    return exc
+
+
+def _in_transaction(db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+    """Run `work` between BEGIN IMMEDIATE and COMMIT (rolled back if it raises)."""
+    if db.in_transaction:  # never expected from a pooled connection; don't build on it
+        db.rollback()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+    return result
+
+
+def _write_all(
+    db: sqlite3.Connection, writes: list[tuple[Write, dict[str, Any]]]
+) -> list[tuple[bool, Any]]:
+    """In aiosqlite's thread: every write in one transaction, each under its own savepoint;
+    (True, result) or (False, its sqlite3.Error) for each."""
+
+    def work() -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for write, params in writes:
+            db.execute("SAVEPOINT promptq_write")
+            try:
+                outcomes.append((True, write(db, params)))
+            except sqlite3.Error as exc:
+                db.execute("ROLLBACK TO promptq_write")
+                outcomes.append((False, exc))
+            db.execute("RELEASE promptq_write")
+        return outcomes
+
+    result: list[tuple[bool, Any]] = _in_transaction(db, work)
+    return result

@@ -1,0 +1,121 @@
+"""promptq.group_commit on a real SQLite database: writes that come together share one
+transaction, each keeps its own result and its own SQL error."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from promptq.group_commit import GroupCommit
+
+
+@pytest.fixture
+async def group(tmp_path: Path) -> AsyncIterator[GroupCommit]:
+    """A GroupCommit over one aiosqlite connection to a database with a table `t`."""
+    path = tmp_path / "group.db"
+    with sqlite3.connect(path) as setup:
+        setup.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+    conn = await aiosqlite.connect(path, isolation_level=None)
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Any]:
+        yield conn
+
+    try:
+        yield GroupCommit(connect)
+    finally:
+        await conn.close()
+
+
+def insert(db: sqlite3.Connection, params: dict[str, Any]) -> int:
+    """Insert a row; the number of rows now in `t` (as this transaction sees them)."""
+    db.execute("INSERT INTO t (k, v) VALUES (:k, :v)", params)
+    return int(db.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+def rows(tmp_path: Path) -> dict[str, int]:
+    """What another connection sees: committed rows only."""
+    with sqlite3.connect(tmp_path / "group.db") as db:
+        return dict(db.execute("SELECT k, v FROM t").fetchall())
+
+
+async def test_writes_that_come_together_share_one_transaction(
+    group: GroupCommit, tmp_path: Path
+) -> None:
+    results = await asyncio.gather(*(group.run(insert, {"k": f"k{i}", "v": i}) for i in range(20)))
+
+    assert sorted(results) == list(range(1, 21))  # each write got its own result
+    assert group.transactions == 1
+    assert rows(tmp_path) == {f"k{i}": i for i in range(20)}  # all committed
+
+
+async def test_a_lone_write_commits_on_its_own(group: GroupCommit, tmp_path: Path) -> None:
+    assert await group.run(insert, {"k": "a", "v": 1}) == 1
+    assert await group.run(insert, {"k": "b", "v": 2}) == 2
+    assert group.transactions == 2
+    assert rows(tmp_path) == {"a": 1, "b": 2}
+
+
+async def test_one_writes_sql_error_is_its_own_and_the_others_commit(
+    group: GroupCommit, tmp_path: Path
+) -> None:
+    outcomes = await asyncio.gather(
+        group.run(insert, {"k": "a", "v": 1}),
+        group.run(insert, {"k": "a", "v": 2}),  # the same key: a constraint error
+        group.run(insert, {"k": "b", "v": None}),  # NOT NULL: another
+        group.run(insert, {"k": "c", "v": 3}),
+        return_exceptions=True,
+    )
+
+    assert group.transactions == 1
+    assert outcomes[0] == 1 and outcomes[3] == 2  # the failed writes left nothing behind
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert isinstance(outcomes[2], sqlite3.IntegrityError)
+    assert rows(tmp_path) == {"a": 1, "c": 3}
+
+
+async def test_the_database_being_unusable_is_an_operational_error(
+    group: GroupCommit, tmp_path: Path
+) -> None:
+    # Another connection holds the write lock past the busy timeout: BEGIN IMMEDIATE fails
+    # for the whole group, and every write hears it as "the database is unavailable".
+    holder = sqlite3.connect(tmp_path / "group.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        async with group._connect() as conn:
+            await conn.execute("PRAGMA busy_timeout = 50")
+        outcomes = await asyncio.gather(
+            group.run(insert, {"k": "a", "v": 1}),
+            group.run(insert, {"k": "b", "v": 2}),
+            return_exceptions=True,
+        )
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert all(isinstance(o, OperationalError) for o in outcomes), outcomes
+    assert rows(tmp_path) == {}
+    # and the group carries on once the database is usable again
+    assert await group.run(insert, {"k": "c", "v": 3}) == 1
+    assert rows(tmp_path) == {"c": 3}
+
+
+async def test_a_write_whose_caller_gave_up_before_its_turn_is_not_run(
+    group: GroupCommit, tmp_path: Path
+) -> None:
+    first = asyncio.create_task(group.run(insert, {"k": "a", "v": 1}))
+    doomed = asyncio.create_task(group.run(insert, {"k": "b", "v": 2}))
+    await asyncio.sleep(0)  # both queued; the drainer has not run yet
+    doomed.cancel()
+    assert await first == 1
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert rows(tmp_path) == {"a": 1}
