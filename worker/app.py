@@ -80,8 +80,7 @@ def create_worker(
     with the model at once (worker.slots), besides the jobs finishing (recording their
     outcome). Besides its poll loop, the worker runs background tasks: the lease keeper, which
     renews the leases of this worker's running attempts, the limiter's permit renewal, and the
-    reconciler. A bad endpoints config raises ConfigError
-    here, before anything starts.
+    reconciler. A bad endpoints config raises ConfigError here, before anything starts.
     """
     endpoints = load_endpoints(settings)
 
