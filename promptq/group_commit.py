@@ -39,6 +39,11 @@ class GroupCommit:
         #: Transactions run so far (each holds one or more writes).
         self.transactions = 0
 
+    @property
+    def pending(self) -> int:
+        """Writes queued for the next transaction."""
+        return len(self._pending)
+
     async def run(self, write: Write, params: dict[str, Any]) -> Any:
         """Run `write(connection, params)` in a transaction shared with others; its result."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

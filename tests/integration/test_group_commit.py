@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from promptq.group_commit import GroupCommit
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -111,11 +112,29 @@ async def test_the_database_being_unusable_is_an_operational_error(
 async def test_a_write_whose_caller_gave_up_before_its_turn_is_not_run(
     group: GroupCommit, tmp_path: Path
 ) -> None:
-    first = asyncio.create_task(group.run(insert, {"k": "a", "v": 1}))
-    doomed = asyncio.create_task(group.run(insert, {"k": "b", "v": 2}))
-    await asyncio.sleep(0)  # both queued; the drainer has not run yet
-    doomed.cancel()
-    assert await first == 1
-    with pytest.raises(asyncio.CancelledError):
-        await doomed
-    assert rows(tmp_path) == {"a": 1}
+    # Another connection holds the write lock, so the first transaction waits in BEGIN
+    holder = sqlite3.connect(tmp_path / "group.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        first = asyncio.create_task(group.run(insert, {"k": "a", "v": 1}))
+        await wait_for(_true(lambda: group.transactions == 1), timeout_s=5)
+        # A second write queues behind it, and its caller gives up before its turn
+        doomed = asyncio.create_task(group.run(insert, {"k": "b", "v": 2}))
+        await wait_for(_true(lambda: group.pending == 1), timeout_s=5)
+        doomed.cancel()
+        await wait_for(_true(doomed.done), timeout_s=5)
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert await asyncio.wait_for(first, timeout=10) == 1
+    assert doomed.cancelled()
+    assert rows(tmp_path) == {"a": 1}  # the abandoned write never ran
+    assert group.transactions == 1 and group.pending == 0
+
+
+def _true(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return condition()
+
+    return check
