@@ -45,7 +45,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from promptq.db import is_db_unavailable
-from promptq.group_commit import GroupCommit
+from promptq.group_commit import GroupCommit, Write, sqlite_writes
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, JSONType, UTCDateTime
 
 #: SQLite: take a claimable job (parameters: now, lease, id).
@@ -150,7 +150,9 @@ class FastPath:
         sqlite = dialect.name == "sqlite" and dialect.driver == "aiosqlite"
         self.available = self.postgres or (sqlite and sqlite3.sqlite_version_info >= (3, 35))
         #: SQLite: claims and results go through one shared transaction at a time.
-        self._sqlite_writes = GroupCommit(self._driver)
+        self._sqlite_writes: GroupCommit[tuple[Write, dict[str, Any]]] = GroupCommit(
+            sqlite_writes(self._driver)
+        )
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
         )
@@ -194,7 +196,7 @@ class FastPath:
             "lease": self._bind_time(lease),
             "worker": worker,
         }
-        row = await self._sqlite_writes.run(_sqlite_claim, params)
+        row = await self._sqlite_writes.run((_sqlite_claim, params))
         if row is None:
             return None
         kind, model, input_, attempts, interruptions, max_attempts, deadline_s, deadline, prio = row
@@ -242,7 +244,7 @@ class FastPath:
             "result": done.result,
             "finish_reason": done.finish_reason,
         }
-        return bool(await self._sqlite_writes.run(_sqlite_succeed, params))
+        return bool(await self._sqlite_writes.run((_sqlite_succeed, params)))
 
     async def finish(
         self,

@@ -5,49 +5,54 @@ claim, a result), they met SQLite's write lock, and a connection that finds it t
 its busy handler (1, 2, 5, 10 ms and longer) before it looks again, which left model slots idle;
 each write also cost a round trip to aiosqlite's thread and a commit.
 
-`GroupCommit.run(work, params)` queues the write and returns its result. A task started on
-demand takes everything queued since its last transaction and runs it in one: BEGIN IMMEDIATE,
-each write under a savepoint of its own, COMMIT, in one trip to aiosqlite's thread. A lone write
-waits one event-loop turn; under load, writes that come together share a transaction. Each
-write's SQL error is its own (its savepoint is rolled back, the others stand); a failed BEGIN
-or COMMIT fails them all. Errors that mean "the database is away" arrive as SQLAlchemy's
-OperationalError, as from the rest of the fast path (promptq.db.is_db_unavailable).
+`GroupCommit(sqlite_writes(connect)).run((write, params))` queues the write and returns its
+result. A task started on demand takes everything queued since its last transaction and runs
+it in one: BEGIN IMMEDIATE, each write under a savepoint of its own, COMMIT, in one trip to
+aiosqlite's thread. A lone write waits one event-loop turn; under load, writes that come
+together share a transaction. Each write's SQL error is its own (its savepoint is rolled back,
+the others stand); a failed BEGIN or COMMIT fails them all. Errors that mean "the database is
+away" arrive as SQLAlchemy's OperationalError, as from the rest of the fast path
+(promptq.db.is_db_unavailable). `GroupCommit` itself only batches: PostgreSQL's results use it
+too, with a flush of their own (promptq.fastpath).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import OperationalError
 
 #: One write: runs in aiosqlite's thread inside the group's transaction.
 Write = Callable[[sqlite3.Connection, dict[str, Any]], Any]
+#: For each item of a batch: (True, its result) or (False, its exception).
+Outcome = tuple[bool, Any]
+T = TypeVar("T")
 
 
-class GroupCommit:
-    """Runs SQLite writes of one process together, one transaction per batch."""
+class GroupCommit(Generic[T]):
+    """Items that come together are flushed together: `flush(items)` runs one transaction
+    for all of them and returns an Outcome per item; an exception it raises fails them all."""
 
-    def __init__(self, connect: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
-        #: Yields a pooled aiosqlite connection (promptq.fastpath.FastPath._driver).
-        self._connect = connect
-        self._pending: list[tuple[Write, dict[str, Any], asyncio.Future[Any]]] = []
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[Outcome]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[T, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
-        #: Transactions run so far (each holds one or more writes).
+        #: Transactions run so far (each holds one or more items).
         self.transactions = 0
 
     @property
     def pending(self) -> int:
-        """Writes queued for the next transaction."""
+        """Items queued for the next transaction."""
         return len(self._pending)
 
-    async def run(self, write: Write, params: dict[str, Any]) -> Any:
-        """Run `write(connection, params)` in a transaction shared with others; its result."""
+    async def run(self, item: T) -> Any:
+        """Flush `item` in a transaction shared with others; its result."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((write, params, future))
+        self._pending.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="promptq-group-commit")
         return await future
@@ -55,34 +60,47 @@ class GroupCommit:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            batch = [item for item in batch if not item[2].done()]  # its caller gave up
+            batch = [entry for entry in batch if not entry[1].done()]  # its caller gave up
             if not batch:
                 continue
-            writes = [(write, params) for write, params, _ in batch]
             self.transactions += 1
             try:
-                async with self._connect() as driver:
-                    outcomes = await driver._execute(_write_all, driver._conn, writes)
+                outcomes = await self._flush([item for item, _ in batch])
             except BaseException as exc:
-                for _, _, future in batch:
+                for _, future in batch:
                     if future.done():
                         continue
-                    if isinstance(exc, sqlite3.Error):
-                        future.set_exception(_translated(exc))
-                    elif isinstance(exc, Exception):
+                    if isinstance(exc, Exception):
                         future.set_exception(exc)
                     else:
                         future.cancel()
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
                 else:
-                    future.set_exception(_translated(value))
+                    future.set_exception(value)
+
+
+def sqlite_writes(
+    connect: Callable[[], AbstractAsyncContextManager[Any]],
+) -> Callable[[list[tuple[Write, dict[str, Any]]]], Awaitable[list[Outcome]]]:
+    """The flush for SQLite writes: `connect()` yields a pooled aiosqlite connection
+    (promptq.fastpath.FastPath._driver); each (write, params) runs as `write(db, params)`."""
+
+    async def flush(writes: list[tuple[Write, dict[str, Any]]]) -> list[Outcome]:
+        try:
+            async with connect() as driver:
+                outcomes: list[Outcome] = await driver._execute(_write_all, driver._conn, writes)
+        except sqlite3.Error as exc:
+            raise _translated(exc) from exc
+        return [(ok, value if ok else _translated(value)) for ok, value in outcomes]
+
+    return flush
 
 
 def _translated(exc: sqlite3.Error) -> Exception:
