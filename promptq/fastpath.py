@@ -1,4 +1,4 @@
-"""The worker's two per-job writes, in one driver call each.
+"""The worker's two per-job writes, in one driver call each (or fewer, shared).
 
 `JobStore.claim` and `JobStore.finish_attempt` run for every job, and through the ORM they
 cost several CPU-ms per job: the identity map, the unit of work, building each statement and
@@ -15,7 +15,10 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
   to take over, a passed deadline, no attempts left, a finished or missing job).
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
   the claim still holds (status running, same attempt number), so a late or duplicate attempt
-  cannot overwrite a result.
+  cannot overwrite a result. Successes that come together share the transaction (a
+  promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values
+  (if it fails, each is written on its own so that each gets its own answer), on SQLite one
+  transaction with a savepoint each.
 
 The conditions are the same as the general path's, so the guarantees are too; the store's
 tests run through this module. Values go through the columns' own SQLAlchemy type
@@ -32,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -45,7 +48,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from promptq.db import is_db_unavailable
-from promptq.group_commit import GroupCommit, Write, sqlite_writes
+from promptq.group_commit import GroupCommit, Settled, Write, sqlite_writes
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, JSONType, UTCDateTime
 
 #: SQLite: take a claimable job (parameters: now, lease, id).
@@ -110,6 +113,31 @@ UPDATE jobs SET status = 'succeeded', updated_at = $1, finished_at = $1,
 WHERE id = $10 AND status = 'running' AND attempts = $11
 """
 
+#: PostgreSQL: _PG_SUCCEED for many attempts at once, one array per column ($1 job ids,
+#: $2 numbers, $3 times, then as _PG_SUCCEED's $2-$9); returns the (id, attempt) of each job
+#: row that moved.
+_PG_SUCCEED_MANY = """
+WITH given AS (
+    SELECT * FROM unnest($1::varchar[], $2::int[], $3::timestamptz[], $4::varchar[], $5::int[],
+                         $6::text[], $7::int[], $8::int[], $9::int[], $10::text[], $11::varchar[])
+        AS g(id, number, now, outcome, status_code, error, latency_ms, prompt_tokens,
+             completion_tokens, result, finish_reason)
+), closed AS (
+    UPDATE job_attempts a SET outcome = g.outcome, finished_at = g.now,
+        status_code = g.status_code, error = g.error, latency_ms = g.latency_ms,
+        prompt_tokens = g.prompt_tokens, completion_tokens = g.completion_tokens
+    FROM given g
+    WHERE a.job_id = g.id AND a.number = g.number AND a.outcome = 'running'
+)
+UPDATE jobs j SET status = 'succeeded', updated_at = g.now, finished_at = g.now,
+    lease_expires_at = NULL, result = g.result, finish_reason = g.finish_reason,
+    prompt_tokens = g.prompt_tokens, completion_tokens = g.completion_tokens, error = NULL,
+    error_code = NULL
+FROM given g
+WHERE j.id = g.id AND j.status = 'running' AND j.attempts = g.number
+RETURNING j.id, j.attempts
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
@@ -141,7 +169,7 @@ class Outcome:
 
 
 class FastPath:
-    """Claim and succeed in one driver call each (see the module docstring)."""
+    """Claim and succeed in one driver call each, or fewer (see the module docstring)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -153,6 +181,8 @@ class FastPath:
         self._sqlite_writes: GroupCommit[tuple[Write, dict[str, Any]]] = GroupCommit(
             sqlite_writes(self._driver)
         )
+        #: PostgreSQL: the successes of jobs that end together are written in one statement.
+        self._pg_results: GroupCommit[_Success] = GroupCommit(self._pg_succeed_many)
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
         )
@@ -215,22 +245,7 @@ class FastPath:
     async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         """Close the attempt as succeeded and store the result, if the claim still holds."""
         if self.postgres:
-            async with self._driver() as driver:
-                status = await driver.execute(
-                    _PG_SUCCEED,
-                    now,
-                    done.outcome.value,
-                    done.status_code,
-                    done.error,
-                    done.latency_ms,
-                    done.prompt_tokens,
-                    done.completion_tokens,
-                    done.result,
-                    done.finish_reason,
-                    job_id,
-                    number,
-                )
-            return bool(status == "UPDATE 1")
+            return bool(await self._pg_results.run((job_id, number, now, done)))
         params = {
             "id": job_id,
             "number": number,
@@ -245,6 +260,36 @@ class FastPath:
             "finish_reason": done.finish_reason,
         }
         return bool(await self._sqlite_writes.run((_sqlite_succeed, params)))
+
+    async def _pg_succeed_many(self, given: list[_Success]) -> list[Settled]:
+        """The flush of `_pg_results`: every success in one statement; whether each moved."""
+        if len(given) == 1:
+            return [(True, await self._pg_succeed(*given[0]))]
+        firsts: dict[tuple[str, int], int] = {}  # a repeat finds the job moved: False
+        for index, (job_id, number, _, _) in enumerate(given):
+            firsts.setdefault((job_id, number), index)
+        rows = [
+            (job_id, number, now, *_success_values(done))
+            for index, (job_id, number, now, done) in enumerate(given)
+            if firsts[(job_id, number)] == index
+        ]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        try:
+            async with self._driver() as driver:
+                moved = {tuple(row) for row in await driver.fetch(_PG_SUCCEED_MANY, *columns)}
+        except OperationalError:
+            raise  # the database is away: every success waits for it
+        except Exception:  # one bad value fails the statement: give each its own answer
+            return [await _outcome(self._pg_succeed(*success)) for success in given]
+        return [
+            (True, firsts[(job_id, number)] == index and (job_id, number) in moved)
+            for index, (job_id, number, _, _) in enumerate(given)
+        ]
+
+    async def _pg_succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
+        async with self._driver() as driver:
+            status = await driver.execute(_PG_SUCCEED, now, *_success_values(done), job_id, number)
+        return bool(status == "UPDATE 1")
 
     async def finish(
         self,
@@ -281,6 +326,31 @@ class FastPath:
             await conn.execute(attempt)
             moved = await conn.execute(job)
             return bool(moved.rowcount == 1)
+
+
+#: A success to write: job id, attempt number, when, what.
+_Success = tuple[str, int, datetime, Outcome]
+
+
+def _success_values(done: Outcome) -> tuple[Any, ...]:
+    """The attempt's values in _PG_SUCCEED's order ($2-$9)."""
+    return (
+        done.outcome.value,
+        done.status_code,
+        done.error,
+        done.latency_ms,
+        done.prompt_tokens,
+        done.completion_tokens,
+        done.result,
+        done.finish_reason,
+    )
+
+
+async def _outcome(call: Awaitable[Any]) -> Settled:
+    try:
+        return (True, await call)
+    except Exception as exc:
+        return (False, exc)
 
 
 def _processor(fn: Callable[[Any], Any] | None) -> Callable[[Any], Any]:

@@ -29,15 +29,15 @@ from sqlalchemy.exc import OperationalError
 #: One write: runs in aiosqlite's thread inside the group's transaction.
 Write = Callable[[sqlite3.Connection, dict[str, Any]], Any]
 #: For each item of a batch: (True, its result) or (False, its exception).
-Outcome = tuple[bool, Any]
+Settled = tuple[bool, Any]
 T = TypeVar("T")
 
 
 class GroupCommit(Generic[T]):
     """Items that come together are flushed together: `flush(items)` runs one transaction
-    for all of them and returns an Outcome per item; an exception it raises fails them all."""
+    for all of them and returns a Settled per item; an exception it raises fails them all."""
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[Outcome]]]) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[Settled]]]) -> None:
         self._flush = flush
         self._pending: list[tuple[T, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -88,14 +88,14 @@ class GroupCommit(Generic[T]):
 
 def sqlite_writes(
     connect: Callable[[], AbstractAsyncContextManager[Any]],
-) -> Callable[[list[tuple[Write, dict[str, Any]]]], Awaitable[list[Outcome]]]:
+) -> Callable[[list[tuple[Write, dict[str, Any]]]], Awaitable[list[Settled]]]:
     """The flush for SQLite writes: `connect()` yields a pooled aiosqlite connection
     (promptq.fastpath.FastPath._driver); each (write, params) runs as `write(db, params)`."""
 
-    async def flush(writes: list[tuple[Write, dict[str, Any]]]) -> list[Outcome]:
+    async def flush(writes: list[tuple[Write, dict[str, Any]]]) -> list[Settled]:
         try:
             async with connect() as driver:
-                outcomes: list[Outcome] = await driver._execute(_write_all, driver._conn, writes)
+                outcomes: list[Settled] = await driver._execute(_write_all, driver._conn, writes)
         except sqlite3.Error as exc:
             raise _translated(exc) from exc
         return [(ok, value if ok else _translated(value)) for ok, value in outcomes]

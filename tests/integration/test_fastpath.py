@@ -3,8 +3,10 @@ path, on SQLite and PostgreSQL: it runs on every job, so these cases go through 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from promptq import clock
@@ -162,3 +164,73 @@ async def test_a_retry_then_a_second_claim_continues_the_numbering(service: JobS
         (1, AttemptOutcome.TRANSIENT_ERROR),
         (2, AttemptOutcome.RUNNING),
     ]
+
+
+async def test_successes_that_end_together_are_written_together_each_once(
+    service: JobService,
+) -> None:
+    # Twelve jobs end at the same moment; one of them twice (a late duplicate)
+    jobs = [(await service.submit(request(f"q{i}")))[0] for i in range(12)]
+    claims = [await service.store.claim(job.id, worker="w1", lease_s=60) for job in jobs]
+    assert all(isinstance(claim, Claim) for claim in claims)
+
+    def done(i: int) -> AttemptResult:
+        return AttemptResult(
+            outcome=AttemptOutcome.SUCCEEDED,
+            latency_ms=10 + i,
+            status_code=200,
+            result=f"answer {i}",
+            finish_reason="stop",
+            prompt_tokens=i,
+            completion_tokens=2 * i,
+        )
+
+    writes = [
+        service.store.finish_attempt(claim, done(i), job_status=JobStatus.SUCCEEDED)  # type: ignore[arg-type]
+        for i, claim in enumerate(claims)
+    ]
+    duplicate = service.store.finish_attempt(
+        claims[0],  # type: ignore[arg-type]
+        AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="late"),
+        job_status=JobStatus.SUCCEEDED,
+    )
+    moved = await asyncio.gather(*writes, duplicate)
+
+    # Each write got its own answer, and each row holds its own values
+    assert moved == [True] * 12 + [False]
+    for i, job in enumerate(jobs):
+        row = await service.store.get_job(job.id)
+        assert row is not None and row.status == JobStatus.SUCCEEDED
+        assert (row.result, row.prompt_tokens, row.completion_tokens) == (f"answer {i}", i, 2 * i)
+        [attempt] = await service.store.list_attempts(job.id)
+        assert (attempt.outcome, attempt.latency_ms) == (AttemptOutcome.SUCCEEDED, 10 + i)
+        assert attempt.finished_at == row.finished_at
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_one_unwritable_success_does_not_fail_the_others_written_with_it(
+    service: JobService,
+) -> None:
+    # A finish_reason too long for its VARCHAR(32) fails that write on PostgreSQL; the others
+    # written in the same statement stand (each is then written on its own)
+    jobs = [(await service.submit(request(f"n{i}")))[0] for i in range(3)]
+    claims = [await service.store.claim(job.id, worker="w1", lease_s=60) for job in jobs]
+    reasons = ["stop", "x" * 40, "length"]
+    outcomes = await asyncio.gather(
+        *(
+            service.store.finish_attempt(
+                claim,  # type: ignore[arg-type]
+                AttemptResult(outcome=AttemptOutcome.SUCCEEDED, result="ok", finish_reason=why),
+                job_status=JobStatus.SUCCEEDED,
+            )
+            for claim, why in zip(claims, reasons, strict=True)
+        ),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], Exception)
+    statuses = [(await service.store.get_job(job.id)).status for job in jobs]  # type: ignore[union-attr]
+    assert statuses == [JobStatus.SUCCEEDED, JobStatus.RUNNING, JobStatus.SUCCEEDED]
