@@ -18,7 +18,8 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
   cannot overwrite a result. Successes that come together share the transaction (a
   promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values
   (if it fails, each is written on its own so that each gets its own answer), on SQLite one
-  transaction with a savepoint each.
+  transaction with a savepoint each. One write at a time per process: a result whose job
+  row another transaction holds locked makes the next ones wait until it is let go.
 
 The conditions are the same as the general path's, so the guarantees are too; the store's
 tests run through this module. Values go through the columns' own SQLAlchemy type

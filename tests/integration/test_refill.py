@@ -151,17 +151,12 @@ async def test_a_job_deferred_by_the_producer_runs_when_due_without_a_poll(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
 async def test_a_job_recording_its_result_does_not_hold_back_the_prefetch(
-    service: JobService, start_idle_worker: IdleWorkerFactory, settings: Settings
+    service: JobService,
+    start_idle_worker: IdleWorkerFactory,
+    settings: Settings,
+    fake_llm: FakeLLM,
 ) -> None:
     # PostgreSQL only: a row lock is how this test keeps a job in its finishing phase.
-    # Given a worker with one model slot and a prefetch of one, and four jobs: the first
-    # takes half a second at the model, the second six seconds
-    first, second, third, fourth = [
-        (await service.submit(prompt(text)))[0]
-        for text in ("first [[fake: sleep:500]]", "second [[fake: sleep:6000]]", "third", "fourth")
-    ]
-    await start_idle_worker(worker_concurrency=1, worker_prefetch=1, llm_timeout_s=30)
-
     async def status(job_id: str) -> JobStatus:
         job = await service.store.get_job(job_id)
         assert job is not None
@@ -170,19 +165,33 @@ async def test_a_job_recording_its_result_does_not_hold_back_the_prefetch(
     async def running(job_id: str) -> bool:
         return await status(job_id) == JobStatus.RUNNING
 
-    # When the first job's result cannot be written yet (its row is locked) after its call
+    async def at_the_model(text: str) -> bool:
+        return text in fake_llm.stats.arrivals
+
+    # Given a worker with one model slot and a prefetch of one, calling the model for a job
+    # that takes a second and a half there
+    first_text = "first [[fake: sleep:1500]]"
+    first, _ = await service.submit(prompt(first_text))
+    await start_idle_worker(worker_concurrency=1, worker_prefetch=1, llm_timeout_s=30)
+    await wait_for(lambda: at_the_model(first_text), timeout_s=WAIT_S)
+
+    # When its result cannot be written yet (its row is locked), and three more jobs come: the
+    # second takes six seconds at the model
     dsn = settings.resolved_database_url.replace("postgresql+asyncpg://", "postgresql://")
     lock = await asyncpg.connect(dsn)
     try:
-        await wait_for(lambda: running(first.id), timeout_s=WAIT_S)
         locking = lock.transaction()
         await locking.start()
         await lock.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", first.id)
-        await wait_for(lambda: running(second.id), timeout_s=WAIT_S)
+        second, third, fourth = [
+            (await service.submit(prompt(text)))[0]
+            for text in ("second [[fake: sleep:6000]]", "third", "fourth")
+        ]
 
-        # Then, while it finishes, the second job has the model slot and the third is taken
-        # ahead in its place (the finishing job does not count against the prefetch) ...
+        # Then, while the first finishes, the second has the model slot and the third is
+        # taken ahead in its place (the finishing job does not count against the prefetch) ...
         await wait_for(lambda: running(third.id), timeout_s=WAIT_S)
+        assert "second [[fake: sleep:6000]]" in fake_llm.stats.arrivals
         assert await status(second.id) == JobStatus.RUNNING  # not taken when the second ended
         assert await status(first.id) == JobStatus.RUNNING  # still waiting on the lock
         # ... and only the third: the prefetch is still one job waiting for the slot
