@@ -281,7 +281,7 @@ class FastPath:
         except OperationalError:
             raise  # the database is away: every success waits for it
         except Exception:  # one bad value fails the statement: give each its own answer
-            return [await _outcome(self._pg_succeed(*success)) for success in given]
+            return [await _settle(self._pg_succeed(*success)) for success in given]
         return [
             (True, firsts[(job_id, number)] == index and (job_id, number) in moved)
             for index, (job_id, number, _, _) in enumerate(given)
@@ -347,7 +347,8 @@ def _success_values(done: Outcome) -> tuple[Any, ...]:
     )
 
 
-async def _outcome(call: Awaitable[Any]) -> Settled:
+async def _settle(call: Awaitable[Any]) -> Settled:
+    """(True, what `call` returns) or (False, what it raises)."""
     try:
         return (True, await call)
     except Exception as exc:
