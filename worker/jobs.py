@@ -23,7 +23,7 @@ from worker.observe import record_attempt
 from worker.prompt_call import complete_prompt
 from worker.prompts import SummaryRequest, single_messages
 from worker.retry import backoff_delay_s
-from worker.slots import SlotsClosed
+from worker.slots import SlotsClosed, Ticket
 from worker.summarize import summarize
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,34 @@ async def complete(ctx: WorkerContext, claim: Claim) -> Completion:
 async def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run the next attempt of `job_id`; on a transient error, schedule the one after.
 
-    If the job's endpoint is at its limits, the job goes back to the queue before it is
-    claimed (worker.limiter): it waits there, uncharged, and the slot runs another job.
+    If the job's endpoint has limits, the job takes the permit for its first call before it
+    is claimed (worker.limiter). A bulk job first waits for its model slot, so that jobs
+    waiting for a slot hold no permits: every permit is in use at the model, and the calls in
+    flight reach the limit. If the endpoint is still full, the job goes back to the queue (it
+    waits there, uncharged, and the slots run other jobs). An interactive job waits for its
+    permit, then for a slot, where it comes first.
     """
-    await ctx["limiter"].before_claim(ctx["store"], ctx["settings"], job_id)
+    limiter, slots = ctx["limiter"], ctx["slots"]
+    ticket: Ticket | None = None
     try:
-        await _claim_and_run(ctx, job_id)
+        call = await limiter.job_call(ctx["store"], ctx["settings"], job_id)
+        if call is not None:
+            give_up = None
+            if not call.interactive:
+                try:
+                    ticket = await slots.take(ctx.get("score", 0))
+                except SlotsClosed:
+                    raise Retry() from None  # the worker is stopping; nothing has run yet
+                give_up = slots.wanted  # don't keep a slot that a waiting job could use
+            await limiter.before_claim(ctx["store"], call, job_id, give_up=give_up)
+        await _claim_and_run(ctx, job_id, ticket)
     finally:
-        await ctx["limiter"].after_job()
+        if ticket is not None:
+            slots.give_back(ticket)
+        await limiter.after_job()
 
 
-async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
+async def _claim_and_run(ctx: WorkerContext, job_id: str, ticket: Ticket | None) -> None:
     store, leases = ctx["store"], ctx["leases"]
     try:
         claim = await store.claim(job_id, worker=ctx["worker_name"], lease_s=leases.lease_s)
@@ -91,7 +108,7 @@ async def _claim_and_run(ctx: WorkerContext, job_id: str) -> None:
     leases.hold(claim)
     try:
         _announce(ctx, claim.job_id)  # now running: live views (the dashboard) show it
-        await _attempt(ctx, claim)
+        await _attempt(ctx, claim, ticket)
     finally:
         leases.release(claim)
 
@@ -109,9 +126,9 @@ class Stopwatch:
         return round((time.monotonic() - self.started) * 1000)
 
 
-async def _attempt(ctx: WorkerContext, claim: Claim) -> None:
+async def _attempt(ctx: WorkerContext, claim: Claim, ticket: Ticket | None) -> None:
     try:
-        await _run_attempt(ctx, claim, Stopwatch())
+        await _run_attempt(ctx, claim, Stopwatch(), ticket)
     except Retry:
         _announce(ctx, claim.job_id)
         raise
@@ -123,12 +140,14 @@ def _announce(ctx: WorkerContext, job_id: str) -> None:
     ctx["announcer"].announce(job_id)
 
 
-async def _run_attempt(ctx: WorkerContext, claim: Claim, elapsed_ms: Stopwatch) -> None:
+async def _run_attempt(
+    ctx: WorkerContext, claim: Claim, elapsed_ms: Stopwatch, ticket: Ticket | None
+) -> None:
     cancels = ctx.get("cancels")
     try:
         with cancels.cancellable(claim) if cancels else contextlib.nullcontext():
             # worker.slots: prefetched jobs wait here, in the queue's order (arq's score)
-            async with ctx["slots"].hold(ctx.get("score", 0)):
+            async with ctx["slots"].hold(ctx.get("score", 0), ticket):
                 elapsed_ms.restart()  # an attempt's latency is its model work
                 completion = await complete(ctx, claim)
     except asyncio.CancelledError:

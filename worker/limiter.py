@@ -4,14 +4,15 @@ Two ways in:
 
 * `acquire()` waits for as long as it takes; every LLM call goes through it (worker.routing),
   including each map and reduce call of a summarize job. Calls wait, they never fail.
-* `before_claim()` runs before a job is claimed. It tries for `limit_wait_s`; if the job's
-  endpoint is still full it raises arq's `Retry`, so the job goes back to the queue, due when
-  the limiter expects room (behind the jobs of that endpoint already waiting, at the rate
-  calls were granted lately): no attempt is charged or recorded, and the worker slot is free for
-  another model's job (an interactive job, priority above bulk, waits in its slot instead:
-  handed back, it would queue up behind the bulk backlog). A permit it gets is held for the
-  job's first call (a context variable carries it there); one the job never uses is given
-  back at the end, refunded.
+* `before_claim()` runs before a job is claimed (for a bulk job, once it has its model slot:
+  worker.jobs). It tries for `limit_wait_s`, or until `give_up()` says another job wants the
+  slot; if the job's endpoint is still full it raises arq's `Retry`, so the job goes back to
+  the queue, due when the limiter expects room (behind the jobs of that endpoint already
+  waiting, at the rate calls were granted lately): no attempt is charged or recorded, and the
+  slot is free for another model's job (an interactive job, priority above bulk, waits for its
+  permit instead: handed back, it would queue up behind the bulk backlog). A permit it gets is
+  held for the job's first call (a context variable carries it there); one the job never uses
+  is given back at the end, refunded.
 
 Permits are leases: this worker renews the ones it holds every lease_s/3, and those of a
 worker that dies lapse by themselves. Local counters (waits, time waited, deferrals) are kept
@@ -26,6 +27,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -78,6 +80,18 @@ class Permit:
     #: Set once the call is made (a permit given back unused refunds its request).
     used: bool = False
     released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobCall:
+    """What a job's first call needs from the limits."""
+
+    endpoint: Endpoint
+    model: str
+    #: Tokens to reserve (worker.limiter.estimate_tokens; a context window for a summary).
+    tokens: int
+    #: Above bulk priority: waits for its permit instead of going back to the queue.
+    interactive: bool
 
 
 @dataclass(slots=True)
@@ -212,28 +226,42 @@ class Limiter:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    async def before_claim(self, store: JobStore, settings: Settings, job_id: str) -> None:
-        """Take the permit for a job's first call, or raise Retry to hand the job back.
+    async def job_call(self, store: JobStore, settings: Settings, job_id: str) -> JobCall | None:
+        """The first call of a job waiting to run whose endpoint has limits; else None.
 
-        Does nothing when no endpoint has limits, or when the job is not waiting to run (the
-        claim that follows sorts that out).
+        None too when the database is unreachable: the claim that follows meets the outage
+        as well, and defers the job.
         """
         if not self.table.has_limits:
-            return
+            return None
         try:
-            found = await self._job_call(store, settings, job_id)
+            return await self._job_call(store, settings, job_id)
         except Exception as exc:
             if is_db_unavailable(exc):
-                return  # the claim that follows meets the outage too, and defers the job
+                return None
             raise
-        if found is None:
-            return
-        endpoint, model, tokens, interactive = found
-        scope = self._scope(endpoint, model)
+
+    async def before_claim(
+        self,
+        store: JobStore,
+        call: JobCall,
+        job_id: str,
+        *,
+        give_up: Callable[[], bool] | None = None,
+    ) -> None:
+        """Take the permit for a job's first call, or raise Retry to hand the job back.
+
+        A bulk job tries for `limit_wait_s` (not at all when MAX_LOCAL_WAITERS calls of its
+        scope already wait here), and stops trying as soon as `give_up()` is true; an
+        interactive one waits as long as it takes.
+        """
+        scope = self._scope(call.endpoint, call.model)
         wait_s: float | None = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
-        if interactive:
+        if call.interactive:
             wait_s = None  # handed back, it would queue up behind the bulk backlog: wait here
-        permit = await self._try(endpoint, model, tokens, wait_s=wait_s, job_id=job_id)
+        permit = await self._try(
+            call.endpoint, call.model, call.tokens, wait_s=wait_s, job_id=job_id, give_up=give_up
+        )
         if permit is not None:
             held = _HELD.get()
             if held is None:
@@ -241,27 +269,23 @@ class Limiter:
             else:
                 held.append(permit)
             return
+        scope_name = call.endpoint.scope(call.model)
         defer_s = min(MAX_DEFER_S, self._last_hint_s(scope)) * self.rng.uniform(1.0, 1.5)
         try:  # behind the jobs already waiting for this scope
             defer_s = await self.redis.defer(
-                endpoint.scope(model),
-                job_id,
-                shortest_s=defer_s,
-                longest_s=MAX_DEFER_S,
+                scope_name, job_id, shortest_s=defer_s, longest_s=MAX_DEFER_S
             )
         except (RedisError, OSError):
             logger.debug("could not queue job %s for its limits", job_id, exc_info=True)
         scope.stats.deferrals += 1
         if defer_s > RECONCILER_TOLERANCE_S:
             await self._mark_due(store, job_id, clock.now() + timedelta(seconds=defer_s))
-        logger.debug("job %s waits for %s's limits; back in %.2f s", job_id, endpoint.name, defer_s)
+        logger.debug(
+            "job %s waits for %s's limits; back in %.2f s", job_id, call.endpoint.name, defer_s
+        )
         raise Retry(defer=timedelta(seconds=defer_s))
 
-    async def _job_call(
-        self, store: JobStore, settings: Settings, job_id: str
-    ) -> tuple[Endpoint, str, int, bool] | None:
-        """(endpoint, model, tokens to reserve, interactive) of a waiting job whose endpoint
-        has limits."""
+    async def _job_call(self, store: JobStore, settings: Settings, job_id: str) -> JobCall | None:
         async with store.sessionmaker() as session:
             row = (
                 await session.execute(
@@ -275,7 +299,7 @@ class Limiter:
                 return None
             interactive = row.priority > Priority.BULK
             if row.kind != JobKind.PROMPT:  # a summarize call carries at most a window
-                return endpoint, row.model, settings.context_window_tokens, interactive
+                return JobCall(endpoint, row.model, settings.context_window_tokens, interactive)
             data = (await session.execute(select(Job.input).where(Job.id == job_id))).scalar_one()
         tokens = estimate_tokens(
             data.get("messages") or [],
@@ -283,7 +307,7 @@ class Limiter:
             chars_per_token=settings.chars_per_token,
             assumed=endpoint.limits.assumed_max_tokens,
         )
-        return endpoint, row.model, tokens, interactive
+        return JobCall(endpoint, row.model, tokens, interactive)
 
     async def after_job(self) -> None:
         """Give back, refunded, the permits this job took but never used."""
@@ -383,8 +407,10 @@ class Limiter:
         *,
         wait_s: float | None,
         job_id: str = "",
+        give_up: Callable[[], bool] | None = None,
     ) -> Permit | None:
-        """A permit, trying until `wait_s` has passed (forever if None); None if none came."""
+        """A permit, trying until `wait_s` has passed (forever if None) or `give_up()` is
+        true; None if none came."""
         scope = self._scope(endpoint, model)
         name = endpoint.scope(model)
         started = time.monotonic()
@@ -417,7 +443,7 @@ class Limiter:
                 # A full max_in_flight frees when some call ends: soon, but nobody knows when.
                 scope.hint_s = 0.0 if grant.reason == "max_in_flight" else grant.wait_s
                 left_s = None if wait_s is None else wait_s - (time.monotonic() - started)
-                if left_s is not None and left_s <= 0:
+                if (left_s is not None and left_s <= 0) or (give_up is not None and give_up()):
                     return None
                 waited = True
                 pause_s = min(max(grant.wait_s, MIN_POLL_S), MAX_POLL_S)

@@ -9,6 +9,9 @@ model is kept as busy as the concurrency allows. Jobs past their model work, sti
 their outcome, are `finishing`: they don't count against the prefetch (worker.fastpoll takes the
 next job as soon as a slot is given up, not when the job that held it ends).
 
+A bulk job of an endpoint with limits waits for its slot before it is claimed (`take`, then
+`hold` with the ticket), so that it takes its limit permit only once it can use it.
+
 A freed slot goes to the waiting job that comes first in the queue's order, and that job runs
 before the one that freed it goes on to record its result, so its model call starts at once: the
 lowest arq score (its due time; interactive jobs are scored days earlier than bulk ones), then
@@ -25,11 +28,19 @@ import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 
 class SlotsClosed(Exception):
     """The worker is stopping: no more model work starts here."""
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A slot taken ahead (`ModelSlots.take`), until a `hold` block takes it over."""
+
+    held: bool = True
 
 
 class ModelSlots:
@@ -53,20 +64,40 @@ class ModelSlots:
         """Jobs waiting for a slot (prefetched)."""
         return sum(not future.done() for _, _, future in self._waiters)
 
+    def wanted(self) -> bool:
+        """True if a job waits for a slot."""
+        return self.waiting > 0
+
     @property
     def finishing(self) -> int:
         """Jobs (tasks) past their model work that have not ended: recording the outcome."""
         self._past = {task for task in self._past if not task.done()}
         return len(self._past)
 
+    async def take(self, rank: float = 0) -> Ticket:
+        """Wait for a slot (lower `rank` first) to use later in `hold`, or to `give_back`."""
+        await self._acquire(rank)
+        return Ticket()
+
+    def give_back(self, ticket: Ticket) -> None:
+        """Give back a slot from `take` that no `hold` block took over (else do nothing)."""
+        if ticket.held:
+            ticket.held = False
+            self._release()
+            self.on_release()
+
     @asynccontextmanager
-    async def hold(self, rank: float = 0) -> AsyncIterator[None]:
-        """Wait for a slot (lower `rank` first) and hold it inside the block.
+    async def hold(self, rank: float = 0, ticket: Ticket | None = None) -> AsyncIterator[None]:
+        """Wait for a slot (lower `rank` first), or take over `ticket`'s, and hold it inside
+        the block.
 
         Afterwards the calling task counts as finishing until it ends, and `on_release` is
         called: the worker may take another job ahead.
         """
-        await self._acquire(rank)
+        if ticket is not None and ticket.held:
+            ticket.held = False
+        else:
+            await self._acquire(rank)
         try:
             yield
         except BaseException:

@@ -143,3 +143,47 @@ async def test_summarize_map_calls_stay_inside_the_limit(
         return bool((await scope_state(settings)).in_flight == 0)
 
     await wait_for(released, timeout_s=5)
+
+
+async def test_prefetched_jobs_hold_no_permits(
+    settings: Settings, service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given model-a limited to 4 calls at once, shared by two workers: A (2 slots, 2 more jobs
+    # prefetched) runs two 5 s calls and holds two more jobs waiting for its slots
+    limited = endpoints(fake_llm, "model-a", max_in_flight=4)
+    a = await start_worker(worker_concurrency=2, worker_prefetch=2, endpoints=limited)
+    long_a = [
+        (await service.submit(prompt(f"a{i} [[fake: sleep:5000]]", "model-a")))[0].id
+        for i in range(2)
+    ]
+    await fake_llm.wait_for_requests(2)
+    short_a = [(await service.submit(prompt(f"a{i}", "model-a")))[0].id for i in range(2, 4)]
+
+    async def a_prefetched() -> bool:
+        return bool(a.ctx["slots"].waiting == 2)
+
+    await wait_for(a_prefetched, timeout_s=10)
+
+    # When worker B (2 slots) starts and two more model-a jobs come
+    await start_worker(worker_concurrency=2, worker_prefetch=0, endpoints=limited)
+    b_jobs = [
+        (await service.submit(prompt(f"b{i} [[fake: sleep:1000]]", "model-a")))[0].id
+        for i in range(2)
+    ]
+
+    # Then they reach the model while A's long calls still run: A's waiting jobs took no
+    # permits, so the four calls the limit allows are all made
+    async def four_at_the_model() -> bool:
+        return fake_llm.stats.in_flight == 4
+
+    await wait_for(four_at_the_model, timeout_s=3.5)
+    assert (await scope_state(settings)).in_flight == 4
+    states = await service.store.get_states(long_a)
+    assert {s.status for s in states.values()} == {JobStatus.RUNNING}
+
+    every = long_a + short_a + b_jobs
+    await wait_terminal(service.store, every, timeout_s=20)
+    states = await service.store.get_states(every)
+    assert {(s.status, s.attempts) for s in states.values()} == {(JobStatus.SUCCEEDED, 1)}
+    assert fake_llm.stats.peak_in_flight == 4
+    assert (await scope_state(settings)).in_flight == 0

@@ -172,3 +172,29 @@ async def test_a_job_past_its_slot_is_finishing_until_it_ends() -> None:
     recorded.set()
     await asyncio.wait_for(task, timeout=5)
     assert slots.finishing == 0
+
+
+async def test_a_slot_taken_ahead_is_held_by_the_block_or_given_back_once() -> None:
+    slots = ModelSlots(1)
+    released: list[int] = []
+    slots.on_release = lambda: released.append(slots.in_use)
+
+    # taken ahead, then held: the block uses that slot, it does not wait for a second one
+    ticket = await slots.take()
+    assert slots.in_use == 1 and not slots.wanted()
+    async with asyncio.timeout(5), slots.hold(ticket=ticket):
+        assert slots.in_use == 1
+    assert slots.in_use == 0
+    slots.give_back(ticket)  # the block took it over: nothing left to give back
+    assert slots.in_use == 0 and released == [0]
+
+    # taken ahead and given back (the job went back to the queue): the waiter gets it
+    ticket = await slots.take()
+    waiter = asyncio.create_task(slots.take(rank=5))
+    await until(slots.wanted)
+    slots.give_back(ticket)
+    slots.give_back(ticket)
+    second = await asyncio.wait_for(waiter, timeout=5)
+    assert slots.in_use == 1 and not slots.wanted()
+    slots.give_back(second)
+    assert slots.in_use == 0 and released == [0, 1, 0]
