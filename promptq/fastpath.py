@@ -8,18 +8,22 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
 * claim (a queued or retrying job with attempts left and time before its deadline): one
   conditional `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the
   attempt row is inserted in the same transaction. On PostgreSQL that is one statement (a
-  data-modifying CTE, atomic on its own); on SQLite an UPDATE and an INSERT in aiosqlite's
-  thread, in a transaction shared with the process's other claims and results of the moment
-  (promptq.group_commit). When nothing matches, `claim` returns None and
+  data-modifying CTE, atomic on its own), shared by the claims that come together (the jobs
+  one poll of the queue started: arrays of their values); on SQLite an UPDATE and an INSERT
+  in aiosqlite's thread, in a transaction shared with the process's other claims and results
+  of the moment (promptq.group_commit). When nothing matches, `claim` returns None and
   `JobStore.claim` takes its general path, which handles every other case (an expired lease
   to take over, a passed deadline, no attempts left, a finished or missing job).
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
   the claim still holds (status running, same attempt number), so a late or duplicate attempt
   cannot overwrite a result. Successes that come together share the transaction (a
-  promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values
-  (if it fails, each is written on its own so that each gets its own answer), on SQLite one
-  transaction with a savepoint each. One write at a time per process: a result whose job
-  row another transaction holds locked makes the next ones wait until it is let go.
+  promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values,
+  on SQLite one transaction with a savepoint each.
+
+On PostgreSQL, should a shared statement fail (one bad value), each of its writes is made on
+its own so that each gets its own answer. Claims and results are each one statement at a time
+per process: a write whose job row another transaction holds locked makes the next ones wait
+until it is let go.
 
 The conditions are the same as the general path's, so the guarantees are too; the store's
 tests run through this module. Values go through the columns' own SQLAlchemy type
@@ -36,10 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 from sqlalchemy import Table, update
@@ -97,6 +101,30 @@ WITH claimed AS (
     SELECT id, attempts, $1, 'running', $4::varchar, model FROM claimed
 )
 SELECT kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
+       priority
+FROM claimed
+"""
+#: PostgreSQL: _PG_CLAIM for many jobs at once, one array per column ($1 job ids, $2 times,
+#: $3 leases, $4 workers); returns the id and _PG_CLAIM's columns of each job taken.
+_PG_CLAIM_MANY = """
+WITH given AS (
+    SELECT * FROM unnest($1::varchar[], $2::timestamptz[], $3::timestamptz[], $4::varchar[])
+        AS g(id, now, lease, worker)
+), claimed AS (
+    UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
+        started_at = COALESCE(j.started_at, g.now), next_attempt_at = NULL,
+        lease_expires_at = g.lease, updated_at = g.now
+    FROM given g
+    WHERE j.id = g.id AND j.status IN ('queued', 'retrying')
+      AND (j.deadline_at IS NULL OR j.deadline_at > g.now)
+      AND j.attempts - j.interruptions < j.max_attempts
+    RETURNING j.id, j.kind, j.model, j.input, j.attempts, j.interruptions, j.max_attempts,
+              j.deadline_s, j.deadline_at, j.priority, g.now, g.worker
+), opened AS (
+    INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
+    SELECT id, attempts, now, 'running', worker, model FROM claimed
+)
+SELECT id, kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
        priority
 FROM claimed
 """
@@ -182,7 +210,9 @@ class FastPath:
         self._sqlite_writes: GroupCommit[tuple[Write, dict[str, Any]]] = GroupCommit(
             sqlite_writes(self._driver)
         )
-        #: PostgreSQL: the successes of jobs that end together are written in one statement.
+        #: PostgreSQL: the claims, and the successes, of jobs that come together are written in
+        #: one statement each.
+        self._pg_claims: GroupCommit[_Claim] = GroupCommit(self._pg_claim_many)
         self._pg_results: GroupCommit[_Success] = GroupCommit(self._pg_succeed_many)
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
@@ -218,9 +248,8 @@ class FastPath:
         """Take a claimable job and open its attempt; None when the general path must decide."""
         lease = now + timedelta(seconds=lease_s)
         if self.postgres:
-            async with self._driver() as driver:
-                pg_row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
-            return None if pg_row is None else ClaimedRow(*pg_row)
+            claimed: ClaimedRow | None = await self._pg_claims.run((job_id, now, lease, worker))
+            return claimed
         params = {
             "id": job_id,
             "now": self._bind_time(now),
@@ -262,30 +291,38 @@ class FastPath:
         }
         return bool(await self._sqlite_writes.run((_sqlite_succeed, params)))
 
+    async def _pg_claim_many(self, given: list[_Claim]) -> list[Settled]:
+        """The flush of `_pg_claims`: every claim in one statement; the row of each job taken."""
+
+        async def many(claims: list[_Claim]) -> dict[Hashable, ClaimedRow]:
+            async with self._driver() as driver:
+                rows = await driver.fetch(_PG_CLAIM_MANY, *_columns(claims))
+            return {row[0]: ClaimedRow(*row[1:]) for row in rows}
+
+        return await _each_once(given, lambda claim: claim[0], many, self._pg_claim, None)
+
+    async def _pg_claim(
+        self, job_id: str, now: datetime, lease: datetime, worker: str
+    ) -> ClaimedRow | None:
+        async with self._driver() as driver:
+            row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
+        return None if row is None else ClaimedRow(*row)
+
     async def _pg_succeed_many(self, given: list[_Success]) -> list[Settled]:
         """The flush of `_pg_results`: every success in one statement; whether each moved."""
-        if len(given) == 1:
-            return [(True, await self._pg_succeed(*given[0]))]
-        firsts: dict[tuple[str, int], int] = {}  # a repeat finds the job moved: False
-        for index, (job_id, number, _, _) in enumerate(given):
-            firsts.setdefault((job_id, number), index)
-        rows = [
-            (job_id, number, now, *_success_values(done))
-            for index, (job_id, number, now, done) in enumerate(given)
-            if firsts[(job_id, number)] == index
-        ]
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        try:
+
+        async def many(successes: list[_Success]) -> dict[Hashable, bool]:
+            rows = [
+                (job_id, number, now, *_success_values(done))
+                for job_id, number, now, done in successes
+            ]
             async with self._driver() as driver:
-                moved = {tuple(row) for row in await driver.fetch(_PG_SUCCEED_MANY, *columns)}
-        except OperationalError:
-            raise  # the database is away: every success waits for it
-        except Exception:  # one bad value fails the statement: give each its own answer
-            return [await _settle(self._pg_succeed(*success)) for success in given]
-        return [
-            (True, firsts[(job_id, number)] == index and (job_id, number) in moved)
-            for index, (job_id, number, _, _) in enumerate(given)
-        ]
+                moved = await driver.fetch(_PG_SUCCEED_MANY, *_columns(rows))
+            return {(job_id, number): True for job_id, number in moved}
+
+        return await _each_once(
+            given, lambda success: (success[0], success[1]), many, self._pg_succeed, False
+        )
 
     async def _pg_succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         async with self._driver() as driver:
@@ -329,8 +366,45 @@ class FastPath:
             return bool(moved.rowcount == 1)
 
 
+#: A claim to write: job id, when, lease until, worker.
+_Claim = tuple[str, datetime, datetime, str]
 #: A success to write: job id, attempt number, when, what.
 _Success = tuple[str, int, datetime, Outcome]
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
+
+
+async def _each_once(
+    given: list[_Item],
+    key: Callable[[_Item], Hashable],
+    many: Callable[[list[_Item]], Awaitable[dict[Hashable, Any]]],
+    one: Callable[..., Awaitable[Any]],
+    missing: Any,
+) -> list[Settled]:
+    """A PostgreSQL flush: write `given` in one statement, `many` (each key once: a repeat
+    finds the job moved, and gets `missing`), whose result maps the key of each item that took
+    effect to its result (`missing` for the others). Should the statement fail, each item is
+    written on its own by `one`, and gets its own answer; unless the database is away
+    (OperationalError), which fails them all."""
+    if len(given) == 1:
+        return [(True, await one(*given[0]))]
+    firsts: dict[Hashable, int] = {}
+    for index, item in enumerate(given):
+        firsts.setdefault(key(item), index)
+    try:
+        found = await many([given[index] for index in firsts.values()])
+    except OperationalError:
+        raise
+    except Exception:  # one bad value fails the statement
+        return [await _settle(one(*item)) for item in given]
+    return [
+        (True, found.get(key(item), missing) if firsts[key(item)] == index else missing)
+        for index, item in enumerate(given)
+    ]
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column (the arrays of an unnest)."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _success_values(done: Outcome) -> tuple[Any, ...]:

@@ -166,6 +166,50 @@ async def test_a_retry_then_a_second_claim_continues_the_numbering(service: JobS
     ]
 
 
+async def test_claims_that_come_together_are_written_together_each_once(
+    service: JobService,
+) -> None:
+    # Ten claimable jobs are claimed at the same moment by two workers, one of them twice,
+    # along with a finished job and one past its deadline
+    jobs = [(await service.submit(request(f"c{i}", max_attempts=4)))[0] for i in range(10)]
+    done, _ = await service.submit(request("done"))
+    await _set(service, done.id, status=JobStatus.SUCCEEDED)
+    late, _ = await service.submit(request("late", deadline_s=60))
+    await _set(service, late.id, deadline_at=clock.now() - timedelta(seconds=1))
+    fast = service.store._fast
+    assert fast is not None
+    group = fast._pg_claims if fast.postgres else fast._sqlite_writes
+    before = group.transactions
+
+    claims = await asyncio.gather(
+        *(
+            service.store.claim(job.id, worker=f"w{i % 2}", lease_s=60)
+            for i, job in enumerate(jobs)
+        ),
+        service.store.claim(jobs[3].id, worker="w9", lease_s=60),
+        service.store.claim(done.id, worker="w1", lease_s=60),
+        service.store.claim(late.id, worker="w1", lease_s=60),
+    )
+
+    # They shared one transaction, and each got its own answer: the repeat found the job taken
+    assert group.transactions - before == 1
+    for i, (job, claim) in enumerate(zip(jobs, claims, strict=False)):
+        assert isinstance(claim, Claim) and claim.job_id == job.id
+        assert (claim.input, claim.number, claim.max_attempts) == (job.input, 1, 4)
+        [attempt] = await service.store.list_attempts(job.id)
+        assert (attempt.number, attempt.outcome, attempt.worker) == (
+            1,
+            AttemptOutcome.RUNNING,
+            f"w{i % 2}",
+        )
+    assert isinstance(claims[10], Busy)
+    assert claims[11] is None and claims[12] is None
+    late_row = await service.store.get_job(late.id)
+    assert late_row is not None and late_row.status == JobStatus.FAILED
+    assert late_row.error_code == DEADLINE_EXCEEDED
+    assert await service.store.list_attempts(done.id) == []
+
+
 async def test_successes_that_end_together_are_written_together_each_once(
     service: JobService,
 ) -> None:
@@ -205,6 +249,35 @@ async def test_successes_that_end_together_are_written_together_each_once(
         [attempt] = await service.store.list_attempts(job.id)
         assert (attempt.outcome, attempt.latency_ms) == (AttemptOutcome.SUCCEEDED, 10 + i)
         assert attempt.finished_at == row.finished_at
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_one_unwritable_claim_does_not_fail_the_others_written_with_it(
+    service: JobService,
+) -> None:
+    # A worker name too long for its VARCHAR(255) fails that claim's attempt row on
+    # PostgreSQL; the others written in the same statement stand (each is then written alone)
+    jobs = [(await service.submit(request(f"u{i}")))[0] for i in range(3)]
+    workers = ["w1", "w" * 300, "w3"]
+    fast = service.store._fast
+    assert fast is not None
+    before = fast._pg_claims.transactions
+    outcomes = await asyncio.gather(
+        *(
+            service.store.claim(job.id, worker=worker, lease_s=60)
+            for job, worker in zip(jobs, workers, strict=True)
+        ),
+        return_exceptions=True,
+    )
+
+    assert fast._pg_claims.transactions - before == 1  # tried together first
+    assert isinstance(outcomes[0], Claim) and isinstance(outcomes[2], Claim)
+    assert isinstance(outcomes[1], Exception)
+    statuses = [(await service.store.get_job(job.id)).status for job in jobs]  # type: ignore[union-attr]
+    assert statuses == [JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RUNNING]
+    assert [len(await service.store.list_attempts(job.id)) for job in jobs] == [1, 0, 1]
 
 
 @pytest.mark.parametrize(
