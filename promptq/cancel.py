@@ -4,7 +4,9 @@ A queued or retrying job is cancelled by one conditional UPDATE; a worker that p
 later finds it terminal and drops the delivery, so it never reaches the model. A running job
 gets `cancel_requested_at` and a message on `<queue>:cancel`; the worker running it aborts the
 attempt, records it as `cancelled`, and the job as `cancelled` (worker.cancel). If the message
-is lost, the worker's lease renewal notices `cancel_requested_at` within lease_s/3.
+is lost, the worker's lease renewal notices `cancel_requested_at` within lease_s/3. A job
+flagged so is never sent back to wait: if its attempt stops anyway (a transient error, a
+worker stopping or lost), the store cancels it instead (`JobStore.finish_attempt`, `claim`).
 Finished jobs keep their results: cancelling one is a 409.
 """
 
@@ -22,13 +24,10 @@ from promptq.batches import OPEN_STATUSES, BatchService
 from promptq.errors import NotCancellable, NotFound
 from promptq.models import Batch, BatchStatus, Job, JobStatus
 from promptq.service import JobService
-from promptq.store import CLAIMABLE, IDS_PER_STATEMENT
+from promptq.store import CLAIMABLE, IDS_PER_STATEMENT, cancelled_values
 
 logger = logging.getLogger(__name__)
 
-#: `jobs.error_code` and error of a job cancelled before or while it ran.
-CANCELLED_CODE = "cancelled"
-CANCELLED_MESSAGE = "cancelled on request"
 #: Times to look again when a job changes status between our reads and writes.
 _RACE_TRIES = 5
 
@@ -104,7 +103,7 @@ class Canceller:
             await session.execute(
                 update(Job)
                 .where(Job.batch_id == batch.id, Job.status.in_(CLAIMABLE))
-                .values(**_cancelled_values(now))
+                .values(**cancelled_values(now))
             )
         async with self.sessionmaker() as session:
             rows = await session.execute(
@@ -124,7 +123,7 @@ class Canceller:
             result = await session.execute(
                 update(Job)
                 .where(Job.id.in_(list(job_ids)), Job.status.in_(CLAIMABLE))
-                .values(**_cancelled_values(now), cancel_requested_at=now)
+                .values(**cancelled_values(now), cancel_requested_at=now)
                 .returning(Job.id)
             )
             return list(result.scalars())
@@ -164,18 +163,6 @@ class Canceller:
 
 
 _TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-def _cancelled_values(now: object) -> dict[str, object]:
-    return {
-        "status": JobStatus.CANCELLED,
-        "error": CANCELLED_MESSAGE,
-        "error_code": CANCELLED_CODE,
-        "next_attempt_at": None,
-        "lease_expires_at": None,
-        "finished_at": now,
-        "updated_at": now,
-    }
 
 
 def _ended(status: str) -> str:

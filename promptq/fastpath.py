@@ -46,9 +46,9 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import asyncpg
-from sqlalchemy import Table, update
+from sqlalchemy import CursorResult, Table, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
@@ -63,7 +63,7 @@ UPDATE jobs SET status = 'running', attempts = attempts + 1,
     lease_expires_at = :lease, updated_at = :now
 WHERE id = :id AND status IN ('queued', 'retrying')
   AND (deadline_at IS NULL OR deadline_at > :now)
-  AND attempts - interruptions < max_attempts
+  AND attempts - interruptions < max_attempts AND cancel_requested_at IS NULL
 RETURNING kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
     priority
 """
@@ -93,7 +93,7 @@ WITH claimed AS (
         lease_expires_at = $2, updated_at = $1
     WHERE id = $3 AND status IN ('queued', 'retrying')
       AND (deadline_at IS NULL OR deadline_at > $1)
-      AND attempts - interruptions < max_attempts
+      AND attempts - interruptions < max_attempts AND cancel_requested_at IS NULL
     RETURNING id, kind, model, input, attempts, interruptions, max_attempts, deadline_s,
               deadline_at, priority
 ), opened AS (
@@ -118,6 +118,7 @@ WITH given AS (
     WHERE j.id = g.id AND j.status IN ('queued', 'retrying')
       AND (j.deadline_at IS NULL OR j.deadline_at > g.now)
       AND j.attempts - j.interruptions < j.max_attempts
+      AND j.cancel_requested_at IS NULL
     RETURNING j.id, j.kind, j.model, j.input, j.attempts, j.interruptions, j.max_attempts,
               j.deadline_s, j.deadline_at, j.priority, g.now, g.worker
 ), opened AS (
@@ -336,8 +337,10 @@ class FastPath:
         now: datetime,
         done: Outcome,
         job_values: dict[str, Any],
+        cancelled: dict[str, Any] | None = None,
     ) -> bool:
-        """Close the attempt and move the job to any status (rarer: through SQLAlchemy Core)."""
+        """Close the attempt and move the job to any status (rarer: through SQLAlchemy Core);
+        `cancelled` as in `move_job`."""
         attempt = (
             update(cast(Table, JobAttempt.__table__))
             .where(
@@ -355,15 +358,39 @@ class FastPath:
                 completion_tokens=done.completion_tokens,
             )
         )
-        job = (
-            update(cast(Table, Job.__table__))
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == number)
-            .values(**job_values)
-        )
         async with self.engine.begin() as conn:
             await conn.execute(attempt)
-            moved = await conn.execute(job)
-            return bool(moved.rowcount == 1)
+            return await move_job(conn, job_id, number, job_values, cancelled)
+
+
+async def move_job(
+    db: AsyncConnection | AsyncSession,
+    job_id: str,
+    number: int,
+    job_values: dict[str, Any],
+    cancelled: dict[str, Any] | None,
+) -> bool:
+    """Move a job whose claim still holds (running, attempt `number`) to `job_values`; False
+    if it moved on without us.
+
+    With `cancelled` (the job goes back to wait: retrying, queued), a job whose cancel was
+    asked for meanwhile gets those values instead, and the answer is False too: it must not
+    come back (the cancel found it running, and its worker may not have heard of it).
+    """
+    jobs = cast(Table, Job.__table__)
+    held = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == number)
+    if cancelled is None:
+        moved = await db.execute(update(jobs).where(*held).values(**job_values))
+        return cast(CursorResult[Any], moved).rowcount == 1
+    moved = await db.execute(
+        update(jobs).where(*held, Job.cancel_requested_at.is_(None)).values(**job_values)
+    )
+    if cast(CursorResult[Any], moved).rowcount == 1:
+        return True
+    await db.execute(
+        update(jobs).where(*held, Job.cancel_requested_at.is_not(None)).values(**cancelled)
+    )
+    return False
 
 
 #: A claim to write: job id, when, lease until, worker.

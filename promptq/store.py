@@ -20,7 +20,7 @@ from promptq import clock
 from promptq.cache import hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
-from promptq.fastpath import FastPath, Outcome
+from promptq.fastpath import FastPath, Outcome, move_job
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, Priority
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,24 @@ class JobState:
     max_attempts: int
     error: str | None
     error_code: str | None
+
+
+#: `jobs.error_code` and error of a job cancelled before or while it ran.
+CANCELLED_CODE = "cancelled"
+CANCELLED_MESSAGE = "cancelled on request"
+
+
+def cancelled_values(now: datetime) -> dict[str, Any]:
+    """A job row's values once it is cancelled (not yet finished)."""
+    return {
+        "status": JobStatus.CANCELLED,
+        "error": CANCELLED_MESSAGE,
+        "error_code": CANCELLED_CODE,
+        "next_attempt_at": None,
+        "lease_expires_at": None,
+        "finished_at": now,
+        "updated_at": now,
+    }
 
 
 class JobStore:
@@ -459,6 +477,20 @@ class JobStore:
             else:
                 seen_status = JobStatus(job.status)
                 interrupted = 0
+            if job.cancel_requested_at is not None:
+                # Its cancel came as it stopped running (the attempt failed, or its worker was
+                # lost or stopping): it is not started again.
+                await session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id, Job.status == seen_status, Job.attempts == job.attempts
+                    )
+                    .values(**cancelled_values(now), interruptions=Job.interruptions + interrupted)
+                )
+                logger.info(
+                    "job %s cancelled on request before attempt %d", job_id, job.attempts + 1
+                )
+                return None
             number = job.attempts + 1
             if job.deadline_at is not None and job.deadline_at <= now:
                 await self._fail_past_deadline(session, job, seen_status, interrupted, now)
@@ -582,6 +614,12 @@ class JobStore:
             job_values["next_attempt_at"] = next_attempt_at
         if result.outcome == AttemptOutcome.INTERRUPTED:
             job_values["interruptions"] = Job.interruptions + 1
+        # Going back to wait (retrying, queued): a cancel asked for meanwhile ends it instead.
+        cancelled = None
+        if not job_status.is_terminal:
+            cancelled = cancelled_values(now) | {
+                k: v for k, v in job_values.items() if k == "interruptions"
+            }
         if self._fast is not None and self._fast.available:
             done = Outcome(
                 outcome=result.outcome,
@@ -595,7 +633,9 @@ class JobStore:
             )
             if job_status == JobStatus.SUCCEEDED:
                 return await self._fast.succeed(claim.job_id, claim.number, now, done)
-            return await self._fast.finish(claim.job_id, claim.number, now, done, job_values)
+            return await self._fast.finish(
+                claim.job_id, claim.number, now, done, job_values, cancelled
+            )
         async with self._sessionmaker() as session, session.begin():
             await session.execute(
                 update(JobAttempt)
@@ -614,16 +654,7 @@ class JobStore:
                     completion_tokens=result.completion_tokens,
                 )
             )
-            moved = await session.execute(
-                update(Job)
-                .where(
-                    Job.id == claim.job_id,
-                    Job.status == JobStatus.RUNNING,
-                    Job.attempts == claim.number,
-                )
-                .values(**job_values)
-            )
-            return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
+            return await move_job(session, claim.job_id, claim.number, job_values, cancelled)
 
     @staticmethod
     async def _interrupt_open_attempts(
