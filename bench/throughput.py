@@ -113,6 +113,16 @@ class Workload:
     #: How promptq gets the jobs: "jobs" (one POST /api/jobs each) or "batch" (one JSONL
     #: POST /api/batches, the way to submit thousands of jobs).
     submit: str = "jobs"
+    #: promptq worker processes, each with this many model slots (None: `concurrency`). With
+    #: more slots than `concurrency` in all, the concurrency is a global limit they share
+    #: (the endpoint's `max_in_flight`), and plain arq, which has none, sits the workload out.
+    workers: int = 1
+    worker_concurrency: int | None = None
+
+    @property
+    def shared_limit(self) -> bool:
+        """True if promptq's workers share `concurrency` as a global limit."""
+        return self.workers * (self.worker_concurrency or self.concurrency) > self.concurrency
 
 
 @dataclass
@@ -173,8 +183,9 @@ class Pickup:
 
 
 def workloads(scale: float) -> list[Workload]:
-    """The three workloads; `scale` shrinks the LLM-like and zero-latency job counts."""
+    """The workloads; `scale` shrinks the LLM-like, zero-latency and shared-limit job counts."""
     llm_jobs, zero_jobs = max(100, round(10_000 * scale)), max(100, round(5_000 * scale))
+    limit_jobs = max(300, round(1_500 * scale))
     return [
         Workload("saq", "SAQ: 1,000 jobs, c=10, 0-50 ms", 1_000, 10, 25.0, 1.0, repeats=3),
         Workload("llm", f"LLM-like: {llm_jobs:,} jobs, c=100, 1 s ±30%", llm_jobs, 100, 1000, 0.3),
@@ -186,6 +197,16 @@ def workloads(scale: float) -> list[Workload]:
             0.0,
             0.0,
             submit="batch",
+        ),
+        Workload(
+            "limit",
+            f"shared limit: {limit_jobs:,} jobs, max_in_flight=12 over 3 workers x 8, 100 ms ±30%",
+            limit_jobs,
+            12,
+            100.0,
+            0.3,
+            workers=3,
+            worker_concurrency=8,
         ),
     ]
 
@@ -592,7 +613,19 @@ class PromptQ:
             finally:
                 await conn.close()
 
-    def _settings(self, database_url: str, fake: FakeLLMProcess, concurrency: int) -> Settings:
+    def _settings(self, database_url: str, fake: FakeLLMProcess, w: Workload) -> Settings:
+        endpoints = ""
+        if w.shared_limit:  # every model on the fake, at most `concurrency` calls at once
+            endpoints = orjson.dumps(
+                [
+                    {
+                        "name": "fake",
+                        "models": ["*"],
+                        "base_url": fake.base_url,
+                        "limits": {"max_in_flight": w.concurrency},
+                    }
+                ]
+            ).decode()
         return Settings(
             _env_file=None,
             data_dir=self.tmp,
@@ -601,8 +634,9 @@ class PromptQ:
             queue_name=self.QUEUE,
             llm_base_url=fake.base_url,
             default_model=MODEL,
-            worker_concurrency=concurrency,
+            worker_concurrency=w.worker_concurrency or w.concurrency,
             worker_prefetch=self.prefetch,
+            endpoints=endpoints,
         )
 
     @staticmethod
@@ -613,6 +647,8 @@ class PromptQ:
         env["PROMPTQ_DEFAULT_MODEL"] = settings.default_model
         if settings.worker_prefetch is not None:
             env["PROMPTQ_WORKER_PREFETCH"] = str(settings.worker_prefetch)
+        if settings.endpoints:
+            env["PROMPTQ_ENDPOINTS"] = settings.endpoints
         return env
 
     async def run(
@@ -621,7 +657,7 @@ class PromptQ:
         """Submit through a `promptq api` process while the worker is frozen, thaw it, and
         time the drain from SQL."""
         async with self._database(f"{self.system}-{w.name}") as database_url:
-            settings = self._settings(database_url, fake, w.concurrency)
+            settings = self._settings(database_url, fake, w)
             await asyncio.to_thread(migrate.upgrade, settings)
             engine = create_engine(settings)
             plain = await QueueClient.connect(settings)
@@ -635,30 +671,35 @@ class PromptQ:
                 cwd=self.tmp,
                 log_path=self.tmp / f"{self.system}-{w.name}-api.log",
             )
-            proc = WorkerProcess(
-                [PROMPTQ, "worker", "--concurrency", str(w.concurrency)],
-                env=self._env(settings),
-                cwd=self.tmp,
-                log_path=self.tmp / f"{self.system}-{w.name}.log",
-            )
+            procs = [
+                WorkerProcess(
+                    [PROMPTQ, "worker", "--concurrency", str(settings.worker_concurrency)],
+                    env=self._env(settings),
+                    cwd=self.tmp,
+                    log_path=self.tmp / f"{self.system}-{w.name}-{n}.log",
+                )
+                for n in range(w.workers)
+            ]
+            proc = procs[0]
             api_url = f"http://127.0.0.1:{port}"
             try:
-                await proc.wait_ready(queue.redis, self.QUEUE + ":health-check")
+                for each in procs:
+                    await each.wait_ready(queue.redis, self.QUEUE + ":health-check")
                 await wait_http_ok(api_url + "/healthz", api)
-                cpu0 = proc.freeze()
+                cpu0 = sum(each.freeze() for each in procs)
                 await prepare_fake(fake, w)
                 api_cpu0 = api.cpu_s()
                 submit = submit_batch_http if w.submit == "batch" else submit_http
                 await submit(api_url, [content(w.name, i) for i in range(w.jobs)])
                 api_cpu_s = api.cpu_s() - api_cpu0
-                thawed_at = proc.thaw()
+                thawed_at = min(each.thaw() for each in procs)
                 await wait_until(
                     lambda: self._all_done(service, w.jobs),
                     run_timeout_s(w),
                     f"{self.system} {w.name}",
                     proc,
                 )
-                cpu_s = proc.cpu_s() - cpu0
+                cpu_s = sum(each.cpu_s() for each in procs) - cpu0
                 last_finish = await self._last_finish(service, w.jobs)
                 run = await make_run(
                     self.system,
@@ -666,7 +707,7 @@ class PromptQ:
                     last_finish.timestamp() - thawed_at,
                     fake,
                     worker_cpu_ms_per_job=cpu_s * 1000 / w.jobs,
-                    worker_rss_mib=proc.peak_rss_bytes / 2**20,
+                    worker_rss_mib=max(each.peak_rss_bytes for each in procs) / 2**20,
                     api_cpu_ms_per_job=api_cpu_s * 1000 / w.jobs,
                 )
                 pickup = None
@@ -674,7 +715,8 @@ class PromptQ:
                     pickup = await self._pickup(service, queue, fake, pickup_samples)
                 return run, pickup
             finally:
-                await proc.stop()
+                for each in procs:
+                    await each.stop()
                 await api.stop()
                 await queue.close()
                 await engine.dispose()
@@ -940,6 +982,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             for w in ws:
                 print(f"{w.label}")
                 for system in systems:
+                    if system == "arq" and w.shared_limit:
+                        continue  # no global limits in plain arq
                     repeats = 1 if system == "arq" else w.repeats
                     tries: list[Run] = []
                     for i in range(repeats):
@@ -985,7 +1029,7 @@ def main() -> None:
     )
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--workloads", default="saq,llm,zero")
+    parser.add_argument("--workloads", default="saq,llm,zero,limit")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
     parser.add_argument(
         "--prefetch", type=int, default=None, help="PROMPTQ_WORKER_PREFETCH (default: its default)"

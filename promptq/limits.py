@@ -174,10 +174,14 @@ if held > 0 then redis.call('PEXPIRE', KEYS[1], lease * 2) end
 return held
 """
 
-# KEYS: inflight, rpm, tpm; ARGV: permit id, bucket, requests to give back (0/1), token delta.
-# Corrections go to the bucket the permit was counted in, if that is still in the window.
+# KEYS: inflight, rpm, tpm, freed channel; ARGV: permit id, bucket, requests to give back
+# (0/1), token delta, scope. Corrections go to the bucket the permit was counted in, if that is
+# still in the window. A permit that was held is announced on the freed channel (the scope's
+# name), so that calls waiting in any worker try again at once.
 _RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('PUBLISH', KEYS[4], ARGV[5])
+end
 local bucket, requests, tokens = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if requests ~= 0 and redis.call('HEXISTS', KEYS[2], bucket) == 1 then
   redis.call('HINCRBY', KEYS[2], bucket, -requests)
@@ -295,6 +299,11 @@ class RedisLimits:
         self._observe = redis.register_script(_OBSERVE)
         self._defer = redis.register_script(_DEFER)
 
+    @property
+    def freed_channel(self) -> str:
+        """The pub/sub channel on which released permits are announced (by scope name)."""
+        return f"{self.prefix}:limits:freed"
+
     def keys(self, scope: str) -> list[str]:
         """The scope's keys: inflight, rpm, tpm, aimd, grants, waiters."""
         base = f"{self.prefix}:limits:{scope}"
@@ -354,8 +363,8 @@ class RedisLimits:
         """Give a permit back; correct its bucket by `token_delta` tokens (actual minus
         reserved) and, for a call never made, give its request back too."""
         await self._release(
-            keys=self.keys(scope)[:3],
-            args=[permit_id, bucket, 1 if refund_request else 0, token_delta],
+            keys=[*self.keys(scope)[:3], self.freed_channel],
+            args=[permit_id, bucket, 1 if refund_request else 0, token_delta, scope],
         )
 
     async def observe(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from datetime import datetime, timedelta
@@ -69,11 +70,14 @@ async def run_job(ctx: WorkerContext, job_id: str) -> None:
         if call is not None:
             give_up = None
             if not call.interactive:
+                scope = call.endpoint.scope(call.model)
                 try:
-                    ticket = await slots.take(ctx.get("score", 0))
+                    ticket = await slots.take(ctx.get("score", 0), tag=scope)
                 except SlotsClosed:
                     raise Retry() from None  # the worker is stopping; nothing has run yet
-                give_up = slots.wanted  # don't keep a slot that a waiting job could use
+                # Don't keep a slot that a job of another model could use (one that waits
+                # for the same limits would be no better off with it).
+                give_up = functools.partial(slots.wanted, excluding=scope)
             await limiter.before_claim(ctx["store"], call, job_id, give_up=give_up)
         await _claim_and_run(ctx, job_id, ticket)
     finally:

@@ -15,8 +15,10 @@ Two ways in:
   is given back at the end, refunded.
 
 Permits are leases: this worker renews the ones it holds every lease_s/3, and those of a
-worker that dies lapse by themselves. Local counters (waits, time waited, deferrals) are kept
-per scope for metrics (`stats()`), next to what Redis says (`promptq.limits.RedisLimits.state`).
+worker that dies lapse by themselves. A permit given back is announced on a Redis channel, so
+that a call waiting for it in each worker tries again at once. Local counters (waits, time
+waited, deferrals) are kept per scope for metrics (`stats()`), next to what Redis says
+(`promptq.limits.RedisLimits.state`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,14 +50,15 @@ from promptq.store import CLAIMABLE, JobStore
 
 logger = logging.getLogger(__name__)
 
-#: Longest pause between two tries of a waiting call (a release in this process wakes it
-#: sooner; one in another process is seen at the next try).
+#: Longest pause between two tries of a waiting call (a release wakes it sooner: in this
+#: process directly, in another through the freed channel; this is the fallback).
 MAX_POLL_S = 0.05
 #: Shortest pause between two tries.
 MIN_POLL_S = 0.002
-#: Calls of one scope allowed to wait in this worker's slots before further jobs of that
-#: scope are handed back to the queue at once.
-MAX_LOCAL_WAITERS = 2
+#: Longest pause between two tries of a call waiting for a free max_in_flight place: a
+#: permit given back anywhere wakes one waiting call per worker at once (the freed channel),
+#: so this is only the fallback, for a lost message.
+IN_FLIGHT_POLL_S = 0.25
 #: Longest a job is deferred by the limiter. Deferrals longer than the reconciler's tolerance
 #: also set the job's next_attempt_at, so that it is not brought forward.
 MAX_DEFER_S = 60.0
@@ -123,8 +127,8 @@ class LimitSnapshot:
 class _Scope:
     limits: ScopeLimits
     stats: ScopeStats = field(default_factory=ScopeStats)
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
-    waiters: int = 0
+    #: Calls waiting for a permit, in order: a freed permit wakes the first (see _wake).
+    sleepers: deque[asyncio.Future[None]] = field(default_factory=deque)
     held: dict[str, Permit] = field(default_factory=dict)
     #: When the last refusal said there may be room (seconds from then).
     hint_s: float = 0.0
@@ -183,7 +187,7 @@ class Limiter:
         self.wait_s = wait_s
         self.rng = rng or random.Random()
         self._scopes: dict[str, _Scope] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -251,14 +255,12 @@ class Limiter:
     ) -> None:
         """Take the permit for a job's first call, or raise Retry to hand the job back.
 
-        A bulk job tries for `limit_wait_s` (not at all when MAX_LOCAL_WAITERS calls of its
-        scope already wait here), and stops trying as soon as `give_up()` is true; an
-        interactive one waits as long as it takes.
+        A bulk job tries for `limit_wait_s`, and stops trying as soon as `give_up()` is true;
+        an interactive one waits as long as it takes (handed back, it would queue up behind
+        the bulk backlog).
         """
         scope = self._scope(call.endpoint, call.model)
-        wait_s: float | None = self.wait_s if scope.waiters < MAX_LOCAL_WAITERS else 0.0
-        if call.interactive:
-            wait_s = None  # handed back, it would queue up behind the bulk backlog: wait here
+        wait_s = None if call.interactive else self.wait_s
         permit = await self._try(
             call.endpoint, call.model, call.tokens, wait_s=wait_s, job_id=job_id, give_up=give_up
         )
@@ -322,15 +324,19 @@ class Limiter:
     # -- background ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Renew held permits' leases in the background until stop()."""
-        self._task = asyncio.create_task(self._renew_forever(), name="promptq-limit-leases")
+        """Renew held permits' leases, and hear of permits freed by other workers, in the
+        background until stop()."""
+        self._tasks = [
+            asyncio.create_task(self._renew_forever(), name="promptq-limit-leases"),
+            asyncio.create_task(self._listen_for_freed(), name="promptq-limit-freed"),
+        ]
 
     async def stop(self) -> None:
-        """Stop renewing."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop renewing and listening."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     def stats(self) -> dict[str, ScopeStats]:
         """This process's counters per scope (for metrics)."""
@@ -382,6 +388,28 @@ class Limiter:
                 renewed += await self.redis.renew(name, ids, lease_s=self.lease_s)
         return renewed
 
+    async def _listen_for_freed(self) -> None:
+        """Wake this process's calls waiting on a scope when any worker frees one of its
+        permits (without this they would only see it at their next try, up to MAX_POLL_S
+        later); re-subscribe after a failure (the tries go on meanwhile)."""
+        while True:
+            try:
+                async with self.redis.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.redis.freed_channel)
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        name = message["data"]
+                        scope = self._scopes.get(name.decode() if isinstance(name, bytes) else name)
+                        if scope is not None:
+                            _wake(scope)
+            except (RedisError, OSError) as exc:
+                logger.warning("lost the freed-permits subscription (%r); re-subscribing", exc)
+                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+            except Exception:  # never let it die: without it, waiting calls only poll
+                logger.exception("freed-permits listener failed; re-subscribing")
+                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
@@ -415,51 +443,44 @@ class Limiter:
         name = endpoint.scope(model)
         started = time.monotonic()
         waited = False
-        scope.waiters += 1
-        try:
-            while True:
-                permit_id = uuid.uuid4().hex
-                try:
-                    grant = await self.redis.acquire(
-                        name,
-                        scope.limits,
-                        permit_id=permit_id,
-                        lease_s=self.lease_s,
-                        tokens=tokens,
-                        job_id=job_id,
-                    )
-                except (RedisError, OSError) as exc:
-                    # Limits can't be checked: wait (never call past them) until Redis is back.
-                    logger.warning("limits of %s unreachable (%r); waiting", name, exc)
-                    grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
-                if grant.granted:
-                    permit = Permit(name, permit_id, grant.bucket, tokens)
-                    scope.held[permit_id] = permit
-                    scope.stats.in_flight += 1
-                    if waited:
-                        scope.stats.waits += 1
-                        scope.stats.wait_seconds += time.monotonic() - started
-                    return permit
-                # A full max_in_flight frees when some call ends: soon, but nobody knows when.
-                scope.hint_s = 0.0 if grant.reason == "max_in_flight" else grant.wait_s
-                left_s = None if wait_s is None else wait_s - (time.monotonic() - started)
-                if (left_s is not None and left_s <= 0) or (give_up is not None and give_up()):
-                    return None
-                waited = True
-                pause_s = min(max(grant.wait_s, MIN_POLL_S), MAX_POLL_S)
-                if grant.reason == "redis":
-                    pause_s = REDIS_DOWN_PAUSE_S
-                pause_s *= self.rng.uniform(0.5, 1.0)  # don't retry in lockstep
-                if left_s is not None:
-                    pause_s = min(pause_s, left_s)
-                freed = scope.freed
-                try:
-                    async with asyncio.timeout(pause_s):
-                        await freed.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            scope.waiters -= 1
+        while True:
+            permit_id = uuid.uuid4().hex
+            try:
+                grant = await self.redis.acquire(
+                    name,
+                    scope.limits,
+                    permit_id=permit_id,
+                    lease_s=self.lease_s,
+                    tokens=tokens,
+                    job_id=job_id,
+                )
+            except (RedisError, OSError) as exc:
+                # Limits can't be checked: wait (never call past them) until Redis is back.
+                logger.warning("limits of %s unreachable (%r); waiting", name, exc)
+                grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
+            if grant.granted:
+                permit = Permit(name, permit_id, grant.bucket, tokens)
+                scope.held[permit_id] = permit
+                scope.stats.in_flight += 1
+                if waited:
+                    scope.stats.waits += 1
+                    scope.stats.wait_seconds += time.monotonic() - started
+                return permit
+            # A full max_in_flight frees when some call ends: soon, but nobody knows when.
+            scope.hint_s = 0.0 if grant.reason == "max_in_flight" else grant.wait_s
+            left_s = None if wait_s is None else wait_s - (time.monotonic() - started)
+            if (left_s is not None and left_s <= 0) or (give_up is not None and give_up()):
+                return None
+            waited = True
+            pause_s = min(max(grant.wait_s, MIN_POLL_S), MAX_POLL_S)
+            if grant.reason == "max_in_flight":
+                pause_s = IN_FLIGHT_POLL_S
+            elif grant.reason == "redis":
+                pause_s = REDIS_DOWN_PAUSE_S
+            pause_s *= self.rng.uniform(0.5, 1.0)  # don't retry in lockstep
+            if left_s is not None:
+                pause_s = min(pause_s, left_s)
+            await _doze(scope, pause_s, give_up)
 
     def _last_hint_s(self, scope: _Scope) -> float:
         return max(scope.hint_s, self.wait_s, MAX_POLL_S)
@@ -489,10 +510,7 @@ class Limiter:
         if scope is not None:
             scope.held.pop(permit.id, None)
             scope.stats.in_flight -= 1
-            # Wake this process's waiters on this scope; the event is replaced, not cleared,
-            # so a waiter that has not started waiting yet is not woken by a stale set().
-            scope.freed.set()
-            scope.freed = asyncio.Event()
+            _wake(scope)
         try:
             await self.redis.release(
                 permit.scope,
@@ -516,3 +534,31 @@ class Limiter:
                 )
         except Exception:  # only a hint for the reconciler
             logger.debug("could not record when job %s is due", job_id, exc_info=True)
+
+
+def _wake(scope: _Scope) -> None:
+    """Wake the call that has waited longest on `scope` in this process: one permit was given
+    back, one call can have it (each worker wakes one, and they race for it in Redis)."""
+    while scope.sleepers:
+        sleeper = scope.sleepers.popleft()
+        if not sleeper.done():
+            sleeper.set_result(None)
+            return
+
+
+async def _doze(scope: _Scope, pause_s: float, give_up: Callable[[], bool] | None) -> None:
+    """Wait `pause_s`, or less: until `_wake` picks this call, or `give_up()` turns true
+    (looked at every MAX_POLL_S)."""
+    sleeper: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    scope.sleepers.append(sleeper)
+    try:
+        end = time.monotonic() + pause_s
+        while (left_s := end - time.monotonic()) > 0:
+            step_s = left_s if give_up is None else min(left_s, MAX_POLL_S)
+            woken, _ = await asyncio.wait({sleeper}, timeout=step_s)
+            if woken or (give_up is not None and give_up()):
+                return
+    finally:
+        if not sleeper.done():
+            sleeper.cancel()
+            scope.sleepers.remove(sleeper)

@@ -52,7 +52,8 @@ class ModelSlots:
         self.size = size
         #: Slots held now.
         self.in_use = 0
-        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        #: (rank, arrival, future, tag) of each job waiting for a slot, as a heap.
+        self._waiters: list[tuple[float, int, asyncio.Future[None], object]] = []
         self._arrivals = itertools.count()
         self.closed = False
         #: Called when a holder gives its slot up (the worker polls for more jobs).
@@ -62,11 +63,14 @@ class ModelSlots:
     @property
     def waiting(self) -> int:
         """Jobs waiting for a slot (prefetched)."""
-        return sum(not future.done() for _, _, future in self._waiters)
+        return sum(not future.done() for _, _, future, _ in self._waiters)
 
-    def wanted(self) -> bool:
-        """True if a job waits for a slot."""
-        return self.waiting > 0
+    def wanted(self, excluding: object = None) -> bool:
+        """True if a job waits for a slot (one whose `take` tag is not `excluding`)."""
+        return any(
+            not future.done() and (excluding is None or tag != excluding)
+            for _, _, future, tag in self._waiters
+        )
 
     @property
     def finishing(self) -> int:
@@ -74,9 +78,12 @@ class ModelSlots:
         self._past = {task for task in self._past if not task.done()}
         return len(self._past)
 
-    async def take(self, rank: float = 0) -> Ticket:
-        """Wait for a slot (lower `rank` first) to use later in `hold`, or to `give_back`."""
-        await self._acquire(rank)
+    async def take(self, rank: float = 0, tag: object = None) -> Ticket:
+        """Wait for a slot (lower `rank` first) to use later in `hold`, or to `give_back`.
+
+        `tag` says what the job needs next (the limits it waits on: `wanted(excluding=tag)`).
+        """
+        await self._acquire(rank, tag)
         return Ticket()
 
     def give_back(self, ticket: Ticket) -> None:
@@ -116,12 +123,12 @@ class ModelSlots:
     def close(self) -> None:
         """Turn away every waiting and later job with SlotsClosed (holders carry on)."""
         self.closed = True
-        for _, _, future in self._waiters:
+        for _, _, future, _ in self._waiters:
             if not future.done():
                 future.set_exception(SlotsClosed())
         self._waiters.clear()
 
-    async def _acquire(self, rank: float) -> None:
+    async def _acquire(self, rank: float, tag: object = None) -> None:
         if self.closed:
             raise SlotsClosed()
         # A free slot means nobody waits: _release hands a slot to a waiter before freeing it.
@@ -129,7 +136,7 @@ class ModelSlots:
             self.in_use += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (rank, next(self._arrivals), future))
+        heapq.heappush(self._waiters, (rank, next(self._arrivals), future, tag))
         try:
             await future  # resolved by _release, which hands its slot over
         except asyncio.CancelledError:
@@ -146,7 +153,7 @@ class ModelSlots:
     def _release(self) -> bool:
         """Hand the slot to the first waiter (True), else free it."""
         while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
+            _, _, future, _ = heapq.heappop(self._waiters)
             if not future.done():  # skip waiters that were cancelled
                 future.set_result(None)  # the slot passes on: in_use stays the same
                 return True

@@ -198,3 +198,20 @@ async def test_a_slot_taken_ahead_is_held_by_the_block_or_given_back_once() -> N
     assert slots.in_use == 1 and not slots.wanted()
     slots.give_back(second)
     assert slots.in_use == 0 and released == [0, 1, 0]
+
+
+async def test_wanted_can_leave_out_the_jobs_that_wait_for_the_same_thing() -> None:
+    # A job waiting on a model's limits gives its slot up only to a job of another model
+    slots = ModelSlots(1)
+    ticket = await slots.take(tag="model-a")
+    same = asyncio.create_task(slots.take(tag="model-a"))
+    await until(slots.wanted)
+    assert not slots.wanted(excluding="model-a")
+
+    other = asyncio.create_task(slots.take(tag="model-b"))
+    await until(lambda: slots.waiting == 2)
+    assert slots.wanted(excluding="model-a") and slots.wanted()
+
+    slots.close()
+    await asyncio.gather(same, other, return_exceptions=True)
+    slots.give_back(ticket)
