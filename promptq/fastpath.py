@@ -85,6 +85,16 @@ UPDATE jobs SET status = 'succeeded', updated_at = :now, finished_at = :now,
 WHERE id = :id AND status = 'running' AND attempts = :number
 """
 
+#: A job waiting to run: its model, kind, priority and (a prompt job's only) input.
+_SQLITE_WAITING = """
+SELECT model, kind, priority, CASE WHEN kind = 'prompt' THEN input END FROM jobs
+WHERE id = :id AND status IN ('queued', 'retrying')
+"""
+_PG_WAITING = """
+SELECT model, kind, priority, CASE WHEN kind = 'prompt' THEN input END FROM jobs
+WHERE id = $1 AND status IN ('queued', 'retrying')
+"""
+
 #: PostgreSQL: take a claimable job and open its attempt ($1 now, $2 lease, $3 id, $4 worker).
 _PG_CLAIM = """
 WITH claimed AS (
@@ -272,6 +282,19 @@ class FastPath:
             self._read_time(deadline),
             prio,
         )
+
+    async def waiting(self, job_id: str) -> tuple[str, str, int, dict[str, Any] | None] | None:
+        """(model, kind, priority, input if a prompt job) of a job waiting to run, else None."""
+        async with self._driver() as driver:
+            if self.postgres:
+                row = await driver.fetchrow(_PG_WAITING, job_id)
+            else:
+                async with driver.execute(_SQLITE_WAITING, {"id": job_id}) as cursor:
+                    row = await cursor.fetchone()
+        if row is None:
+            return None
+        model, kind, priority, input_ = row
+        return model, kind, priority, input_ if self.postgres else self._read_json(input_)
 
     async def succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         """Close the attempt as succeeded and store the result, if the claim still holds."""

@@ -21,7 +21,7 @@ from promptq.cache import hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.fastpath import FastPath, Outcome, move_job
-from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, Priority
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobKind, JobStatus, Priority
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,17 @@ def cancelled_values(now: datetime) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class WaitingRequest:
+    """A job waiting to run, as the limiter sees it before the claim."""
+
+    model: str
+    kind: str
+    priority: int
+    #: A prompt job's input (messages, params); None for other kinds.
+    input: dict[str, Any] | None
+
+
 class JobStore:
     """Reads and conditional writes of `jobs` and `job_attempts`."""
 
@@ -131,6 +142,24 @@ class JobStore:
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
         """The session factory, for stores of related tables (promptq.checkpoints)."""
         return self._sessionmaker
+
+    async def waiting_request(self, job_id: str) -> WaitingRequest | None:
+        """What a job waiting to run (queued, retrying) asks of the model; None otherwise."""
+        if self._fast is not None and self._fast.available:
+            row = await self._fast.waiting(job_id)
+            return None if row is None else WaitingRequest(*row)
+        async with self._sessionmaker() as session:
+            found = (
+                await session.execute(
+                    select(Job.model, Job.kind, Job.priority, Job.input).where(
+                        Job.id == job_id, Job.status.in_(CLAIMABLE)
+                    )
+                )
+            ).first()
+        if found is None:
+            return None
+        model, kind, priority, input_ = found
+        return WaitingRequest(model, kind, priority, input_ if kind == JobKind.PROMPT else None)
 
     async def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""

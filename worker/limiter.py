@@ -37,14 +37,14 @@ from typing import Any
 
 from arq import Retry
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from promptq import clock
 from promptq.db import is_db_unavailable
 from promptq.endpoints import Endpoint, EndpointTable
 from promptq.limits import Grant, RedisLimits, ScopeLimits
 from promptq.metrics import LimitReading
-from promptq.models import Job, JobKind, Priority
+from promptq.models import Job, Priority
 from promptq.settings import Settings
 from promptq.store import CLAIMABLE, JobStore
 
@@ -288,28 +288,23 @@ class Limiter:
         raise Retry(defer=timedelta(seconds=defer_s))
 
     async def _job_call(self, store: JobStore, settings: Settings, job_id: str) -> JobCall | None:
-        async with store.sessionmaker() as session:
-            row = (
-                await session.execute(
-                    select(Job.model, Job.kind, Job.status, Job.priority).where(Job.id == job_id)
-                )
-            ).first()
-            if row is None or row.status not in CLAIMABLE:
-                return None
-            endpoint = self.table.resolve(row.model)
-            if not self.limited(endpoint):
-                return None
-            interactive = row.priority > Priority.BULK
-            if row.kind != JobKind.PROMPT:  # a summarize call carries at most a window
-                return JobCall(endpoint, row.model, settings.context_window_tokens, interactive)
-            data = (await session.execute(select(Job.input).where(Job.id == job_id))).scalar_one()
-        tokens = estimate_tokens(
-            data.get("messages") or [],
-            data.get("params") or {},
-            chars_per_token=settings.chars_per_token,
-            assumed=endpoint.limits.assumed_max_tokens,
-        )
-        return JobCall(endpoint, row.model, tokens, interactive)
+        request = await store.waiting_request(job_id)
+        if request is None:
+            return None
+        endpoint = self.table.resolve(request.model)
+        if not self.limited(endpoint):
+            return None
+        interactive = request.priority > Priority.BULK
+        if request.input is None:  # a summarize call carries at most a window
+            tokens = settings.context_window_tokens
+        else:
+            tokens = estimate_tokens(
+                request.input.get("messages") or [],
+                request.input.get("params") or {},
+                chars_per_token=settings.chars_per_token,
+                assumed=endpoint.limits.assumed_max_tokens,
+            )
+        return JobCall(endpoint, request.model, tokens, interactive)
 
     async def after_job(self) -> None:
         """Give back, refunded, the permits this job took but never used."""

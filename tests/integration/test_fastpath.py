@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select, update
 
 from promptq import clock
-from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
-from promptq.schemas import PromptJobCreate
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus, Priority
+from promptq.schemas import PromptJobCreate, SummarizeJobCreate
 from promptq.service import JobService
 from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim
 
@@ -307,3 +307,31 @@ async def test_one_unwritable_success_does_not_fail_the_others_written_with_it(
     assert isinstance(outcomes[1], Exception)
     statuses = [(await service.store.get_job(job.id)).status for job in jobs]  # type: ignore[union-attr]
     assert statuses == [JobStatus.SUCCEEDED, JobStatus.RUNNING, JobStatus.SUCCEEDED]
+
+
+async def test_a_waiting_request_is_read_for_the_limiter_before_the_claim(
+    service: JobService,
+) -> None:
+    prompt, _ = await service.submit(request("how long?"))
+    await _set(service, prompt.id, priority=Priority.INTERACTIVE)
+    summary, _ = await service.submit(
+        SummarizeJobCreate.model_validate({"kind": "summarize", "document": "word " * 50})
+    )
+
+    waiting = await service.store.waiting_request(prompt.id)
+    assert waiting is not None
+    assert (waiting.model, waiting.kind, waiting.priority) == (
+        prompt.model,
+        "prompt",
+        Priority.INTERACTIVE,
+    )
+    assert waiting.input == prompt.input
+    # a summarize job's document is not read: its calls reserve a context window each
+    summary_waiting = await service.store.waiting_request(summary.id)
+    assert summary_waiting is not None
+    assert (summary_waiting.kind, summary_waiting.input) == ("summarize", None)
+
+    # a job that is running, or missing, is not waiting
+    assert isinstance(await service.store.claim(prompt.id, worker="w1", lease_s=60), Claim)
+    assert await service.store.waiting_request(prompt.id) is None
+    assert await service.store.waiting_request("no-such-job") is None
