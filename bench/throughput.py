@@ -1,6 +1,6 @@
 """Throughput benchmark: how close promptq keeps a model to saturation, on this machine.
 
-Run `python -m bench --quick` (about 5 minutes) or `python -m bench` (the full run, about 12
+Run `python -m bench --quick` (about 5 minutes) or `python -m bench` (the full run, about 14
 minutes on a quiet 2-core machine).
 It needs the `bench` extra (matplotlib, psutil), Redis, and PostgreSQL for the PostgreSQL rows.
 
@@ -14,6 +14,12 @@ their injected latency is up and it shares no event loop with the systems under 
 * promptq-sqlite / promptq-postgres: jobs submitted over HTTP to a real `promptq api`
   subprocess (SQL row, then Redis), run by a real `promptq worker` subprocess that records
   every result in SQL.
+
+The shared-limit workload runs promptq with three worker processes of 8 model slots each,
+sharing one endpoint limited to 12 calls in flight (`max_in_flight`, a global limit in Redis):
+the question is how busy they keep a model whose capacity is the limit, not their slots. Its
+ideal and efficiency count against the limit (the baseline runs 12 at a time in one process);
+plain arq has no global limits and sits it out.
 
 For the queues, the worker is started and then frozen (SIGSTOP) while the whole workload is
 submitted, then thawed: the makespan runs from the thaw to the last job's finish, so it measures

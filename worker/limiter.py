@@ -384,9 +384,9 @@ class Limiter:
         return renewed
 
     async def _listen_for_freed(self) -> None:
-        """Wake this process's calls waiting on a scope when any worker frees one of its
-        permits (without this they would only see it at their next try, up to MAX_POLL_S
-        later); re-subscribe after a failure (the tries go on meanwhile)."""
+        """Wake one of this process's calls waiting on a scope whenever any worker frees one
+        of its permits (without this a call would only see it at its next try, up to
+        IN_FLIGHT_POLL_S later); re-subscribe after a failure (the tries go on meanwhile)."""
         while True:
             try:
                 async with self.redis.redis.pubsub() as pubsub:
