@@ -8,10 +8,11 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
 * claim (a queued or retrying job with attempts left and time before its deadline): one
   conditional `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the
   attempt row is inserted in the same transaction. On PostgreSQL that is one statement (a
-  data-modifying CTE, atomic on its own), shared by the claims that come together (the jobs
-  one poll of the queue started: arrays of their values); on SQLite an UPDATE and an INSERT
-  in aiosqlite's thread, in a transaction shared with the process's other claims and results
-  of the moment (promptq.group_commit). When nothing matches, `claim` returns None and
+  data-modifying CTE, atomic on its own); on SQLite an UPDATE and an INSERT in aiosqlite's
+  thread, in a transaction shared with the process's other claims and results of the moment
+  (promptq.group_commit). (Claims on PostgreSQL stay one statement each: grouped like the
+  results, they waited on one another and the zero-latency drain lost a fifth of its rate.)
+  When nothing matches, `claim` returns None and
   `JobStore.claim` takes its general path, which handles every other case (an expired lease
   to take over, a passed deadline, no attempts left, a finished or missing job).
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
@@ -21,9 +22,9 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
   on SQLite one transaction with a savepoint each.
 
 On PostgreSQL, should a shared statement fail (one bad value), each of its writes is made on
-its own so that each gets its own answer. Claims and results are each one statement at a time
-per process: a write whose job row another transaction holds locked makes the next ones wait
-until it is let go.
+its own so that each gets its own answer. Results are one statement at a time per process: a
+result whose job row another transaction holds locked makes the next ones wait until it is
+let go.
 
 The conditions are the same as the general path's, so the guarantees are too; the store's
 tests run through this module. Values go through the columns' own SQLAlchemy type
@@ -114,31 +115,6 @@ SELECT kind, model, input, attempts, interruptions, max_attempts, deadline_s, de
        priority
 FROM claimed
 """
-#: PostgreSQL: _PG_CLAIM for many jobs at once, one array per column ($1 job ids, $2 times,
-#: $3 leases, $4 workers); returns the id and _PG_CLAIM's columns of each job taken.
-_PG_CLAIM_MANY = """
-WITH given AS (
-    SELECT * FROM unnest($1::varchar[], $2::timestamptz[], $3::timestamptz[], $4::varchar[])
-        AS g(id, now, lease, worker)
-), claimed AS (
-    UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
-        started_at = COALESCE(j.started_at, g.now), next_attempt_at = NULL,
-        lease_expires_at = g.lease, updated_at = g.now
-    FROM given g
-    WHERE j.id = g.id AND j.status IN ('queued', 'retrying')
-      AND (j.deadline_at IS NULL OR j.deadline_at > g.now)
-      AND j.attempts - j.interruptions < j.max_attempts
-      AND j.cancel_requested_at IS NULL
-    RETURNING j.id, j.kind, j.model, j.input, j.attempts, j.interruptions, j.max_attempts,
-              j.deadline_s, j.deadline_at, j.priority, g.now, g.worker
-), opened AS (
-    INSERT INTO job_attempts (job_id, number, started_at, outcome, worker, model)
-    SELECT id, attempts, now, 'running', worker, model FROM claimed
-)
-SELECT id, kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
-       priority
-FROM claimed
-"""
 #: PostgreSQL: close the attempt and record the success ($1 now, $2 outcome, $3 status code,
 #: $4 error, $5 latency, $6/$7 tokens, $8 result, $9 finish reason, $10 id, $11 number).
 _PG_SUCCEED = """
@@ -221,9 +197,7 @@ class FastPath:
         self._sqlite_writes: GroupCommit[tuple[Write, dict[str, Any]]] = GroupCommit(
             sqlite_writes(self._driver)
         )
-        #: PostgreSQL: the claims, and the successes, of jobs that come together are written in
-        #: one statement each.
-        self._pg_claims: GroupCommit[_Claim] = GroupCommit(self._pg_claim_many)
+        #: PostgreSQL: the successes of jobs that end together are written in one statement.
         self._pg_results: GroupCommit[_Success] = GroupCommit(self._pg_succeed_many)
         self._bind_time: Callable[[Any], Any] = _processor(
             UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
@@ -259,8 +233,9 @@ class FastPath:
         """Take a claimable job and open its attempt; None when the general path must decide."""
         lease = now + timedelta(seconds=lease_s)
         if self.postgres:
-            claimed: ClaimedRow | None = await self._pg_claims.run((job_id, now, lease, worker))
-            return claimed
+            async with self._driver() as driver:
+                pg_row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
+            return None if pg_row is None else ClaimedRow(*pg_row)
         params = {
             "id": job_id,
             "now": self._bind_time(now),
@@ -314,23 +289,6 @@ class FastPath:
             "finish_reason": done.finish_reason,
         }
         return bool(await self._sqlite_writes.run((_sqlite_succeed, params)))
-
-    async def _pg_claim_many(self, given: list[_Claim]) -> list[Settled]:
-        """The flush of `_pg_claims`: every claim in one statement; the row of each job taken."""
-
-        async def many(claims: list[_Claim]) -> dict[Hashable, ClaimedRow]:
-            async with self._driver() as driver:
-                rows = await driver.fetch(_PG_CLAIM_MANY, *_columns(claims))
-            return {row[0]: ClaimedRow(*row[1:]) for row in rows}
-
-        return await _each_once(given, lambda claim: claim[0], many, self._pg_claim, None)
-
-    async def _pg_claim(
-        self, job_id: str, now: datetime, lease: datetime, worker: str
-    ) -> ClaimedRow | None:
-        async with self._driver() as driver:
-            row = await driver.fetchrow(_PG_CLAIM, now, lease, job_id, worker)
-        return None if row is None else ClaimedRow(*row)
 
     async def _pg_succeed_many(self, given: list[_Success]) -> list[Settled]:
         """The flush of `_pg_results`: every success in one statement; whether each moved."""
@@ -416,8 +374,6 @@ async def move_job(
     return False
 
 
-#: A claim to write: job id, when, lease until, worker.
-_Claim = tuple[str, datetime, datetime, str]
 #: A success to write: job id, attempt number, when, what.
 _Success = tuple[str, int, datetime, Outcome]
 _Item = TypeVar("_Item", bound=tuple[Any, ...])
