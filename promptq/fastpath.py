@@ -18,13 +18,10 @@ common cases are hand-written SQL, sent straight to the driver of a pooled conne
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
   the claim still holds (status running, same attempt number), so a late or duplicate attempt
   cannot overwrite a result. Successes that come together share the transaction (a
-  promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values,
-  on SQLite one transaction with a savepoint each.
-
-On PostgreSQL, should a shared statement fail (one bad value), each of its writes is made on
-its own so that each gets its own answer. Results are one statement at a time per process: a
-result whose job row another transaction holds locked makes the next ones wait until it is
-let go.
+  promptq.group_commit.GroupCommit): on PostgreSQL one statement over arrays of their values
+  (if it fails, each is written on its own so that each gets its own answer), on SQLite one
+  transaction with a savepoint each. One write at a time per process: a result whose job
+  row another transaction holds locked makes the next ones wait until it is let go.
 
 The conditions are the same as the general path's, so the guarantees are too; the store's
 tests run through this module. Values go through the columns' own SQLAlchemy type
@@ -41,10 +38,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import asyncpg
 from sqlalchemy import CursorResult, Table, update
@@ -292,19 +289,28 @@ class FastPath:
 
     async def _pg_succeed_many(self, given: list[_Success]) -> list[Settled]:
         """The flush of `_pg_results`: every success in one statement; whether each moved."""
-
-        async def many(successes: list[_Success]) -> dict[Hashable, bool]:
-            rows = [
-                (job_id, number, now, *_success_values(done))
-                for job_id, number, now, done in successes
-            ]
+        if len(given) == 1:
+            return [(True, await self._pg_succeed(*given[0]))]
+        firsts: dict[tuple[str, int], int] = {}  # a repeat finds the job moved: False
+        for index, (job_id, number, _, _) in enumerate(given):
+            firsts.setdefault((job_id, number), index)
+        rows = [
+            (job_id, number, now, *_success_values(done))
+            for index, (job_id, number, now, done) in enumerate(given)
+            if firsts[(job_id, number)] == index
+        ]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        try:
             async with self._driver() as driver:
-                moved = await driver.fetch(_PG_SUCCEED_MANY, *_columns(rows))
-            return {(job_id, number): True for job_id, number in moved}
-
-        return await _each_once(
-            given, lambda success: (success[0], success[1]), many, self._pg_succeed, False
-        )
+                moved = {tuple(row) for row in await driver.fetch(_PG_SUCCEED_MANY, *columns)}
+        except OperationalError:
+            raise  # the database is away: every success waits for it
+        except Exception:  # one bad value fails the statement: give each its own answer
+            return [await _settle(self._pg_succeed(*success)) for success in given]
+        return [
+            (True, firsts[(job_id, number)] == index and (job_id, number) in moved)
+            for index, (job_id, number, _, _) in enumerate(given)
+        ]
 
     async def _pg_succeed(self, job_id: str, number: int, now: datetime, done: Outcome) -> bool:
         async with self._driver() as driver:
@@ -376,41 +382,6 @@ async def move_job(
 
 #: A success to write: job id, attempt number, when, what.
 _Success = tuple[str, int, datetime, Outcome]
-_Item = TypeVar("_Item", bound=tuple[Any, ...])
-
-
-async def _each_once(
-    given: list[_Item],
-    key: Callable[[_Item], Hashable],
-    many: Callable[[list[_Item]], Awaitable[dict[Hashable, Any]]],
-    one: Callable[..., Awaitable[Any]],
-    missing: Any,
-) -> list[Settled]:
-    """A PostgreSQL flush: write `given` in one statement, `many` (each key once: a repeat
-    finds the job moved, and gets `missing`), whose result maps the key of each item that took
-    effect to its result (`missing` for the others). Should the statement fail, each item is
-    written on its own by `one`, and gets its own answer; unless the database is away
-    (OperationalError), which fails them all."""
-    if len(given) == 1:
-        return [(True, await one(*given[0]))]
-    firsts: dict[Hashable, int] = {}
-    for index, item in enumerate(given):
-        firsts.setdefault(key(item), index)
-    try:
-        found = await many([given[index] for index in firsts.values()])
-    except OperationalError:
-        raise
-    except Exception:  # one bad value fails the statement
-        return [await _settle(one(*item)) for item in given]
-    return [
-        (True, found.get(key(item), missing) if firsts[key(item)] == index else missing)
-        for index, item in enumerate(given)
-    ]
-
-
-def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as one list per column (the arrays of an unnest)."""
-    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _success_values(done: Outcome) -> tuple[Any, ...]:
