@@ -646,9 +646,9 @@ class JobStore:
         # Going back to wait (retrying, queued): a cancel asked for meanwhile ends it instead.
         cancelled = None
         if not job_status.is_terminal:
-            cancelled = cancelled_values(now) | {
-                k: v for k, v in job_values.items() if k == "interruptions"
-            }
+            cancelled = cancelled_values(now)
+            if "interruptions" in job_values:
+                cancelled["interruptions"] = job_values["interruptions"]
         if self._fast is not None and self._fast.available:
             done = Outcome(
                 outcome=result.outcome,
