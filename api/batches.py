@@ -157,7 +157,11 @@ async def batch_created_out(batches: BatchService, created: BatchCreated) -> Bat
     """The response body of a created batch."""
     (out,) = await batches.describe([created.batch])
     return BatchCreatedOut(
-        **out.model_dump(), created=created.created, reused=created.reused, cached=created.cached
+        **out.model_dump(),
+        created=created.created,
+        reused=created.reused,
+        cached=created.cached,
+        following=created.following,
     )
 
 

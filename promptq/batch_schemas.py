@@ -103,6 +103,9 @@ class BatchCreatedOut(BatchOut):
     reused: int
     #: Jobs of `created` answered from the result cache (already succeeded, never queued).
     cached: int = 0
+    #: Jobs of `created` that wait for the answer of an identical job in flight, or of an
+    #: identical item before them, instead of calling the model themselves.
+    following: int = 0
 
 
 class BatchPage(BaseModel):

@@ -6,7 +6,8 @@ OpenAI Batch API alike. It takes items that are already valid (see promptq.batch
 1. inserts the `batches` row and the jobs in one transaction, a thousand rows per INSERT
    (SQLAlchemy Core executemany), never building ORM objects, so memory stays flat; a prompt
    item that may reuse a stored answer (promptq.cache) and has one is written already
-   succeeded, from one lookup per thousand items;
+   succeeded, from one lookup per thousand items; one that has none but repeats a request
+   in flight, or an earlier item, waits for that one's answer (promptq.single_flight);
 2. after the commit, queues the other jobs through Redis pipelines (promptq.bulk_queue).
 
 Jobs saved but not queued because Redis is down stay `queued` in SQL; the reconciler queues
@@ -65,6 +66,7 @@ from promptq.models import (
     Priority,
 )
 from promptq.service import JobService
+from promptq.single_flight import follow_leaders
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class BatchCreated:
     reused: int
     #: Jobs answered from the result cache (created already succeeded, never queued).
     cached: int
+    #: Jobs queued to wait for an identical job's answer (promptq.single_flight).
+    following: int
     #: Jobs put on the Redis queue now (the reconciler queues the rest if Redis was down).
     enqueued: int
 
@@ -152,7 +156,7 @@ class BatchService:
         )
         cache = self.service.cache
         ids = bytearray()  # the queued ids, 36 ASCII bytes each: 3.6 MB for 100k jobs
-        created = reused = cached = 0
+        created = reused = cached = following = 0
         try:
             async with self.sessionmaker() as session, session.begin():
                 session.add(batch)
@@ -185,8 +189,13 @@ class BatchService:
                     reused += len(rows) - len(fresh)
                     if not fresh:
                         continue
-                    cached += await _answer_from_cache(
-                        conn, [row for row in fresh if row["id"] in cacheable], owner_key_id, now
+                    may_reuse = [row for row in fresh if row["id"] in cacheable]
+                    cached += await _answer_from_cache(conn, may_reuse, owner_key_id, now)
+                    following += await follow_leaders(
+                        conn,
+                        [row for row in may_reuse if row["status"] == JobStatus.QUEUED.value],
+                        owner_key_id,
+                        priority=priority,
                     )
                     await _insert(conn, statement, fresh)
                     created += len(fresh)
@@ -204,18 +213,24 @@ class BatchService:
         inserted = time.perf_counter()
         enqueued = await self.enqueue_ids(_split_ids(ids)) if enqueue and ids else 0
         logger.info(
-            "batch %s: %d job(s) created in %.2f s (%d from the cache), %d reused, "
-            "%d queued in %.2f s",
+            "batch %s: %d job(s) created in %.2f s (%d from the cache, %d waiting for an "
+            "identical job), %d reused, %d queued in %.2f s",
             batch.id,
             created,
             inserted - started,
             cached,
+            following,
             reused,
             enqueued,
             time.perf_counter() - inserted,
         )
         return BatchCreated(
-            batch=batch, created=created, reused=reused, cached=cached, enqueued=enqueued
+            batch=batch,
+            created=created,
+            reused=reused,
+            cached=cached,
+            following=following,
+            enqueued=enqueued,
         )
 
     def _rows(

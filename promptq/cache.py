@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections.abc import Collection
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import ColumnElement, Row, func, select
@@ -53,8 +53,11 @@ def prompt_hash(model: str, job_input: dict[str, Any]) -> str:
     return request_hash(JobKind.PROMPT, model, job_input["messages"], job_input["params"])
 
 
+#: The statuses of a job still on its way to an answer.
+IN_FLIGHT = (JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING)
+
 #: What a cache hit copies from the job that answered.
-_ANSWER = (
+ANSWER = (
     Job.id,
     Job.request_hash,
     Job.cached_from,
@@ -66,7 +69,7 @@ _ANSWER = (
 
 
 def hit_values(source: Row[Any], now: datetime) -> dict[str, Any]:
-    """The job columns of a cache hit answered by `source` (a job row with _ANSWER's fields)."""
+    """The job columns of a cache hit answered by `source` (a job row with ANSWER's fields)."""
     return {
         "status": JobStatus.SUCCEEDED.value,
         "result": source.result,
@@ -79,14 +82,10 @@ def hit_values(source: Row[Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def _answered(digests: Collection[str], owner_key_id: str | None) -> ColumnElement[bool]:
+def same_requests(digests: Collection[str], owner_key_id: str | None) -> ColumnElement[bool]:
+    """The prompt jobs of this owner (None: the local operator) with one of these hashes."""
     owner = Job.owner_key_id.is_(None) if owner_key_id is None else Job.owner_key_id == owner_key_id
-    return (
-        Job.request_hash.in_(list(digests))
-        & owner
-        & (Job.status == JobStatus.SUCCEEDED)
-        & (Job.kind == JobKind.PROMPT)
-    )
+    return Job.request_hash.in_(list(digests)) & owner & (Job.kind == JobKind.PROMPT)
 
 
 async def find_many(
@@ -95,10 +94,32 @@ async def find_many(
     """The newest succeeded prompt job of this owner for each of `digests` that has one."""
     if not digests:
         return {}
-    newest = select(func.max(Job.id)).where(_answered(digests, owner_key_id))
-    query = select(*_ANSWER).where(Job.id.in_(newest.group_by(Job.request_hash)))
+    answered = same_requests(digests, owner_key_id) & (Job.status == JobStatus.SUCCEEDED)
+    newest = select(func.max(Job.id)).where(answered)
+    query = select(*ANSWER).where(Job.id.in_(newest.group_by(Job.request_hash)))
     rows: list[Row[Any]] = list(await conn.execute(query))
     return {row.request_hash: row for row in rows}
+
+
+async def find_leaders(
+    conn: AsyncConnection, digests: Collection[str], owner_key_id: str | None, *, priority: int
+) -> dict[str, str]:
+    """The oldest job in flight for each of `digests` that has one, which makes its own call
+    and is at least as urgent as `priority`: {request hash: job id}."""
+    if not digests:
+        return {}
+    query = (
+        select(Job.request_hash, func.min(Job.id))
+        .where(
+            same_requests(digests, owner_key_id),
+            Job.status.in_(IN_FLIGHT),
+            Job.cached_from.is_(None),
+            Job.cancel_requested_at.is_(None),
+            Job.priority >= priority,
+        )
+        .group_by(Job.request_hash)
+    )
+    return {digest: leader for digest, leader in await conn.execute(query) if digest is not None}
 
 
 class ResultCache:
@@ -118,11 +139,28 @@ class ResultCache:
         job_input: dict[str, Any],
         cache: bool | None,
         owner_key_id: str | None,
-    ) -> tuple[str, Row[Any] | None]:
-        """The prompt's request hash, and the stored answer it may reuse (None: a miss)."""
+        *,
+        follow_at: int | None = None,
+    ) -> Lookup:
+        """The prompt's request hash, and the stored answer it may reuse; with `follow_at` (the
+        new job's priority) and no answer, the identical job in flight it may wait for."""
         digest = prompt_hash(model, job_input)
         if not self.wants(job_input["params"], cache):
-            return digest, None
+            return Lookup(digest)
         async with self._sessionmaker() as session:
-            found = await find_many(await session.connection(), [digest], owner_key_id)
-        return digest, found.get(digest)
+            conn = await session.connection()
+            answer = (await find_many(conn, [digest], owner_key_id)).get(digest)
+            if answer is not None or follow_at is None:
+                return Lookup(digest, answer)
+            leaders = await find_leaders(conn, [digest], owner_key_id, priority=follow_at)
+        return Lookup(digest, leader_id=leaders.get(digest))
+
+
+class Lookup(NamedTuple):
+    """What `ResultCache.lookup` found for a prompt."""
+
+    digest: str
+    #: A stored answer to reuse (a row with ANSWER's fields).
+    answer: Row[Any] | None = None
+    #: An identical job in flight whose answer to wait for (promptq.single_flight).
+    leader_id: str | None = None

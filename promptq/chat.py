@@ -34,7 +34,8 @@ class ChatService:
         settings = self.service.settings
         job_input = request.job_input()
         check_messages(job_input["messages"], settings)
-        digest, source = await self.service.cache.lookup(
+        # Never a follower (promptq.single_flight): the caller is waiting on the line.
+        found = await self.service.cache.lookup(
             request.model, job_input, request.cache, owner_key_id
         )
         job, _ = await self.service.store.create_job(
@@ -45,8 +46,8 @@ class ChatService:
             idempotency_key=None,
             owner_key_id=owner_key_id,
             deadline_s=request.deadline_s,
-            request_hash=digest,
-            answer_from=source,
+            request_hash=found.digest,
+            answer_from=found.answer,
             priority=priority,
         )
         return job

@@ -96,6 +96,11 @@ def submit(
                 err_console.print(f"{created.reused} item(s) reused an existing job (same key)")
             if created.cached:
                 err_console.print(f"{created.cached} job(s) answered from the result cache")
+            if created.following:
+                err_console.print(
+                    f"{created.following} job(s) wait for an identical job's answer "
+                    "instead of calling the model"
+                )
             if wait:
                 return await _wait(batches, created.batch.id, timeout_s)
             return await batches.get(created.batch.id, owned_by=None)

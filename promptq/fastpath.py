@@ -5,16 +5,17 @@ cost several CPU-ms per job: the identity map, the unit of work, building each s
 its cache key, and on SQLite about nine hops to aiosqlite's thread per transaction. Here the
 common cases are hand-written SQL, sent straight to the driver of a pooled connection:
 
-* claim (a queued or retrying job with attempts left and time before its deadline): one
-  conditional `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the
-  attempt row is inserted in the same transaction. On PostgreSQL that is one statement (a
+* claim (a queued or retrying job with attempts left and time before its deadline, that
+  waits for no identical job, see promptq.single_flight): one conditional
+  `UPDATE ... RETURNING` takes the job and returns what the worker needs, and the attempt
+  row is inserted in the same transaction. On PostgreSQL that is one statement (a
   data-modifying CTE, atomic on its own); on SQLite an UPDATE and an INSERT in aiosqlite's
   thread, in a transaction shared with the process's other claims and results of the moment
   (promptq.group_commit). (Claims on PostgreSQL stay one statement each: grouped like the
   results, they waited on one another and the zero-latency drain lost a fifth of its rate.)
   When nothing matches, `claim` returns None and
   `JobStore.claim` takes its general path, which handles every other case (an expired lease
-  to take over, a passed deadline, no attempts left, a finished or missing job).
+  to take over, a passed deadline, no attempts left, a follower, a finished or missing job).
 * succeed: the attempt row and the job row, in one transaction; the job row moves only if
   the claim still holds (status running, same attempt number), so a late or duplicate attempt
   cannot overwrite a result. Successes that come together share the transaction (a
@@ -62,6 +63,7 @@ UPDATE jobs SET status = 'running', attempts = attempts + 1,
 WHERE id = :id AND status IN ('queued', 'retrying')
   AND (deadline_at IS NULL OR deadline_at > :now)
   AND attempts - interruptions < max_attempts AND cancel_requested_at IS NULL
+  AND cached_from IS NULL
 RETURNING kind, model, input, attempts, interruptions, max_attempts, deadline_s, deadline_at,
     priority
 """
@@ -86,11 +88,11 @@ WHERE id = :id AND status = 'running' AND attempts = :number
 #: A job waiting to run: its model, kind, priority and (a prompt job's only) input.
 _SQLITE_WAITING = """
 SELECT model, kind, priority, CASE WHEN kind = 'prompt' THEN input END FROM jobs
-WHERE id = :id AND status IN ('queued', 'retrying')
+WHERE id = :id AND status IN ('queued', 'retrying') AND cached_from IS NULL
 """
 _PG_WAITING = """
 SELECT model, kind, priority, CASE WHEN kind = 'prompt' THEN input END FROM jobs
-WHERE id = $1 AND status IN ('queued', 'retrying')
+WHERE id = $1 AND status IN ('queued', 'retrying') AND cached_from IS NULL
 """
 
 #: PostgreSQL: take a claimable job and open its attempt ($1 now, $2 lease, $3 id, $4 worker).
@@ -102,6 +104,7 @@ WITH claimed AS (
     WHERE id = $3 AND status IN ('queued', 'retrying')
       AND (deadline_at IS NULL OR deadline_at > $1)
       AND attempts - interruptions < max_attempts AND cancel_requested_at IS NULL
+      AND cached_from IS NULL
     RETURNING id, kind, model, input, attempts, interruptions, max_attempts, deadline_s,
               deadline_at, priority
 ), opened AS (

@@ -13,7 +13,7 @@ from promptq.checkpoints import ChunkStore
 from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
 from promptq.input_limits import check_messages
-from promptq.models import Job, JobKind, JobStatus
+from promptq.models import Job, JobKind, JobStatus, Priority
 from promptq.queue import QueueClient
 from promptq.schemas import JobOut, PromptJobCreate, SummarizeJobCreate, job_create_adapter
 from promptq.settings import Settings
@@ -102,9 +102,11 @@ class JobService:
         self.check(request)
         model = request.model or self.settings.default_model
         job_input = request.job_input()
-        digest = source = None
+        digest = answer = leader_id = None
         if isinstance(request, PromptJobCreate):
-            digest, source = await self.cache.lookup(model, job_input, request.cache, owner_key_id)
+            digest, answer, leader_id = await self.cache.lookup(
+                model, job_input, request.cache, owner_key_id, follow_at=Priority.BULK
+            )
         job, created = await self.store.create_job(
             kind=request.kind,
             model=model,
@@ -114,7 +116,8 @@ class JobService:
             owner_key_id=owner_key_id,
             deadline_s=request.deadline_s,
             request_hash=digest,
-            answer_from=source,
+            answer_from=answer,
+            leader_id=leader_id,
         )
         if job.status == JobStatus.QUEUED:
             await self._enqueue(job.id)

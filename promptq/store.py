@@ -16,12 +16,13 @@ from sqlalchemy import Row, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from promptq import clock
-from promptq.cache import hit_values
+from promptq import clock, single_flight
+from promptq.cache import IN_FLIGHT, hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.fastpath import FastPath, Outcome, move_job
 from promptq.models import AttemptOutcome, Job, JobAttempt, JobKind, JobStatus, Priority
+from promptq.single_flight import Following
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ class JobStore:
         return self._sessionmaker
 
     async def waiting_request(self, job_id: str) -> WaitingRequest | None:
-        """What a job waiting to run (queued, retrying) asks of the model; None otherwise."""
+        """What a job waiting to run (queued, retrying) asks of the model; None otherwise.
+
+        None for a follower too (promptq.single_flight): it may never call the model.
+        """
         if self._fast is not None and self._fast.available:
             row = await self._fast.waiting(job_id)
             return None if row is None else WaitingRequest(*row)
@@ -152,7 +156,7 @@ class JobStore:
             found = (
                 await session.execute(
                     select(Job.model, Job.kind, Job.priority, Job.input).where(
-                        Job.id == job_id, Job.status.in_(CLAIMABLE)
+                        Job.id == job_id, Job.status.in_(CLAIMABLE), Job.cached_from.is_(None)
                     )
                 )
             ).first()
@@ -185,6 +189,7 @@ class JobStore:
         deadline_s: float | None = None,
         request_hash: str | None = None,
         answer_from: Row[Any] | None = None,
+        leader_id: str | None = None,
         priority: int = Priority.BULK,
     ) -> tuple[Job, bool]:
         """Insert a queued job. With a known idempotency_key, return the existing one instead.
@@ -192,7 +197,8 @@ class JobStore:
         Idempotency keys are per owner: the same key from two owners makes two jobs.
         Returns (job, created). A reused key with a different request raises IdempotencyConflict.
         With `answer_from` (a cache hit, see promptq.cache) the job is written already
-        succeeded with that job's answer, and 0 attempts.
+        succeeded with that job's answer, and 0 attempts; with `leader_id` it is queued to
+        wait for that identical job's answer (promptq.single_flight).
         """
         if idempotency_key is not None:
             existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
@@ -214,6 +220,7 @@ class JobStore:
             idempotency_key=idempotency_key,
             owner_key_id=owner_key_id,
             request_hash=request_hash,
+            cached_from=leader_id,
             priority=priority,
             created_at=now,
             updated_at=now,
@@ -234,6 +241,8 @@ class JobStore:
             return self._check_same(existing, kind, model, input, max_attempts), False
         if answer_from is not None:
             logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
+        elif leader_id is not None:
+            logger.info("job %s waits for the answer of identical job %s", job.id, leader_id)
         return job, True
 
     async def _by_idempotency_key(self, key: str, owner_key_id: str | None) -> Job | None:
@@ -468,12 +477,15 @@ class JobStore:
 
     # -- the worker's transitions ----------------------------------------------------------
 
-    async def claim(self, job_id: str, *, worker: str, lease_s: float) -> Claim | Busy | None:
+    async def claim(
+        self, job_id: str, *, worker: str, lease_s: float
+    ) -> Claim | Busy | Following | None:
         """Start the next attempt under a lease of `lease_s`; None if the job must not run.
 
         A job found `running` under a live lease is Busy. Once its lease has expired, the worker
         running it is presumed dead: its open attempt is recorded as interrupted (and not
-        charged) and a new attempt starts.
+        charged) and a new attempt starts. A follower whose leader is in flight is Following
+        (promptq.single_flight).
         """
         now = clock.now()
         if self._fast is not None and self._fast.available:
@@ -524,6 +536,18 @@ class JobStore:
             if job.deadline_at is not None and job.deadline_at <= now:
                 await self._fail_past_deadline(session, job, seen_status, interrupted, now)
                 return None
+            if job.cached_from is not None and seen_status != JobStatus.RUNNING:
+                # A follower (promptq.single_flight): it takes its leader's answer, or waits for
+                # it, or, when the leader did not get one, makes its own call.
+                leader = await single_flight.leader_answer(session, job.cached_from)
+                if leader is not None and leader.status in IN_FLIGHT:
+                    return await single_flight.wait_longer(session, job, leader.id, now)
+                if leader is not None and leader.status == JobStatus.SUCCEEDED:
+                    if await single_flight.take_answer(session, job, seen_status, leader, now):
+                        logger.info("job %s answered by identical job %s", job_id, job.cached_from)
+                    else:
+                        await session.rollback()
+                    return None
             charged = job.attempts - job.interruptions - interrupted + 1
             if charged > job.max_attempts:
                 logger.warning("job %s has no attempts left but is %s", job_id, job.status)
@@ -544,6 +568,7 @@ class JobStore:
                     next_attempt_at=None,
                     lease_expires_at=now + timedelta(seconds=lease_s),
                     updated_at=now,
+                    cached_from=None,  # a follower whose leader got no answer runs itself
                 )
             )
             if won.rowcount != 1:  # type: ignore[attr-defined]

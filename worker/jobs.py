@@ -16,6 +16,7 @@ from promptq import clock, logs
 from promptq.db import is_db_unavailable
 from promptq.errors import ClaimLost, LLMError, PermanentLLMError, TransientLLMError
 from promptq.models import AttemptOutcome, JobKind, JobStatus
+from promptq.single_flight import Following
 from promptq.store import DEADLINE_EXCEEDED, AttemptResult, Busy, Claim, deadline_message
 from worker.context import WorkerContext
 from worker.db_retry import retry_db
@@ -108,6 +109,14 @@ async def _claim_and_run(ctx: WorkerContext, job_id: str, ticket: Ticket | None)
     if isinstance(claim, Busy):
         # Another worker holds the lease: look again when it would have expired.
         raise Retry(defer=timedelta(seconds=claim.retry_in_s + 0.1))
+    if isinstance(claim, Following):  # an identical job is on its way: wait for its answer
+        logger.debug(
+            "job %s waits for identical job %s; looking again in %.2f s",
+            job_id,
+            claim.leader_id,
+            claim.retry_in_s,
+        )
+        raise Retry(defer=timedelta(seconds=claim.retry_in_s))
     logs.bind_job(job_id, claim.number)
     leases.hold(claim)
     try:

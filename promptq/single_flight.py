@@ -1,0 +1,106 @@
+"""Single flight: identical requests in flight make one model call between them.
+
+The result cache (promptq.cache) answers a request that repeats one already answered. This
+covers the repeats that come while the first is still on its way: a prompt job that may reuse
+an answer but finds none stored, while an identical request of the same owner is queued,
+retrying or running (and at least as urgent), is written as that job's *follower*: queued,
+with `cached_from` naming the job whose answer it waits for, its *leader*. Within one batch,
+the first of identical items leads the others. This holds for `POST /api/jobs` and for each
+item of a native or OpenAI Batch API batch. Chat completions (`/v1/chat/completions`) never
+follow: a caller waiting on the line should not wait on another request's retries too.
+
+A follower is queued and delivered like any job, so at-least-once delivery is unchanged; its
+claim (`JobStore.claim`, general path: the fast path takes no follower) decides what it does:
+* its leader succeeded: it is written succeeded with the leader's answer, 0 attempts, like a
+  cache hit at submit (`cached_from` then names the job that made the call);
+* its leader is still on its way: it is not claimed (`Following`), and the worker puts it back
+  on the queue to look again later (`recheck_s`; its `next_attempt_at` says when);
+* its leader failed, was cancelled, or is gone: it is claimed and makes its own call, and its
+  `cached_from` is cleared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from promptq.cache import ANSWER, find_leaders, hit_values
+from promptq.models import Job, JobStatus
+
+#: A follower whose leader is in flight looks again after a quarter of its age, at least
+#: RECHECK_MIN_S and at most RECHECK_MAX_S: often at first, rarely when the leader is slow (in
+#: a backlog it comes back after the jobs queued before it anyway).
+RECHECK_MIN_S = 0.25
+RECHECK_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Following:
+    """Not claimed: the job waits for the answer of `leader_id`, an identical job in flight,
+    and looks again in `retry_in_s`."""
+
+    leader_id: str
+    retry_in_s: float
+
+
+def recheck_s(age_s: float) -> float:
+    """How long a follower `age_s` old waits before it looks at its leader again."""
+    return min(max(age_s / 4, RECHECK_MIN_S), RECHECK_MAX_S)
+
+
+async def follow_leaders(
+    conn: AsyncConnection, rows: list[dict[str, Any]], owner_key_id: str | None, *, priority: int
+) -> int:
+    """Make each new job row that has an identical job in flight, or an identical row before
+    it, follow that one (in place); how many follow. The rows may all reuse an answer."""
+    leaders = await find_leaders(
+        conn, {row["request_hash"] for row in rows}, owner_key_id, priority=priority
+    )
+    following = 0
+    for row in rows:
+        leader = leaders.setdefault(row["request_hash"], row["id"])
+        if leader != row["id"]:
+            row["cached_from"] = leader
+            following += 1
+    return following
+
+
+async def leader_answer(session: AsyncSession, leader_id: str) -> Row[Any] | None:
+    """The leader's status and answer (ANSWER's fields), None if it is gone."""
+    query = select(Job.status, *ANSWER).where(Job.id == leader_id)
+    rows: list[Row[Any]] = list(await session.execute(query))
+    return rows[0] if rows else None
+
+
+async def wait_longer(session: AsyncSession, job: Job, leader_id: str, now: datetime) -> Following:
+    """Set when the follower `job` looks at its leader again."""
+    retry_in_s = recheck_s((now - job.created_at).total_seconds())
+    # The reconciler would bring a job forward that arq has later than its next_attempt_at.
+    await session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status, Job.attempts == job.attempts)
+        .values(next_attempt_at=now + timedelta(seconds=retry_in_s))
+    )
+    return Following(leader_id, retry_in_s)
+
+
+async def take_answer(
+    session: AsyncSession, job: Job, seen_status: JobStatus, leader: Row[Any], now: datetime
+) -> bool:
+    """Write the follower `job` succeeded with its leader's answer, if it is still as seen and
+    not being cancelled; whether it was."""
+    answered = await session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status == seen_status,
+            Job.attempts == job.attempts,
+            Job.cancel_requested_at.is_(None),
+        )
+        .values(updated_at=now, **hit_values(leader, now))
+    )
+    return bool(answered.rowcount == 1)  # type: ignore[attr-defined]

@@ -1,0 +1,278 @@
+"""Single flight: identical requests in flight make one model call between them.
+
+Given the real API, store, queue and worker on SQLite and PostgreSQL, and the fake LLM, when
+a request that may reuse an answer repeats one still queued or running, then it is written
+as that job's follower (`cached_from`, queued), the model is called once for the pair, and
+the follower ends with the leader's answer and 0 attempts. A follower whose leader failed or
+was cancelled makes its own call; another key's request, a non-deterministic one, and a chat
+completion never follow.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from promptq import clock
+from promptq.batch_items import ItemSpec
+from promptq.batches import INSERT_CHUNK, BatchService
+from promptq.chat import ChatService
+from promptq.models import AttemptOutcome, JobKind, JobStatus
+from promptq.openai_schemas import ChatCompletionRequest
+from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
+from promptq.service import JobService
+from promptq.single_flight import RECHECK_MAX_S, RECHECK_MIN_S, Following, recheck_s
+from promptq.store import AttemptResult, Claim
+from promptq.testing.fake_llm import FakeLLM
+from tests.conftest import (
+    ApiClient,
+    ApiStarter,
+    KeyFactory,
+    WorkerFactory,
+    bearer,
+    wait_terminal,
+)
+
+Client = TestClient[web.Request, web.Application]
+
+
+def prompt(content: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "prompt", "messages": [{"role": "user", "content": content}], **extra}
+
+
+DETERMINISTIC = {"temperature": 0}
+
+
+@pytest.fixture
+async def key(make_key: KeyFactory) -> str:
+    return await make_key("single-flight-user")
+
+
+@pytest.fixture
+async def api(start_api: ApiStarter, key: str) -> ApiClient:
+    return await start_api(bearer(key))
+
+
+async def submit(api: Client, body: dict[str, Any]) -> dict[str, Any]:
+    async with api.post("/api/jobs", json=body) as response:
+        assert response.status == 202, await response.text()
+        job: dict[str, Any] = await response.json()
+        return job
+
+
+async def get(api: Client, job_id: str) -> dict[str, Any]:
+    async with api.get(f"/api/jobs/{job_id}") as response:
+        assert response.status == 200, await response.text()
+        job: dict[str, Any] = await response.json()
+        return job
+
+
+async def test_a_repeat_of_a_queued_job_waits_for_its_answer(
+    api: ApiClient,
+    start_api: ApiStarter,
+    make_key: KeyFactory,
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+) -> None:
+    # Given a deterministic job still queued (no worker yet)
+    body = prompt("one call for both", params=DETERMINISTIC)
+    leader = await submit(api, body)
+
+    # When the same key sends it again, and others send near-misses
+    follower = await submit(api, body)
+    other_key = await start_api(bearer(await make_key("another-tenant")))
+    strangers = [
+        await submit(other_key, body),
+        await submit(api, body | {"cache": False}),
+        await submit(api, prompt("one call for both")),  # not deterministic
+    ]
+
+    # Then the repeat waits for the first, and the others run on their own
+    assert follower["status"] == "queued" and follower["cached_from"] == leader["id"]
+    assert all(job["cached_from"] is None for job in strangers)
+
+    await start_worker()
+    ids = [leader["id"], follower["id"], *(job["id"] for job in strangers)]
+    await wait_terminal(service.store, ids)
+    first, repeat = await get(api, leader["id"]), await get(api, follower["id"])
+    assert first["status"] == repeat["status"] == "succeeded"
+    assert repeat["result"] == first["result"] and repeat["usage"] == first["usage"]
+    assert repeat["cached_from"] == first["id"] and repeat["attempts"] == 0
+    assert first["attempts"] == 1
+    assert fake_llm.stats.total_requests == 1 + len(strangers)
+    async with api.get(f"/api/jobs/{follower['id']}/attempts") as response:
+        assert (await response.json())["attempts"] == []
+
+
+async def test_identical_batch_items_make_one_call_each(
+    api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
+) -> None:
+    # Given a job in flight, and a batch that repeats it and itself
+    queued = await submit(api, prompt("alpha", params=DETERMINISTIC))
+    items = [
+        prompt("alpha", params=DETERMINISTIC, custom_id="alpha-again"),
+        prompt("beta", params=DETERMINISTIC, custom_id="beta-1"),
+        prompt("beta", params=DETERMINISTIC, custom_id="beta-2"),
+        prompt("beta", params=DETERMINISTIC, custom_id="beta-3"),
+        prompt("gamma", custom_id="gamma-1"),  # not deterministic: each calls the model
+        prompt("gamma", custom_id="gamma-2"),
+    ]
+    async with api.post("/api/batches", json={"jobs": items}) as response:
+        assert response.status == 201, await response.text()
+        batch = await response.json()
+
+    # Then the repeats follow: alpha the queued job, beta-2/3 the first beta
+    assert batch["created"] == 6 and batch["following"] == 3 and batch["cached"] == 0
+    await start_worker()
+    async with api.get(f"/api/jobs?batch={batch['id']}&limit=10") as response:
+        jobs = {job["custom_id"]: job for job in (await response.json())["jobs"]}
+    await wait_terminal(service.store, [queued["id"], *(job["id"] for job in jobs.values())])
+    done = {custom_id: await get(api, job["id"]) for custom_id, job in jobs.items()}
+    alpha = await get(api, queued["id"])
+    assert done["alpha-again"]["cached_from"] == alpha["id"]
+    assert done["alpha-again"]["result"] == alpha["result"]
+    assert done["beta-1"]["attempts"] == 1 and done["beta-1"]["cached_from"] is None
+    for repeat in ("beta-2", "beta-3"):
+        assert done[repeat]["cached_from"] == done["beta-1"]["id"]
+        assert done[repeat]["result"] == done["beta-1"]["result"]
+        assert done[repeat]["attempts"] == 0
+    assert all(done[g]["attempts"] == 1 for g in ("gamma-1", "gamma-2"))
+    # alpha, beta and gamma twice
+    assert fake_llm.stats.total_requests == 4
+
+
+async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
+    api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
+) -> None:
+    # Given two followers: one of a job that is then cancelled, one of a job that fails
+    cancelled = await submit(api, prompt("cancelled first", params=DETERMINISTIC))
+    after_cancel = await submit(api, prompt("cancelled first", params=DETERMINISTIC))
+    async with api.post(f"/api/jobs/{cancelled['id']}/cancel") as response:
+        assert response.status == 200, await response.text()
+    failing = prompt("[[fake: 400]] refused", params=DETERMINISTIC)
+    refused = await submit(api, failing)
+    after_refusal = await submit(api, failing)
+    assert after_cancel["cached_from"] == cancelled["id"]
+    assert after_refusal["cached_from"] == refused["id"]
+
+    # When the workers get to them
+    await start_worker()
+    await wait_terminal(service.store, [after_cancel["id"], refused["id"], after_refusal["id"]])
+
+    # Then each follower made its own call, with no leader named any more
+    ran = await get(api, after_cancel["id"])
+    assert ran["status"] == "succeeded" and ran["attempts"] == 1 and ran["cached_from"] is None
+    tried = await get(api, after_refusal["id"])
+    assert tried["status"] == "failed" and tried["attempts"] == 1 and tried["cached_from"] is None
+    assert (await get(api, refused["id"]))["status"] == "failed"
+    assert fake_llm.stats.total_requests == 3
+
+
+async def test_chat_completions_never_follow(service: JobService) -> None:
+    body = prompt("asked on the line", params=DETERMINISTIC)
+    queued, _ = await service.submit(service_request(body))
+    request = ChatCompletionRequest.model_validate(
+        {"model": queued.model, "messages": body["messages"], "temperature": 0}
+    )
+    chat = await ChatService(service).create(request, owner_key_id=None)
+    assert chat.status == JobStatus.QUEUED and chat.cached_from is None
+    # while a bulk job does follow it
+    bulk, _ = await service.submit(service_request(body))
+    assert bulk.cached_from == queued.id
+
+
+def service_request(body: dict[str, Any]) -> PromptJobCreate | SummarizeJobCreate:
+    return job_create_adapter.validate_python(body)
+
+
+# -- the claim, on the store ---------------------------------------------------------------
+
+
+async def create(service: JobService, content: str, **extra: Any) -> str:
+    job, _ = await service.submit(service_request(prompt(content, params=DETERMINISTIC)), **extra)
+    return job.id
+
+
+async def test_the_claim_of_a_follower_waits_answers_or_runs(service: JobService) -> None:
+    store = service.store
+    leader_id = await create(service, "claimed in turn")
+    follower_id = await create(service, "claimed in turn")
+
+    # While the leader is queued, then running: the follower is not claimed, and looks again
+    for step in ("queued", "running"):
+        before = clock.now()
+        waiting = await store.claim(follower_id, worker="w", lease_s=30)
+        assert isinstance(waiting, Following), step
+        assert waiting.leader_id == leader_id
+        assert RECHECK_MIN_S <= waiting.retry_in_s <= RECHECK_MAX_S
+        job = await store.get_job(follower_id)
+        assert job is not None and job.status == JobStatus.QUEUED and job.attempts == 0
+        assert job.next_attempt_at is not None
+        assert job.next_attempt_at >= before + timedelta(seconds=waiting.retry_in_s)
+        if step == "queued":
+            claim = await store.claim(leader_id, worker="w", lease_s=30)
+            assert isinstance(claim, Claim)
+
+    # Once it succeeded: the follower takes its answer, with no attempt of its own
+    await store.finish_attempt(
+        claim,
+        AttemptResult(
+            outcome=AttemptOutcome.SUCCEEDED,
+            latency_ms=5,
+            result="the leader's answer",
+            prompt_tokens=3,
+            completion_tokens=4,
+        ),
+        job_status=JobStatus.SUCCEEDED,
+    )
+    assert await store.claim(follower_id, worker="w", lease_s=30) is None
+    job = await store.get_job(follower_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED
+    assert (job.result, job.prompt_tokens, job.completion_tokens) == ("the leader's answer", 3, 4)
+    assert job.cached_from == leader_id and job.attempts == 0
+    assert await store.list_attempts(follower_id) == []
+    # and a later repeat is a plain cache hit of the job that ran
+    hit, _ = await service.submit(service_request(prompt("claimed in turn", params=DETERMINISTIC)))
+    assert hit.status == JobStatus.SUCCEEDED and hit.cached_from == leader_id
+
+
+async def test_a_follower_waits_for_nothing_the_limiter_would_charge(service: JobService) -> None:
+    leader_id = await create(service, "no permit for a follower")
+    follower_id = await create(service, "no permit for a follower")
+    assert await service.store.waiting_request(leader_id) is not None
+    assert await service.store.waiting_request(follower_id) is None
+
+
+async def test_batch_items_follow_across_insert_chunks(service: JobService) -> None:
+    def item(content: str) -> ItemSpec:
+        return ItemSpec(
+            kind=JobKind.PROMPT,
+            model=None,
+            input={"messages": [{"role": "user", "content": content}], "params": DETERMINISTIC},
+            max_attempts=None,
+            deadline_s=None,
+            idempotency_key=None,
+        )
+
+    # The first and the last item are identical, and in different INSERT chunks
+    items = [item("repeated far apart")]
+    items += [item(f"filler {n}") for n in range(INSERT_CHUNK - 1)]
+    items.append(item("repeated far apart"))
+    created = await BatchService(service).create(items, owner_key_id=None, enqueue=False)
+    assert created.created == INSERT_CHUNK + 1 and created.following == 1
+    jobs = await service.store.list_jobs(batch_id=created.batch.id, limit=INSERT_CHUNK + 1)
+    by_index = {job.batch_index: job for job in jobs}
+    assert by_index[INSERT_CHUNK].cached_from == by_index[0].id
+    assert sum(job.cached_from is not None for job in jobs) == 1
+
+
+def test_a_follower_looks_again_sooner_when_young() -> None:
+    ages = [0, 1, 10, 60, 3600]
+    waits = [recheck_s(age) for age in ages]
+    assert waits == sorted(waits)
+    assert waits[0] == RECHECK_MIN_S and waits[-1] == RECHECK_MAX_S
