@@ -155,7 +155,8 @@ class JobOut(BaseModel):
     custom_id: str | None = None
     #: When a cancel was asked for while the job ran (it is `cancelled` once its worker stops).
     cancel_requested_at: datetime | None = None
-    #: A cache hit: the job whose stored answer this one reused (it made no model call).
+    #: A cache hit: the job whose stored answer this one reused (it made no model call). On a
+    #: queued job: the identical job in flight whose answer it waits for (single flight).
     cached_from: str | None = None
 
     @classmethod
