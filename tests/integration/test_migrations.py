@@ -393,6 +393,33 @@ def test_0007_indexes_finished_at_and_keeps_jobs_both_ways(settings: Settings) -
     migrate.check(settings)
 
 
+def test_0007_replaces_an_invalid_index_left_by_an_interrupted_build(settings: Settings) -> None:
+    if not settings.resolved_database_url.startswith("postgresql"):
+        pytest.skip("CREATE INDEX CONCURRENTLY, and invalid indexes, are PostgreSQL's")
+    # Given a database at 0006 with what a failed CREATE INDEX CONCURRENTLY leaves: an index
+    # of that name that PostgreSQL marks invalid (never used by queries)
+    migrate.upgrade(settings, "0006")
+    validity = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_jobs_finished_at'::regclass"
+    execute(
+        settings,
+        "CREATE INDEX ix_jobs_finished_at ON jobs (created_at)",
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_jobs_finished_at'::regclass",
+    )
+    assert execute(settings, validity)[0] == [(False,)]
+
+    # When 0007 runs, the index is built again, valid and on finished_at
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert execute(settings, validity)[0] == [(True,)]
+    columns = execute(
+        settings,
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indexrelid = 'ix_jobs_finished_at'::regclass",
+    )
+    assert columns[0] == [("finished_at",)]
+
+
 BATCH_ROW = (
     "INSERT INTO batches (id, api, status, job_count, created_at, updated_at) VALUES "
     "('b1', 'openai', 'in_progress', 1, '2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00')"
