@@ -129,8 +129,9 @@ async def test_identical_batch_items_make_one_call_each(
     # Then the repeats follow: alpha the queued job, beta-2/3 the first beta
     assert batch["created"] == 6 and batch["following"] == 3 and batch["cached"] == 0
     await start_worker()
-    async with api.get(f"/api/jobs?batch={batch['id']}&limit=10") as response:
+    async with api.get(f"/api/jobs?batch_id={batch['id']}&limit=10") as response:
         jobs = {job["custom_id"]: job for job in (await response.json())["jobs"]}
+    assert len(jobs) == len(items)
     await wait_terminal(service.store, [queued["id"], *(job["id"] for job in jobs.values())])
     done = {custom_id: await get(api, job["id"]) for custom_id, job in jobs.items()}
     alpha = await get(api, queued["id"])
