@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     """Build the API app. The engine and Redis pool live exactly as long as the app."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, auth_middleware, openapi.query_middleware],
         client_max_size=settings.api_max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -11,13 +11,14 @@ Every operation also documents the answers the middlewares give on any route: 40
 public routes), 503 (a backing service is down), and for routes with a body 400 (not JSON),
 413 (too large) and 422 (invalid), all with `error` as their body (ErrorOut unless the route
 says otherwise, as OpenAI-compatible routes do). An API route without the decorator is listed
-by `undocumented(app)`, which a test keeps empty.
+by `undocumented(app)`, which a test keeps empty. An `/api/` route's documented query is its
+whole query: `query_middleware` refuses any other parameter with a 422.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from api.errors import ErrorOut
+from promptq.errors import InvalidRequest
 
 #: Where the spec is served; public, like /healthz.
 SPEC_PATH = "/openapi.json"
@@ -108,6 +110,24 @@ def operation_of(handler: object) -> Operation | None:
     """The Operation a handler was documented with, if any."""
     spec = getattr(handler, _ATTR, None)
     return spec if isinstance(spec, Operation) else None
+
+
+@web.middleware
+async def query_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse a query parameter that an `/api/` route with a documented query does not take:
+    a misspelt filter (`?batch=` for `?batch_id=`) would otherwise be ignored, and the answer
+    would look right while covering every job."""
+    spec = operation_of(request.match_info.handler)
+    if spec is not None and spec.query is not None and request.path.startswith("/api/"):
+        taken = spec.query.model_fields
+        if unknown := sorted(set(request.query) - set(taken)):
+            raise InvalidRequest(
+                f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; {request.path} takes {', '.join(taken)}"
+            )
+    return await handler(request)
 
 
 #: Why each status that a middleware may give is given.

@@ -606,12 +606,19 @@ async def test_list_rejects_bad_parameters(api: Client) -> None:
         ({"limit": "abc"}, "limit"),
         ({"limit": "2.5"}, "limit"),
         ({"cursor": "garbage"}, "cursor"),
+        # a misspelt filter would otherwise list every job as if it were the filtered few
+        ({"batch": "0193a3b4-0000-7000-8000-000000000000"}, "'batch'"),
+        ({"batch_id": "0193a3b4-0000-7000-8000-000000000000", "statuss": "failed"}, "'statuss'"),
     ]
     for params, name in cases:
         status, error = await get_json(api, "/api/jobs", **params)
         assert status == 422, (params, error)
         assert_error(error, "invalid_request")
         assert name in error["error"]["message"], (params, error)
+    # The refusal of an unknown parameter names the ones the route takes; batches alike
+    status, error = await get_json(api, "/api/batches", limt="5")
+    assert status == 422 and "'limt'" in error["error"]["message"], error
+    assert "limit, cursor" in error["error"]["message"], error
 
     # And the limits themselves are accepted
     for limit in ("1", "500"):
