@@ -36,12 +36,9 @@ from tests.conftest import (
     bearer,
     wait_terminal,
 )
+from tests.integration.test_cache import prompt, submit
 
 Client = TestClient[web.Request, web.Application]
-
-
-def prompt(content: str, **extra: Any) -> dict[str, Any]:
-    return {"kind": "prompt", "messages": [{"role": "user", "content": content}], **extra}
 
 
 DETERMINISTIC = {"temperature": 0}
@@ -55,13 +52,6 @@ async def key(make_key: KeyFactory) -> str:
 @pytest.fixture
 async def api(start_api: ApiStarter, key: str) -> ApiClient:
     return await start_api(bearer(key))
-
-
-async def submit(api: Client, body: dict[str, Any]) -> dict[str, Any]:
-    async with api.post("/api/jobs", json=body) as response:
-        assert response.status == 202, await response.text()
-        job: dict[str, Any] = await response.json()
-        return job
 
 
 async def get(api: Client, job_id: str) -> dict[str, Any]:
