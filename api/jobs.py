@@ -17,6 +17,7 @@ from api.params import (
     MAX_PAGE_SIZE,
     choice,
     cursor_param,
+    flag,
     page_limit,
     path_id,
     split_page,
@@ -47,6 +48,11 @@ class JobListQuery(BaseModel):
     )
     cursor: uuid.UUID | None = Field(
         default=None, description="`next_cursor` of the previous page, to get the next one"
+    )
+    include_input: bool = Field(
+        default=False,
+        description="give each job's `input` too (left out by default: a summarize job's "
+        "document can be megabytes; `GET /api/jobs/{id}` always has it)",
     )
 
 
@@ -106,7 +112,7 @@ async def create_job(request: web.Request) -> web.Response:
 @openapi.operation(query=JobListQuery, responses={200: JobPage, 422: ErrorOut}, tags=("jobs",))
 async def list_jobs(request: web.Request) -> web.Response:
     """Newest first, filtered by `status`, `kind`, `batch_id` and `model`, paginated by `limit`
-    and `cursor`."""
+    and `cursor`; each job's `input` only with `include_input=true`."""
     query = request.query
     status = choice(query.get("status"), "status", [s.value for s in JobStatus])
     kind = choice(query.get("kind"), "kind", [k.value for k in JobKind])
@@ -114,6 +120,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     model = query.get("model") or None
     limit = page_limit(query.get("limit"))
     cursor = cursor_param(query.get("cursor"))
+    with_input = flag(query.get("include_input"), "include_input")
     service = request.app[SERVICE]
     jobs = await service.store.list_jobs(
         status=status,
@@ -123,9 +130,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         owned_by=principal(request).owner_filter,
         batch_id=batch_id,
         model=model,
+        with_input=with_input,
     )
     page, next_cursor = split_page(jobs, limit)
-    return json_response(JobPage(jobs=await service.describe(page), next_cursor=next_cursor))
+    described = await service.describe(page, with_input=with_input)
+    return json_response(JobPage(jobs=described, next_cursor=next_cursor))
 
 
 @routes.get("/api/jobs/{id}")

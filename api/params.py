@@ -70,6 +70,17 @@ def path_id(value: str, *, noun: str) -> str:
         raise NotFound(f"no {noun} with id {value[:64]!r}") from None
 
 
+def flag(value: str | None, name: str) -> bool:
+    """A true/false parameter (also 1/0); False when absent."""
+    if value is None or value == "":
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise InvalidRequest(f"{name} must be true or false; got {value[:64]!r}")
+
+
 def choice(value: str | None, name: str, allowed: Sequence[str]) -> str | None:
     """A parameter that takes one of `allowed`; None when absent."""
     if value is None or value == "":

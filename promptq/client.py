@@ -164,22 +164,37 @@ class PromptQClient:
         kind: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        include_input: bool = False,
     ) -> dict[str, Any]:
-        """One page: `{"jobs": [...], "next_cursor": str | None}`."""
+        """One page: `{"jobs": [...], "next_cursor": str | None}`; each job's `input` is None
+        unless `include_input` (`get` always has it)."""
         params = {"limit": str(limit)}
         for key, value in (("status", status), ("kind", kind), ("cursor", cursor)):
             if value is not None:
                 params[key] = value
+        if include_input:
+            params["include_input"] = "true"
         page: dict[str, Any] = await self._request("GET", "/api/jobs", params=params)
         return page
 
     async def iter_jobs(
-        self, *, status: str | None = None, kind: str | None = None, page_size: int = 100
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        page_size: int = 100,
+        include_input: bool = False,
     ) -> AsyncIterator[Job]:
-        """Every matching job, newest first, following cursors."""
+        """Every matching job, newest first, following cursors (inputs as in `list`)."""
         cursor: str | None = None
         while True:
-            page = await self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            page = await self.list(
+                status=status,
+                kind=kind,
+                limit=page_size,
+                cursor=cursor,
+                include_input=include_input,
+            )
             for job in page["jobs"]:
                 yield job
             cursor = page["next_cursor"]

@@ -141,7 +141,8 @@ class JobOut(BaseModel):
     error_code: str | None
     finish_reason: str | None
     usage: Usage
-    input: dict[str, Any]
+    #: What was asked; None in a listing unless it asks for inputs (`include_input=true`).
+    input: dict[str, Any] | None
     idempotency_key: str | None
     created_at: datetime
     started_at: datetime | None
@@ -160,7 +161,9 @@ class JobOut(BaseModel):
     cached_from: str | None = None
 
     @classmethod
-    def from_row(cls, job: Job, progress: Progress | None = None) -> JobOut:
+    def from_row(
+        cls, job: Job, progress: Progress | None = None, *, with_input: bool = True
+    ) -> JobOut:
         """Build from a `jobs` row (and, for a summarize job, its progress)."""
         return cls(
             id=job.id,
@@ -176,7 +179,7 @@ class JobOut(BaseModel):
             error_code=job.error_code,
             finish_reason=job.finish_reason,
             usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
-            input=job.input,
+            input=job.input if with_input else None,
             idempotency_key=job.idempotency_key,
             created_at=job.created_at,
             started_at=job.started_at,

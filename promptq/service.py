@@ -134,11 +134,12 @@ class JobService:
             self.check(request)
         return [await self.submit(r, owner_key_id=owner_key_id) for r in requests]
 
-    async def describe(self, jobs: list[Job]) -> list[JobOut]:
-        """The jobs as the API shows them, summarize jobs with their progress."""
+    async def describe(self, jobs: list[Job], *, with_input: bool = True) -> list[JobOut]:
+        """The jobs as the API shows them, summarize jobs with their progress (and each
+        job's input only `with_input`)."""
         summarize_ids = [job.id for job in jobs if job.kind == JobKind.SUMMARIZE]
         progress = await self.checkpoints.progress(summarize_ids)
-        return [JobOut.from_row(job, progress.get(job.id)) for job in jobs]
+        return [JobOut.from_row(job, progress.get(job.id), with_input=with_input) for job in jobs]
 
     async def retry(self, job_ids: Sequence[str]) -> list[str]:
         """Re-queue failed or cancelled jobs with a fresh attempt budget; the ids re-queued."""

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Row, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import defer
 
 from promptq import clock, single_flight
 from promptq.cache import IN_FLIGHT, hit_values
@@ -291,13 +292,17 @@ class JobStore:
         owned_by: str | None = None,
         batch_id: str | None = None,
         model: str | None = None,
+        with_input: bool = True,
     ) -> list[Job]:
         """Newest first; pass the last id seen as `before_id` for the next page.
 
         With `owned_by`, only the jobs that key id owns; with `batch_id` / `model`, only
-        those of that batch / model.
+        those of that batch / model. Without `with_input`, `input` is not read (touching it
+        raises): a page of summarize jobs could otherwise weigh a gigabyte.
         """
         query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if not with_input:
+            query = query.options(defer(Job.input, raiseload=True))
         if owned_by is not None:
             query = query.where(Job.owner_key_id == owned_by)
         if status is not None:

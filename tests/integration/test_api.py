@@ -606,6 +606,7 @@ async def test_list_rejects_bad_parameters(api: Client) -> None:
         ({"limit": "abc"}, "limit"),
         ({"limit": "2.5"}, "limit"),
         ({"cursor": "garbage"}, "cursor"),
+        ({"include_input": "yes"}, "include_input"),
         # a misspelt filter would otherwise list every job as if it were the filtered few
         ({"batch": "0193a3b4-0000-7000-8000-000000000000"}, "'batch'"),
         ({"batch_id": "0193a3b4-0000-7000-8000-000000000000", "statuss": "failed"}, "'statuss'"),

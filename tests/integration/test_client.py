@@ -172,6 +172,12 @@ async def test_list_and_iter_jobs(pq: PromptQClient) -> None:
     assert (await pq.list(status="queued", kind="prompt"))["jobs"][0]["id"] == max(prompts)
     assert [job async for job in pq.iter_jobs(status="succeeded")] == []
 
+    # And the inputs come only when asked for (a document can be megabytes)
+    assert all(job["input"] is None for job in page["jobs"])
+    with_inputs = [job async for job in pq.iter_jobs(kind="summarize", include_input=True)]
+    assert [job["input"]["document"] for job in with_inputs] == ["document 1", "document 0"]
+    assert (await pq.get(summaries[0]))["input"]["document"] == "document 0"
+
 
 async def test_errors_raise_the_mapped_exceptions(pq: PromptQClient) -> None:
     # Unknown or malformed ids are NotFound
