@@ -22,7 +22,7 @@ from promptq.cli_endpoints import show_endpoints
 from promptq.cli_observe import LogFormatOption, check_worker
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError
-from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
+from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobKind, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
@@ -617,12 +617,15 @@ def list_jobs(
     if status is not None and status not in {s.value for s in JobStatus}:
         err_console.print(f"[red]error:[/red] status must be one of {', '.join(JobStatus)}")
         raise typer.Exit(2)
+    if kind is not None and kind not in {k.value for k in JobKind}:
+        err_console.print(f"[red]error:[/red] kind must be one of {', '.join(JobKind)}")
+        raise typer.Exit(2)
 
     async def go() -> list[Job]:
         engine = create_engine(settings)
         try:
             return await JobStore(create_sessionmaker(engine)).list_jobs(
-                status=status, kind=kind, limit=limit
+                status=status, kind=kind, limit=limit, with_input=False
             )
         finally:
             await engine.dispose()

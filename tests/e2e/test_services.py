@@ -108,6 +108,8 @@ async def test_cli_reports_bad_input_clearly(procs: Procs) -> None:
 
     bad_status = await procs.run("list", "--status", "nope")
     assert bad_status.returncode == 2 and "status must be one of" in bad_status.stderr
+    bad_kind = await procs.run("list", "--kind", "translate")
+    assert bad_kind.returncode == 2 and "kind must be one of" in bad_kind.stderr
 
     no_file = await procs.run("submit", "summarize", "/nonexistent/file.txt")
     assert no_file.returncode == 2 and "cannot read" in no_file.stderr
