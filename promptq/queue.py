@@ -128,7 +128,7 @@ class QueueClient:
         if defer_s > 0:
             score = enqueue_time_ms + round(defer_s * 1000)
         elif priority > 0:
-            score = round(_priority_due(priority).timestamp() * 1000)
+            score = round(priority_due_ms(priority, clock.now()))
         else:
             score = enqueue_time_ms
         payload = serialize_job(RUN_JOB, (job_id,), {}, None, enqueue_time_ms, serializer=serialize)
@@ -187,6 +187,10 @@ class QueueClient:
             await self.redis.zadd(self.queue_name, dict(due_at_ms), xx=True)
             await self.wake_workers()  # a job brought forward may be due now
 
+    async def move_ahead(self, job_id: str, priority: int) -> None:
+        """Give a queued job its priority's score again (ahead of bulk work; see enqueue)."""
+        await self.reschedule({job_id: priority_due_ms(priority, clock.now())})
+
     async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
         """Delete arq's in-progress markers, so the jobs can be picked up again at once."""
         if job_ids:
@@ -205,9 +209,10 @@ class QueueClient:
 PRIORITY_STEP = timedelta(days=1)
 
 
-def _priority_due(priority: int) -> datetime:
-    """The (past) due time that puts a job of this priority ahead of bulk work."""
-    return clock.now() - PRIORITY_STEP * priority
+def priority_due_ms(priority: int, now: datetime) -> float:
+    """The arq score of a job of this priority due at `now` (Unix ms): `now` for bulk work,
+    earlier for interactive work (see `QueueClient.enqueue`)."""
+    return (now - PRIORITY_STEP * priority).timestamp() * 1000
 
 
 @dataclass(frozen=True, slots=True)

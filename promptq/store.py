@@ -365,11 +365,12 @@ class JobStore:
 
     async def waiting_jobs(
         self, *, older_than: datetime, after_id: str | None, limit: int
-    ) -> list[tuple[str, datetime | None]]:
-        """(id, next_attempt_at) of queued/retrying jobs last touched before `older_than`,
-        in id order after `after_id`: one page of a scan that resumes where it stopped."""
+    ) -> list[tuple[str, datetime | None, int]]:
+        """(id, next_attempt_at, priority) of queued/retrying jobs last touched before
+        `older_than`, in id order after `after_id`: one page of a scan that resumes where it
+        stopped."""
         query = (
-            select(Job.id, Job.next_attempt_at)
+            select(Job.id, Job.next_attempt_at, Job.priority)
             .where(Job.status.in_(CLAIMABLE), Job.updated_at < older_than)
             .order_by(Job.id)
             .limit(limit)
@@ -377,7 +378,9 @@ class JobStore:
         if after_id is not None:
             query = query.where(Job.id > after_id)
         async with self._sessionmaker() as session:
-            return [(row.id, row.next_attempt_at) for row in await session.execute(query)]
+            return [
+                (row.id, row.next_attempt_at, row.priority) for row in await session.execute(query)
+            ]
 
     async def ids_with_status(self, status: str, *, after_id: str | None, limit: int) -> list[str]:
         """Ids of jobs in `status`, in id order after `after_id`."""

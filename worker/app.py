@@ -21,6 +21,7 @@ from promptq.migrate import ensure_current
 from promptq.queue import RUN_JOB, QueueClient, deserialize, redis_settings, serialize
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.ahead import AheadAgain
 from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
 from worker.context import WorkerContext
@@ -103,6 +104,7 @@ def create_worker(
         typed["store"] = JobStore(create_sessionmaker(engine))
         typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
+        typed["ahead"] = AheadAgain(typed["queue"])
         typed["metrics"] = metrics
         limiter = Limiter(
             RedisLimits(ctx["redis"], settings.queue_name),
@@ -171,6 +173,8 @@ def create_worker(
             await ctx["cancels"].stop()
         if "announcer" in ctx:
             await ctx["announcer"].stop()
+        if "ahead" in ctx:
+            await ctx["ahead"].stop()
         if "limiter" in ctx:
             await ctx["limiter"].stop()
         if "_http" in ctx:

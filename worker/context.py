@@ -10,6 +10,7 @@ from promptq.metrics import Metrics
 from promptq.queue import QueueClient
 from promptq.settings import Settings
 from promptq.store import JobStore
+from worker.ahead import AheadAgain
 from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
 from worker.leases import LeaseKeeper
@@ -34,6 +35,8 @@ class WorkerContext(TypedDict, total=False):
     leases: LeaseKeeper
     #: Aborts attempts whose job is cancelled while they run.
     cancels: CancelWatcher
+    #: Moves retrying interactive jobs ahead of bulk work when their backoff ends.
+    ahead: AheadAgain
     #: Publishes status events to listeners, coalesced (worker.announce).
     announcer: StatusAnnouncer
     #: The worker_concurrency jobs that may work with the model at once (worker.slots).

@@ -278,22 +278,15 @@ async def _record_failure(ctx: WorkerContext, claim: Claim, exc: LLMError, laten
         )
         logger.warning("job %s failed: %s", claim.job_id, job_error)
         return
-    if claim.priority > 0:
-        # An interactive job waits out its backoff here, holding its lease, then goes back at
-        # its old score: a Retry(defer=...) would re-score it behind the whole bulk backlog.
-        try:
-            await asyncio.sleep(delay_s)
-        except asyncio.CancelledError:
-            await _finish(
-                ctx, claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
-            )
-            raise
-        delay_s = 0.0
     moved = await _finish(
         ctx, claim, result, job_status=JobStatus.RETRYING, next_attempt_at=next_attempt_at
     )
     if not moved:
         return  # cancelled meanwhile: don't come back
+    if claim.priority > 0:
+        # Its slot serves other jobs during the backoff; then it goes ahead of bulk work again
+        # (worker.ahead).
+        ctx["ahead"].after(delay_s, claim.job_id, claim.priority)
     logger.info(
         "job %s attempt %d failed (%s); retrying in %.2f s",
         claim.job_id,

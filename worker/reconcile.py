@@ -8,7 +8,9 @@ Each pass looks at
 * queued/retrying jobs that Redis holds behind an in-progress marker although nothing runs
   them (a worker died between arq's pick-up and our claim): the marker is deleted;
 * any of these whose arq due time lies well past when SQL says it is due (two workers'
-  `Retry` on one job add up their delays in arq's score): the due time is moved back.
+  `Retry` on one job add up their delays in arq's score), or, for an interactive job that is
+  due, past its priority's place ahead of bulk work (its worker stopped before it moved the
+  job back there after a retry's backoff, worker.ahead): the due time is moved back.
 
 It runs as a background task of every worker, not as an arq cron job: a cron job waits in the
 queue behind the whole backlog for a free slot, which is when it is needed most. A Redis lock
@@ -22,7 +24,7 @@ import logging
 from datetime import timedelta
 
 from promptq import clock
-from promptq.queue import QueueClient
+from promptq.queue import QueueClient, priority_due_ms
 from promptq.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Reconciler:
             older_than=now - GRACE, after_id=self.cursor, limit=self.batch_size
         )
         self.cursor = waiting[-1][0] if len(waiting) == self.batch_size else None
-        due_at = dict(waiting)
+        due_at = {job_id: due for job_id, due, _ in waiting}
         states = await self.queue.states([*orphans, *due_at])
 
         # A marker is stale if it is older than MARKER_GRACE: younger, a worker may be between
@@ -82,7 +84,9 @@ class Reconciler:
         ]
         await self.queue.clear_in_progress(fenced)
         lost = [job_id for job_id, state in states.items() if not state.queued]
-        priorities = await self.store.priorities(lost) if lost else {}
+        priorities = {job_id: priority for job_id, _, priority in waiting if priority > 0}
+        if orphans_lost := [job_id for job_id in lost if job_id not in due_at]:
+            priorities |= await self.store.priorities(orphans_lost)
         for job_id in lost:
             due = due_at.get(job_id)
             await self.queue.enqueue(
@@ -92,7 +96,13 @@ class Reconciler:
             )
         late = {}
         for job_id, state in states.items():
-            due_ms = max(due_at.get(job_id) or now, now).timestamp() * 1000
+            due = due_at.get(job_id)
+            if due is None or due <= now:
+                # Due now; an interactive job (one that waited out a retry's backoff on the
+                # queue, say) goes ahead of bulk work.
+                due_ms = priority_due_ms(priorities.get(job_id, 0), now)
+            else:
+                due_ms = due.timestamp() * 1000
             if state.due_at_ms is not None and state.due_at_ms > due_ms + LATE_BY_MS:
                 late[job_id] = due_ms
         await self.queue.reschedule(late)

@@ -8,6 +8,7 @@ the backlog: arq hands out due jobs in score order and interactive jobs are scor
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -97,6 +98,45 @@ async def test_an_interactive_request_overtakes_two_thousand_bulk_jobs(
     assert bulk_calls(fake_llm) < BULK_JOBS / 2
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_interactive_retry_frees_its_slot_during_its_backoff(
+    start_api: ApiStarter,
+    make_key: KeyFactory,
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+) -> None:
+    # Given a worker that holds one job at a time, busy with a bulk backlog
+    api = await start_api(bearer(await make_key("interactive")))
+    latency_ms, backoff_s = 50, 1
+    fake_llm.config.latency_ms = latency_ms
+    await queue_bulk_jobs(service, 300)
+    await start_worker(worker_concurrency=1, worker_prefetch=0)
+    await wait_for(lambda: _at_least(fake_llm, 2))
+
+    # When two interactive requests are told to come back in a second (429, Retry-After)
+    contents = [f"[[fake: 429:retry_after={backoff_s}, ok]] come back later {n}" for n in (1, 2)]
+
+    async def ask(content: str) -> None:
+        body = {"model": "fake-small", "messages": [{"role": "user", "content": content}]}
+        async with api.post("/v1/chat/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+
+    await asyncio.gather(*(ask(content) for content in contents))
+
+    # Then, while both waited, the worker's one slot ran bulk jobs (neither held it, nor the
+    # room the worker keeps for a job that is finishing); and each retry went ahead of the
+    # backlog once it was due, not behind the 250-odd jobs still waiting
+    arrivals = fake_llm.stats.arrivals
+    calls = [[i for i, prompt in enumerate(arrivals) if prompt == c] for c in contents]
+    both_waiting = arrivals[max(first for first, _ in calls) : min(second for _, second in calls)]
+    assert sum(p.startswith("bulk") for p in both_waiting) >= 2, calls
+    most = backoff_s * 1000 // latency_ms  # the backoff over the model's latency
+    for first, second in calls:
+        assert sum(p.startswith("bulk") for p in arrivals[first:second]) <= most + 4, calls
+    assert bulk_calls(fake_llm) < 150
+
+
 async def _at_least(fake_llm: FakeLLM, calls: int) -> bool:
     return bulk_calls(fake_llm) >= calls
 
@@ -128,3 +168,41 @@ async def test_the_reconciler_requeues_a_lost_interactive_job_ahead_of_bulk_work
     interactive_score = scores.pop(interactive.id.encode())
     (bulk_score,) = scores.values()
     assert interactive_score < now_ms - 7 * 24 * 3600 * 1000 < bulk_score
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_reconciler_moves_a_due_interactive_retry_back_ahead_of_bulk_work(
+    service: JobService,
+) -> None:
+    # Given an interactive job retrying, its backoff over, that waits in Redis at its due time
+    # (its worker stopped before moving it back ahead), and a bulk job due earlier
+    await queue_bulk_jobs(service, 1)
+    chat = ChatService(service)
+    request = parse_chat_request(
+        {"model": "fake-small", "messages": [{"role": "user", "content": "x"}]}
+    )
+    interactive = await chat.create(request, owner_key_id=None)
+    backoff_over = clock.now() - timedelta(seconds=30)
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(update(Job).values(updated_at=clock.now() - timedelta(minutes=1)))
+        await session.execute(
+            update(Job)
+            .where(Job.id == interactive.id)
+            .values(status=JobStatus.RETRYING, attempts=1, next_attempt_at=backoff_over)
+        )
+    await service.queue.enqueue(interactive.id, defer_s=0.001)
+    queue = service.queue.queue_name
+
+    async def scores() -> dict[bytes, float]:
+        return dict(await service.queue.redis.zrange(queue, 0, -1, withscores=True))
+
+    assert next(iter(await scores())) != interactive.id.encode()  # behind the bulk job
+
+    # When the reconciler runs, it is first in line again; the bulk job stays where it was
+    before = await scores()
+    await Reconciler(service.store, service.queue, marker_ttl_s=60).run_once()
+    after = await scores()
+    assert next(iter(after)) == interactive.id.encode()
+    assert after[interactive.id.encode()] < clock.now().timestamp() * 1000 - 7 * 24 * 3600 * 1000
+    bulk = next(job_id for job_id in after if job_id != interactive.id.encode())
+    assert after[bulk] == before[bulk]
