@@ -7,7 +7,8 @@ share `jobs.request_hash`. A request may reuse a stored result when it is determ
 A hit is resolved at submit: its job is written already succeeded, with `cached_from` naming
 the job whose answer it reused and 0 attempts, and never enters the queue. This holds for every
 way prompt jobs come in: `POST /api/jobs`, `/v1/chat/completions`, and each item of a native or
-OpenAI Batch API batch (looked up a thousand items per query).
+OpenAI Batch API batch (looked up a thousand items per query). A request that misses may
+still wait for an identical one in flight (`find_leaders`, see promptq.single_flight).
 """
 
 from __future__ import annotations
