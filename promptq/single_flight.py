@@ -77,8 +77,11 @@ async def leader_answer(session: AsyncSession, leader_id: str) -> Row[Any] | Non
 
 
 async def wait_longer(session: AsyncSession, job: Job, leader_id: str, now: datetime) -> Following:
-    """Set when the follower `job` looks at its leader again."""
+    """Set when the follower `job` looks at its leader again (before its deadline, if any)."""
     retry_in_s = recheck_s((now - job.created_at).total_seconds())
+    if job.deadline_at is not None:
+        left_s = (job.deadline_at - now).total_seconds()
+        retry_in_s = min(retry_in_s, max(left_s / 2, RECHECK_MIN_S))
     # The reconciler would bring a job forward that arq has later than its next_attempt_at.
     await session.execute(
         update(Job)

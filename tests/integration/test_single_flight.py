@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from sqlalchemy import update
 
 from promptq import clock
 from promptq.batch_items import ItemSpec
 from promptq.batches import INSERT_CHUNK, BatchService
 from promptq.chat import ChatService
-from promptq.models import AttemptOutcome, JobKind, JobStatus
+from promptq.models import AttemptOutcome, Job, JobKind, JobStatus
 from promptq.openai_schemas import ChatCompletionRequest
 from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
 from promptq.service import JobService
@@ -230,6 +231,27 @@ async def test_the_claim_of_a_follower_waits_answers_or_runs(service: JobService
     # and a later repeat is a plain cache hit of the job that ran
     hit, _ = await service.submit(service_request(prompt("claimed in turn", params=DETERMINISTIC)))
     assert hit.status == JobStatus.SUCCEEDED and hit.cached_from == leader_id
+
+
+async def test_an_old_follower_looks_again_before_its_deadline(service: JobService) -> None:
+    # Given a follower that has waited long (it would look again in RECHECK_MAX_S) but has
+    # a deadline ten seconds away
+    await create(service, "nearly too late")
+    body = prompt("nearly too late", params=DETERMINISTIC, deadline_s=10)
+    follower, _ = await service.submit(service_request(body))
+    assert follower.cached_from is not None
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(
+            update(Job)
+            .where(Job.id == follower.id)
+            .values(created_at=clock.now() - timedelta(minutes=10))
+        )
+    assert recheck_s(600) == RECHECK_MAX_S
+
+    # When it is claimed, then it looks again well before the deadline
+    waiting = await service.store.claim(follower.id, worker="w", lease_s=30)
+    assert isinstance(waiting, Following)
+    assert RECHECK_MIN_S <= waiting.retry_in_s <= 5
 
 
 async def test_a_follower_waits_for_nothing_the_limiter_would_charge(service: JobService) -> None:
