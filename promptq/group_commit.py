@@ -13,7 +13,8 @@ together share a transaction. Each write's SQL error is its own (its savepoint i
 the others stand); a failed BEGIN or COMMIT fails them all. Errors that mean "the database is
 away" arrive as SQLAlchemy's OperationalError, as from the rest of the fast path
 (promptq.db.is_db_unavailable). `GroupCommit` itself only batches: PostgreSQL's results use it
-too, with a flush of their own (promptq.fastpath).
+too, with a flush of their own (promptq.fastpath), and so does the worker's end-of-job
+bookkeeping in Redis (worker.finishes).
 """
 
 from __future__ import annotations
