@@ -595,6 +595,9 @@ def get(
     for key in ("id", "kind", "status", "model", "attempts", "max_attempts", "error"):
         table.add_row(key, str(getattr(job, key)))
     table.add_row("tokens", f"{job.usage.prompt_tokens} in / {job.usage.completion_tokens} out")
+    if job.cached_from is not None:  # a cache hit, or a job waiting for an identical one
+        label = "cached from" if job.status == JobStatus.SUCCEEDED else "waits for"
+        table.add_row(label, job.cached_from)
     table.add_row("created", str(job.created_at))
     table.add_row("finished", str(job.finished_at))
     console.print(table)
