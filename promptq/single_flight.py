@@ -14,7 +14,8 @@ claim (`JobStore.claim`, general path: the fast path takes no follower) decides 
 * its leader succeeded: it is written succeeded with the leader's answer, 0 attempts, like a
   cache hit at submit (`cached_from` then names the job that made the call);
 * its leader is still on its way: it is not claimed (`Following`), and the worker puts it back
-  on the queue to look again later (`recheck_s`; its `next_attempt_at` says when);
+  on the queue to look again later (`recheck_s`, and before its deadline; its
+  `next_attempt_at` says when);
 * its leader failed, was cancelled, or is gone: it is claimed and makes its own call, and its
   `cached_from` is cleared.
 """
