@@ -141,17 +141,21 @@ async def _at_least(fake_llm: FakeLLM, calls: int) -> bool:
     return bulk_calls(fake_llm) >= calls
 
 
+async def bulk_and_interactive_jobs(service: JobService) -> Job:
+    """A bulk job queued, then an interactive one written (as /v1/chat/completions would)."""
+    await queue_bulk_jobs(service, 1)
+    request = parse_chat_request(
+        {"model": "fake-small", "messages": [{"role": "user", "content": "x"}]}
+    )
+    return await ChatService(service).create(request, owner_key_id=None)
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_the_reconciler_requeues_a_lost_interactive_job_ahead_of_bulk_work(
     service: JobService,
 ) -> None:
     # Given an interactive job and a bulk job that SQL says are queued but Redis has lost
-    await queue_bulk_jobs(service, 1)
-    chat = ChatService(service)
-    request = parse_chat_request(
-        {"model": "fake-small", "messages": [{"role": "user", "content": "x"}]}
-    )
-    interactive = await chat.create(request, owner_key_id=None)
+    interactive = await bulk_and_interactive_jobs(service)
     redis = service.queue.redis
     await redis.delete(service.queue.queue_name, *await redis.keys(job_key_prefix + "*"))
     async with service.store.sessionmaker() as session, session.begin():
@@ -176,12 +180,7 @@ async def test_the_reconciler_moves_a_due_interactive_retry_back_ahead_of_bulk_w
 ) -> None:
     # Given an interactive job retrying, its backoff over, that waits in Redis at its due time
     # (its worker stopped before moving it back ahead), and a bulk job due earlier
-    await queue_bulk_jobs(service, 1)
-    chat = ChatService(service)
-    request = parse_chat_request(
-        {"model": "fake-small", "messages": [{"role": "user", "content": "x"}]}
-    )
-    interactive = await chat.create(request, owner_key_id=None)
+    interactive = await bulk_and_interactive_jobs(service)
     backoff_over = clock.now() - timedelta(seconds=30)
     async with service.store.sessionmaker() as session, session.begin():
         await session.execute(update(Job).values(updated_at=clock.now() - timedelta(minutes=1)))
