@@ -45,6 +45,12 @@ class BatchUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: Succeeded jobs that reused the answer of an identical request (a stored one, or one in
+    #: flight: see `cached_from`) instead of calling the model.
+    reused_answers: int = 0
+    #: The part of total_tokens that came with reused answers: no model processed them for
+    #: this batch.
+    reused_tokens: int = 0
 
 
 class BatchOut(BaseModel):

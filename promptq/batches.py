@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     func,
     insert,
@@ -314,6 +315,8 @@ class BatchService:
         if not batches:
             return []
         ids = [b.id for b in batches]
+        used = func.coalesce(Job.prompt_tokens, 0) + func.coalesce(Job.completion_tokens, 0)
+        reused = Job.cached_from.is_not(None) & (Job.status == JobStatus.SUCCEEDED)
         query = (
             select(
                 Job.batch_id,
@@ -321,26 +324,32 @@ class BatchService:
                 func.count(),
                 func.coalesce(func.sum(Job.prompt_tokens), 0),
                 func.coalesce(func.sum(Job.completion_tokens), 0),
+                func.coalesce(func.sum(case((reused, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((reused, used), else_=0)), 0),
             )
             .where(Job.batch_id.in_(ids))
             .group_by(Job.batch_id, Job.status)
         )
         counts: dict[str, dict[str, int]] = {i: {} for i in ids}
-        tokens: dict[str, list[int]] = {i: [0, 0] for i in ids}
+        tokens: dict[str, list[int]] = {i: [0, 0, 0, 0] for i in ids}
         async with self.sessionmaker() as session:
-            for batch_id, status, n, prompt, completion in await session.execute(query):
+            for batch_id, status, n, *sums in await session.execute(query):
                 key = str(batch_id)
                 counts[key][status] = n
-                tokens[key][0] += int(prompt or 0)
-                tokens[key][1] += int(completion or 0)
+                for i, value in enumerate(sums):
+                    tokens[key][i] += int(value or 0)
         out = []
         for batch in batches:
             by_status = BatchCounts(**counts[batch.id])
             if batch.api == "native" and by_status.active == 0:
                 await self._settle(batch)
-            prompt, completion = tokens[batch.id]
+            prompt, completion, reused_answers, reused_tokens = tokens[batch.id]
             usage = BatchUsage(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=prompt + completion,
+                reused_answers=reused_answers,
+                reused_tokens=reused_tokens,
             )
             out.append(BatchOut.from_row(batch, by_status, usage))
         return out

@@ -196,6 +196,12 @@ def _print_batch(batch: BatchOut) -> None:
     counts = batch.counts.model_dump()
     table.add_row("jobs", ", ".join(f"{n} {status}" for status, n in counts.items() if n))
     table.add_row("tokens", f"{batch.usage.prompt_tokens} in / {batch.usage.completion_tokens} out")
+    if batch.usage.reused_answers:
+        table.add_row(
+            "reused",
+            f"{batch.usage.reused_answers} answer(s) of identical requests, "
+            f"{batch.usage.reused_tokens} tokens, with no model call",
+        )
     table.add_row("created", str(batch.created_at))
     console.print(table)
 

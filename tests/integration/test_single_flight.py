@@ -137,6 +137,18 @@ async def test_identical_batch_items_make_one_call_each(
     # alpha, beta and gamma twice
     assert fake_llm.stats.total_requests == 4
 
+    # And the batch's usage tells the reused answers and their tokens from the rest
+    async with api.get(f"/api/batches/{batch['id']}") as response:
+        usage = (await response.json())["usage"]
+
+    def tokens(job: dict[str, Any]) -> int:
+        return int(job["usage"]["prompt_tokens"] + job["usage"]["completion_tokens"])
+
+    reused = ("alpha-again", "beta-2", "beta-3")
+    assert usage["reused_answers"] == len(reused)
+    assert usage["reused_tokens"] == sum(tokens(done[c]) for c in reused) > 0
+    assert usage["total_tokens"] == sum(tokens(job) for job in done.values())
+
 
 async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
     api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
