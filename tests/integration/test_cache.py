@@ -155,6 +155,11 @@ async def test_batch_items_with_a_stored_answer_are_created_answered_and_not_que
         job = await service.store.get_job(by_id[custom_id]["job_id"])
         assert job is not None and job.cached_from == seen[text]["id"]
     assert all(by_id[c]["attempts"] == 1 for c in ("g", "a-fresh", "a-other-seed"))
+    async with api.get(f"/api/batches/{batch['id']}") as response:
+        usage = (await response.json())["usage"]
+    hits = [by_id["a"], by_id["b"]]
+    assert usage["reused_answers"] == len(hits)
+    assert usage["reused_tokens"] == sum(r["prompt_tokens"] + r["completion_tokens"] for r in hits)
 
     # Another key's batch gets no other tenant's answers, and nor does any batch when the
     # cache is off for the deployment
