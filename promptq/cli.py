@@ -596,7 +596,9 @@ def get(
         table.add_row(key, str(getattr(job, key)))
     table.add_row("tokens", f"{job.usage.prompt_tokens} in / {job.usage.completion_tokens} out")
     if job.cached_from is not None:  # a cache hit, or a job waiting for an identical one
-        label = "cached from" if job.status == JobStatus.SUCCEEDED else "waits for"
+        label = {JobStatus.SUCCEEDED: "cached from", JobStatus.QUEUED: "waits for"}.get(
+            JobStatus(job.status), "waited for"
+        )
         table.add_row(label, job.cached_from)
     table.add_row("created", str(job.created_at))
     table.add_row("finished", str(job.finished_at))

@@ -62,6 +62,13 @@ async def get(api: Client, job_id: str) -> dict[str, Any]:
         return job
 
 
+async def html(api: Client, job_id: str) -> str:
+    """The dashboard's page of a job."""
+    async with api.get(f"/jobs/{job_id}") as response:
+        assert response.status == 200, await response.text()
+        return await response.text()
+
+
 async def test_a_repeat_of_a_queued_job_waits_for_its_answer(
     api: ApiClient,
     start_api: ApiStarter,
@@ -86,6 +93,9 @@ async def test_a_repeat_of_a_queued_job_waits_for_its_answer(
     # Then the repeat waits for the first, and the others run on their own
     assert follower["status"] == "queued" and follower["cached_from"] == leader["id"]
     assert all(job["cached_from"] is None for job in strangers)
+    assert f'waits for the answer of</dt><dd><a href="/jobs/{leader["id"]}"' in await html(
+        api, follower["id"]
+    )
 
     await start_worker()
     ids = [leader["id"], follower["id"], *(job["id"] for job in strangers)]
@@ -94,6 +104,7 @@ async def test_a_repeat_of_a_queued_job_waits_for_its_answer(
     assert first["status"] == repeat["status"] == "succeeded"
     assert repeat["result"] == first["result"] and repeat["usage"] == first["usage"]
     assert repeat["cached_from"] == first["id"] and repeat["attempts"] == 0
+    assert "cached from</dt>" in await html(api, follower["id"])
     assert first["attempts"] == 1
     assert fake_llm.stats.total_requests == 1 + len(strangers)
     async with api.get(f"/api/jobs/{follower['id']}/attempts") as response:
