@@ -26,6 +26,7 @@ from sqlalchemy import MetaData, select
 from promptq.db import create_engine
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM
+from tests.conftest import wait_for
 from tests.e2e.conftest import Procs, free_port, wait_healthy
 from worker.llm import MAX_ERROR_BODY_CHARS
 
@@ -165,16 +166,16 @@ async def test_no_secret_in_sql_redis_logs_or_error_bodies(
                 status, job = await call("POST", "/api/jobs", json=body, headers=tenant)
                 assert status == 202, job
                 job_ids[name] = job["id"]
-            jobs = {}
-            async with asyncio.timeout(30):
+            jobs: dict[str, Any] = {}
+
+            async def all_finished() -> bool:
                 for name, job_id in job_ids.items():
-                    while True:
-                        _, job = await call("GET", f"/api/jobs/{job_id}", headers=tenant)
-                        if job["status"] in ("succeeded", "failed"):
-                            jobs[name] = job
-                            break
-                        await asyncio.sleep(0.05)
-                    await call("GET", f"/api/jobs/{job_id}/attempts", headers=tenant)
+                    _, jobs[name] = await call("GET", f"/api/jobs/{job_id}", headers=tenant)
+                return all(job["status"] in ("succeeded", "failed") for job in jobs.values())
+
+            await wait_for(all_finished, timeout_s=30, interval_s=0.05)
+            for job_id in job_ids.values():
+                await call("GET", f"/api/jobs/{job_id}/attempts", headers=tenant)
             bad_headers = [
                 {"Authorization": f"Bearer {named_secrets['wrong API key']}"},
                 {"Authorization": f"Bearer {created['revoked']}"},

@@ -6,7 +6,6 @@ reaches the right terminal state with exactly as many attempts as the fake serve
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from promptq.models import AttemptOutcome, JobStatus
 from promptq.schemas import PromptJobCreate, SummarizeJobCreate
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM, expected_reply
-from tests.conftest import WorkerFactory, wait_terminal
+from tests.conftest import WorkerFactory, wait_for, wait_terminal
 
 
 def prompt(content: str, **extra: Any) -> PromptJobCreate:
@@ -207,6 +206,7 @@ async def test_redelivery_of_a_finished_job_changes_nothing(
 
 
 async def _wait_queue_empty(service: JobService) -> None:
-    async with asyncio.timeout(10):
-        while await service.queue.redis.zcard(service.queue.queue_name):
-            await asyncio.sleep(0.02)
+    async def empty() -> bool:
+        return not await service.queue.redis.zcard(service.queue.queue_name)
+
+    await wait_for(empty, timeout_s=10)
