@@ -36,6 +36,8 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('PUBLISH', ARGV[5], '')
 return 1
 """
+#: `move_ahead` treats a job due within this long as due.
+MOVE_AHEAD_SLACK_S = 0.25
 #: Jobs whose Redis state one call of the states script looks up.
 STATES_PER_CALL = 1000
 #: For each job id (ARGV[4:]): does arq's job key exist, the PTTL of its in-progress marker,
@@ -188,8 +190,15 @@ class QueueClient:
             await self.wake_workers()  # a job brought forward may be due now
 
     async def move_ahead(self, job_id: str, priority: int) -> None:
-        """Give a queued job its priority's score again (ahead of bulk work; see enqueue)."""
-        await self.reschedule({job_id: priority_due_ms(priority, clock.now())})
+        """Give a queued job that is due its priority's score again (ahead of bulk work; see
+        enqueue). A job deferred again meanwhile (retried once more) keeps its due time; one
+        due within MOVE_AHEAD_SLACK_S counts as due (arq re-scores a retry a moment after the
+        worker sets its timer)."""
+        now = clock.now()
+        score = await self.redis.zscore(self.queue_name, job_id)
+        due_by_ms = (now.timestamp() + MOVE_AHEAD_SLACK_S) * 1000
+        if score is not None and score <= due_by_ms:
+            await self.reschedule({job_id: priority_due_ms(priority, now)})
 
     async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
         """Delete arq's in-progress markers, so the jobs can be picked up again at once."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from datetime import timedelta
 
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
@@ -13,9 +14,10 @@ from arq.jobs import Job as ArqJob
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from promptq import clock
 from promptq.queue import RUN_JOB, QueueClient, deserialize
 from promptq.settings import Settings
-from tests.conftest import base_settings
+from tests.conftest import base_settings, wait_for
 from worker.finishes import BatchedFinish
 
 
@@ -110,3 +112,25 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+async def test_move_ahead_moves_a_due_job_only(queue: QueueClient) -> None:
+    # Given a job that fell due and one deferred again into the future
+    await queue.enqueue("due", defer_s=0.001)
+    await queue.enqueue("deferred", defer_s=60)
+    before = await queue.redis.zscore(queue.queue_name, "deferred")
+
+    await wait_for(lambda: _due(queue, "due"))
+    for job_id in ("due", "deferred", "not-queued"):
+        await queue.move_ahead(job_id, priority=10)
+
+    # Then only the due one goes ahead of bulk work (days earlier); nothing is added
+    week_ago_ms = (clock.now() - timedelta(days=7)).timestamp() * 1000
+    assert (await queue.redis.zscore(queue.queue_name, "due") or 0) < week_ago_ms
+    assert await queue.redis.zscore(queue.queue_name, "deferred") == before
+    assert await queue.redis.zscore(queue.queue_name, "not-queued") is None
+
+
+async def _due(queue: QueueClient, job_id: str) -> bool:
+    score = await queue.redis.zscore(queue.queue_name, job_id)
+    return score is not None and score <= clock.now().timestamp() * 1000
