@@ -36,6 +36,26 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('PUBLISH', ARGV[5], '')
 return 1
 """
+#: KEYS: the queue. ARGV: now (Unix ms), the wake-up channel, then pairs of job id and score.
+#: Gives each job that waits in the queue for a later time (a deferred retry) its new score
+#: (due now) and publishes one wake-up if any moved. Returns per job: 1 moved, 0 not deferred
+#: (due or running already), -1 not in the queue.
+WAKE_SCRIPT = """
+local out, moved = {}, false
+for i = 3, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not score then
+    out[#out + 1] = -1
+  elseif tonumber(score) > tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[i + 1], ARGV[i])
+    out[#out + 1], moved = 1, true
+  else
+    out[#out + 1] = 0
+  end
+end
+if moved then redis.call('PUBLISH', ARGV[2], '') end
+return out
+"""
 #: `move_ahead` treats a job due within this long as due.
 MOVE_AHEAD_SLACK_S = 0.25
 #: Jobs whose Redis state one call of the states script looks up.
@@ -84,6 +104,7 @@ class QueueClient:
         self.wake_channel = wake_channel(queue_name)
         self._states_script = redis.register_script(STATES_SCRIPT)
         self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
+        self._wake_script = redis.register_script(WAKE_SCRIPT)
 
     @classmethod
     async def connect(cls, settings: Settings) -> QueueClient:
@@ -199,6 +220,18 @@ class QueueClient:
         due_by_ms = (now.timestamp() + MOVE_AHEAD_SLACK_S) * 1000
         if score is not None and score <= due_by_ms:
             await self.reschedule({job_id: priority_due_ms(priority, now)})
+
+    async def wake(self, priorities: Mapping[str, int]) -> dict[str, int]:
+        """Make deferred jobs due now, each at its priority's score: {job id: priority}. Per
+        job: 1 moved, 0 not deferred (due or running already), -1 not in the queue."""
+        if not priorities:
+            return {}
+        now = clock.now()
+        args: list[str | float] = [now.timestamp() * 1000, self.wake_channel]
+        for job_id, priority in priorities.items():
+            args += [job_id, priority_due_ms(priority, now)]
+        found = await self._wake_script(keys=[self.queue_name], args=args)
+        return dict(zip(priorities, (int(code) for code in found), strict=True))
 
     async def clear_in_progress(self, job_ids: Sequence[str]) -> None:
         """Delete arq's in-progress markers, so the jobs can be picked up again at once."""

@@ -15,7 +15,7 @@ claim (`JobStore.claim`, general path: the fast path takes no follower) decides 
   cache hit at submit (`cached_from` then names the job that made the call);
 * its leader is still on its way: it is not claimed (`Following`), and the worker puts it back
   on the queue to look again later (`recheck_s`, and before its deadline; its
-  `next_attempt_at` says when);
+  `next_attempt_at` says when), or as soon as the leader is done (worker.followers);
 * its leader failed, was cancelled, or is gone: it is claimed and makes its own call, and its
   `cached_from` is cleared.
 """
@@ -42,10 +42,11 @@ RECHECK_MAX_S = 30.0
 @dataclass(frozen=True, slots=True)
 class Following:
     """Not claimed: the job waits for the answer of `leader_id`, an identical job in flight,
-    and looks again in `retry_in_s`."""
+    and looks again in `retry_in_s` (sooner if woken: worker.followers); `priority` is its own."""
 
     leader_id: str
     retry_in_s: float
+    priority: int
 
 
 def recheck_s(age_s: float) -> float:
@@ -89,7 +90,7 @@ async def wait_longer(session: AsyncSession, job: Job, leader_id: str, now: date
         .where(Job.id == job.id, Job.status == job.status, Job.attempts == job.attempts)
         .values(next_attempt_at=now + timedelta(seconds=retry_in_s))
     )
-    return Following(leader_id, retry_in_s)
+    return Following(leader_id, retry_in_s, job.priority)
 
 
 async def take_answer(

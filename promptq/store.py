@@ -7,7 +7,7 @@ the same job (arq is at-least-once) can neither double-count an attempt nor over
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -342,6 +342,17 @@ class JobStore:
             async with self._sessionmaker() as session:
                 rows = await session.execute(select(Job.id, Job.priority).where(Job.id.in_(chunk)))
                 found.update({row.id: row.priority for row in rows})
+        return found
+
+    async def in_flight(self, job_ids: Collection[str]) -> set[str]:
+        """The jobs among `job_ids` still on their way to an answer (queued, retrying, running)."""
+        ids, found = list(job_ids), set[str]()
+        for start in range(0, len(ids), IDS_PER_STATEMENT):
+            query = select(Job.id).where(
+                Job.id.in_(ids[start : start + IDS_PER_STATEMENT]), Job.status.in_(IN_FLIGHT)
+            )
+            async with self._sessionmaker() as session:
+                found.update((await session.execute(query)).scalars())
         return found
 
     async def list_attempts(self, job_id: str, *, owned_by: str | None = None) -> list[JobAttempt]:

@@ -26,6 +26,7 @@ from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
 from worker.context import WorkerContext
 from worker.fastpoll import FastPollWorker
+from worker.followers import FollowerWaker
 from worker.jobs import run_job
 from worker.leases import LeaseKeeper
 from worker.limiter import Limiter
@@ -105,6 +106,8 @@ def create_worker(
         typed["checkpoints"] = ChunkStore(typed["store"].sessionmaker)
         typed["queue"] = QueueClient(ctx["redis"], settings.queue_name)
         typed["ahead"] = AheadAgain(typed["queue"])
+        typed["followers"] = FollowerWaker(typed["store"], typed["queue"])
+        typed["followers"].start()
         typed["metrics"] = metrics
         limiter = Limiter(
             RedisLimits(ctx["redis"], settings.queue_name),
@@ -175,6 +178,8 @@ def create_worker(
             await ctx["announcer"].stop()
         if "ahead" in ctx:
             await ctx["ahead"].stop()
+        if "followers" in ctx:
+            await ctx["followers"].stop()
         if "limiter" in ctx:
             await ctx["limiter"].stop()
         if "_http" in ctx:

@@ -13,6 +13,7 @@ from promptq.store import JobStore
 from worker.ahead import AheadAgain
 from worker.announce import StatusAnnouncer
 from worker.cancel import CancelWatcher
+from worker.followers import FollowerWaker
 from worker.leases import LeaseKeeper
 from worker.limiter import Limiter
 from worker.routing import ModelRouter
@@ -37,6 +38,8 @@ class WorkerContext(TypedDict, total=False):
     cancels: CancelWatcher
     #: Moves retrying interactive jobs ahead of bulk work when their backoff ends.
     ahead: AheadAgain
+    #: Wakes the followers put back on the queue once their leader is done.
+    followers: FollowerWaker
     #: Publishes status events to listeners, coalesced (worker.announce).
     announcer: StatusAnnouncer
     #: The worker_concurrency jobs that may work with the model at once (worker.slots).

@@ -116,6 +116,7 @@ async def _claim_and_run(ctx: WorkerContext, job_id: str, ticket: Ticket | None)
             claim.leader_id,
             claim.retry_in_s,
         )
+        ctx["followers"].watch(job_id, claim.leader_id, claim.priority, claim.retry_in_s)
         raise Retry(defer=timedelta(seconds=claim.retry_in_s))
     logs.bind_job(job_id, claim.number)
     leases.hold(claim)

@@ -134,3 +134,30 @@ async def test_move_ahead_moves_a_due_job_only(queue: QueueClient) -> None:
 async def _due(queue: QueueClient, job_id: str) -> bool:
     score = await queue.redis.zscore(queue.queue_name, job_id)
     return score is not None and score <= clock.now().timestamp() * 1000
+
+
+async def test_wake_makes_deferred_jobs_due_at_their_priority_only(queue: QueueClient) -> None:
+    # Given a deferred bulk job, a deferred interactive one, one due already, and none
+    await queue.enqueue("deferred", defer_s=600)
+    await queue.enqueue("deferred-interactive", defer_s=600)
+    await queue.enqueue("due")
+    due_score = await queue.redis.zscore(queue.queue_name, "due")
+    pubsub = queue.redis.pubsub()
+    await pubsub.subscribe(queue.wake_channel)
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+
+    codes = await queue.wake({"deferred": 0, "deferred-interactive": 10, "due": 0, "not-queued": 0})
+
+    # Then the deferred ones are due now (the interactive one days earlier), the due one keeps
+    # its place, nothing is added, and idle workers are woken
+    assert codes == {"deferred": 1, "deferred-interactive": 1, "due": 0, "not-queued": -1}
+    assert await _due(queue, "deferred")
+    week_ago_ms = (clock.now() - timedelta(days=7)).timestamp() * 1000
+    assert (await queue.redis.zscore(queue.queue_name, "deferred-interactive") or 0) < week_ago_ms
+    assert await queue.redis.zscore(queue.queue_name, "due") == due_score
+    assert await queue.redis.zscore(queue.queue_name, "not-queued") is None
+    async with asyncio.timeout(5):
+        while (message := await pubsub.get_message(timeout=1)) is None:
+            pass
+    assert message["channel"].decode() == queue.wake_channel
+    await pubsub.aclose()

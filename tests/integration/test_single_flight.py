@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy import update
 
-from promptq import clock
+from promptq import clock, single_flight
 from promptq.batch_items import ItemSpec
 from promptq.batches import INSERT_CHUNK, BatchService
 from promptq.chat import ChatService
@@ -159,6 +159,41 @@ async def test_identical_batch_items_make_one_call_each(
     assert usage["reused_answers"] == len(reused)
     assert usage["reused_tokens"] == sum(tokens(done[c]) for c in reused) > 0
     assert usage["total_tokens"] == sum(tokens(job) for job in done.values())
+
+
+async def test_a_follower_is_woken_when_its_leader_is_done(
+    api: ApiClient,
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given followers that would look at their leader again only in ten minutes, of a leader
+    # that takes a while, and of one that fails
+    monkeypatch.setattr(single_flight, "RECHECK_MIN_S", 600.0)
+    monkeypatch.setattr(single_flight, "RECHECK_MAX_S", 600.0)
+    fake_llm.config.latency_ms = 1500
+    slow = prompt("slow to answer", params=DETERMINISTIC)
+    failing = prompt("[[fake: 400]] slow to refuse", params=DETERMINISTIC)
+    leaders = [await submit(api, slow), await submit(api, failing)]
+    followers = [await submit(api, slow), await submit(api, failing)]
+    assert [job["cached_from"] for job in followers] == [job["id"] for job in leaders]
+
+    # When a worker runs them all at once
+    await start_worker(concurrency=4)
+    await wait_terminal(service.store, [job["id"] for job in leaders + followers])
+
+    # Then each follower was woken when its leader was done (long before it would have looked
+    # again: the first was put back for ten minutes), the first took the answer, the second
+    # made its own call
+    row = await service.store.get_job(followers[0]["id"])
+    assert row is not None and row.finished_at is not None and row.next_attempt_at is not None
+    assert row.next_attempt_at > row.finished_at + timedelta(minutes=5)
+    answered, ran = [await get(api, job["id"]) for job in followers]
+    assert answered["status"] == "succeeded" and answered["attempts"] == 0
+    assert answered["result"] == (await get(api, leaders[0]["id"]))["result"]
+    assert ran["status"] == "failed" and ran["attempts"] == 1 and ran["cached_from"] is None
+    assert fake_llm.stats.total_requests == 3
 
 
 async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
