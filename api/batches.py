@@ -13,7 +13,7 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Literal
 
 from aiohttp import BodyPartReader, web
@@ -27,6 +27,7 @@ from api.params import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     cursor_param,
+    index_cursor_param,
     page_limit,
     path_id,
     split_page,
@@ -35,7 +36,6 @@ from api.state import SERVICE
 from api.uploads import open_multipart
 from promptq import batch_export
 from promptq.batch_items import (
-    ItemSpec,
     Validation,
     check_metadata,
     check_models,
@@ -47,7 +47,6 @@ from promptq.batch_items import (
 from promptq.batch_schemas import BatchCreatedOut, BatchOut, BatchPage, ComparePage
 from promptq.batches import BatchCreated, BatchService, summarize_models
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest
-from promptq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +97,17 @@ BATCH_BODIES = (
 BATCH_ID = {"id": "the batch's id (a UUID)"}
 
 
+class BatchCreateQuery(BaseModel):
+    """The query parameters of `POST /api/batches` with a JSONL body (the JSON body and the
+    multipart form carry these as fields instead)."""
+
+    name: str | None = Field(default=None, description="the batch's name")
+    models: str | None = Field(
+        default=None, description="run every item on each of these models (comma-separated)"
+    )
+    model: str | None = Field(default=None, description="one of the models (may be repeated)")
+
+
 class BatchListQuery(BaseModel):
     """The query parameters of `GET /api/batches` (documentation; parsed by the handler)."""
 
@@ -125,6 +135,7 @@ class CompareQuery(BaseModel):
 @routes.post("/api/batches")
 @openapi.operation(
     request=BATCH_BODIES,
+    query=BatchCreateQuery,
     responses={201: BatchCreatedOut},
     headers={201: {"Location": "the batch's URL"}},
     tags=("batches",),
@@ -132,16 +143,17 @@ class CompareQuery(BaseModel):
 async def create_batch(request: web.Request) -> web.Response:
     """Create a batch; 201 with the batch, or 422 listing the invalid lines (nothing created)."""
     batches = BatchService(request.app[SERVICE])
-    settings = batches.settings
     owner = principal(request).key_id
     try:
         if request.content_type == "application/json":
+            _no_query_options(request, "fields of the JSON body")
             created = await _create_from_json(request, batches, owner)
         elif request.content_type in JSONL_TYPES:
             name, models = _query_options(request)
-            created = await _create_from_stream(request, batches, owner, name, models, None)
+            created = await _create_from_stream(request, batches, owner, name, models)
         elif request.content_type == "multipart/form-data":
-            created = await _create_from_multipart(request, batches, owner, settings)
+            _no_query_options(request, "form fields")
+            created = await _create_from_multipart(request, batches, owner)
         else:
             raise InvalidRequest(
                 'send {"jobs": [...]} as application/json, or one job per line as '
@@ -193,6 +205,15 @@ async def _create_from_json(
     )
 
 
+def _no_query_options(request: web.Request, where: str) -> None:
+    """Refuse the JSONL upload's query options on a body that carries its own."""
+    if given := sorted(set(request.query) & set(BatchCreateQuery.model_fields)):
+        raise InvalidRequest(
+            f"query parameter(s) {', '.join(given)} apply to a JSONL body only; send them as "
+            f"{where}"
+        )
+
+
 def _query_options(request: web.Request) -> tuple[str | None, list[str] | None]:
     query = request.query
     name = check_name(query.get("name"))
@@ -210,29 +231,38 @@ async def _create_from_stream(
     owner: str | None,
     name: str | None,
     models: list[str] | None,
-    part: BodyPartReader | None,
 ) -> BatchCreated:
-    settings = batches.settings
-    limit = settings.batch_max_bytes
-    if request.content_length is not None and part is None and request.content_length > limit:
+    limit = batches.settings.batch_max_bytes
+    if request.content_length is not None and request.content_length > limit:
         raise _too_many_bytes(limit)
-    with (
-        tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as upload,
-        tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as spool,
-    ):
-        size = 0
-        while True:
-            if part is not None:
-                chunk = await part.read_chunk(READ_BYTES)
-            else:
-                chunk = await request.content.read(READ_BYTES)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise _too_many_bytes(limit)
-            upload.write(chunk)
-        upload.seek(0)
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as upload:
+        await _receive(upload, request.content.read, limit)
+        return await _create_from_upload(upload, batches, owner, name, models)
+
+
+async def _receive(
+    upload: IO[bytes], read: Callable[[int], Awaitable[bytes]], limit_bytes: int
+) -> None:
+    """Copy the upload into `upload` (rewound), refusing more than `limit_bytes`."""
+    size = 0
+    while chunk := await read(READ_BYTES):
+        size += len(chunk)
+        if size > limit_bytes:
+            raise _too_many_bytes(limit_bytes)
+        upload.write(chunk)
+    upload.seek(0)
+
+
+async def _create_from_upload(
+    upload: IO[bytes],
+    batches: BatchService,
+    owner: str | None,
+    name: str | None,
+    models: list[str] | None,
+) -> BatchCreated:
+    """Validate the received JSONL in a worker thread, then create the batch (or nothing)."""
+    settings = batches.settings
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as spool:
         started = time.perf_counter()
         report: Validation = await asyncio.to_thread(
             validate_jsonl,
@@ -244,50 +274,47 @@ async def _create_from_stream(
         )
         report.raise_if_invalid()
         logger.info(
-            "batch upload: %d bytes, %d item(s) validated in %.2f s",
-            size,
+            "batch upload: %d item(s) validated in %.2f s",
             report.items,
             time.perf_counter() - started,
         )
-        return await batches.create(
-            _spooled(spool),
-            owner_key_id=owner,
-            name=name,
-            models=models,
-        )
-
-
-def _spooled(spool: IO[bytes]) -> Iterable[ItemSpec]:
-    return read_spool(spool)
+        return await batches.create(read_spool(spool), owner_key_id=owner, name=name, models=models)
 
 
 async def _create_from_multipart(
-    request: web.Request, batches: BatchService, owner: str | None, settings: Settings
+    request: web.Request, batches: BatchService, owner: str | None
 ) -> BatchCreated:
-    """Form fields `name` and `models` (or repeated `model`) first, then one file part."""
+    """Form fields `name` and `models` (or repeated `model`), and one file part, in any order."""
     reader = await open_multipart(request)
     name: str | None = None
     models: list[str] = []
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise InvalidRequest("nested multipart bodies are not supported")
-        if part.filename is not None:
-            created = await _create_from_stream(
-                request, batches, owner, name, check_models(models) if models else None, part
-            )
-            if await reader.next() is not None:
-                logger.info("batch upload: ignored parts after the file")
-            return created
-        if part.name not in {"name", "model", "models"}:
+    received = False
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as upload:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidRequest("nested multipart bodies are not supported")
+            if part.filename is not None:
+                if received:
+                    raise InvalidRequest("send one file per batch (one job per line)")
+                await _receive(upload, part.read_chunk, batches.settings.batch_max_bytes)
+                received = True
+                continue
+            if part.name not in {"name", "model", "models"}:
+                raise InvalidRequest(
+                    f"unknown form field {str(part.name)[:64]!r}; send name, models and one file"
+                )
+            value = (await _read_field(part)).decode("utf-8", errors="replace")
+            if part.name == "name":
+                name = check_name(value)
+            else:
+                models.extend(m for m in value.split(",") if m.strip())
+        if not received:
             raise InvalidRequest(
-                f"unknown form field {str(part.name)[:64]!r}; send name, models and one file"
+                "the form has no file part; attach the .jsonl file (-F file=@jobs.jsonl)"
             )
-        value = (await _read_field(part)).decode("utf-8", errors="replace")
-        if part.name == "name":
-            name = check_name(value)
-        else:
-            models.extend(m for m in value.split(",") if m.strip())
-    raise InvalidRequest("the form has no file part; attach the .jsonl file (-F file=@jobs.jsonl)")
+        return await _create_from_upload(
+            upload, batches, owner, name, check_models(models) if models else None
+        )
 
 
 async def _read_field(part: BodyPartReader) -> bytes:
@@ -378,15 +405,7 @@ async def compare_batch(request: web.Request) -> web.Response:
     batch_id = batch_id_param(request)
     batch = await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
     limit = page_limit(request.query.get("limit"))
-    after = request.query.get("cursor") or None
-    after_index: int | None = None
-    if after is not None:
-        try:
-            after_index = int(after)
-        except ValueError:
-            raise InvalidRequest(
-                f"cursor {after[:32]!r} is not valid; pass next_cursor back"
-            ) from None
+    after_index = index_cursor_param(request.query.get("cursor"))
     rows, next_cursor = await batches.compare(batch, after_index=after_index, limit=limit)
     models = batch.models or sorted({m for row in rows for m in row.answers})
     page = ComparePage(

@@ -54,6 +54,20 @@ def cursor_param(value: str | None) -> str | None:
         ) from None
 
 
+#: The largest item index a batch can have (`jobs.batch_index` is a 32-bit integer).
+MAX_INDEX = 2**31 - 1
+
+
+def index_cursor_param(value: str | None) -> int | None:
+    """The `cursor` parameter of a page of batch items (the last item index seen); None when
+    absent."""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and int(value) <= MAX_INDEX):
+        raise InvalidRequest(f"cursor {value[:32]!r} is not valid; pass next_cursor back as is")
+    return int(value)
+
+
 def split_page(rows: Sequence[RowT], limit: int) -> tuple[list[RowT], str | None]:
     """The first `limit` of `rows` (read with `limit + 1`), and the next page's cursor (None
     on the last page)."""

@@ -244,6 +244,55 @@ async def test_multipart_upload_and_json_body(admin: Client, service: JobService
     assert await table_counts(service) == (2, 6)
 
 
+async def test_form_fields_apply_in_any_order(admin: Client) -> None:
+    # Given a form whose fields come after its file (curl -F sends parts in the order given)
+    form = FormData()
+    form.add_field("file", jsonl([prompt("a")]), filename="jobs.jsonl")
+    form.add_field("name", "fields-last")
+    form.add_field("models", "fake-small,fake-large")
+    async with admin.post("/api/batches", data=form) as response:
+        assert response.status == 201, await response.text()
+        created = await response.json()
+    # Then they apply all the same
+    assert (created["name"], created["models"]) == ("fields-last", ["fake-small", "fake-large"])
+    assert created["total"] == 2
+
+
+async def test_options_in_the_wrong_place_are_refused(admin: Client, service: JobService) -> None:
+    # Given batch options as query parameters of a JSON body and of a form, and a misspelt
+    # option of a JSONL upload
+    form = FormData()
+    form.add_field("file", jsonl([prompt("a")]), filename="jobs.jsonl")
+    attempts = [
+        admin.post("/api/batches", params={"name": "n"}, json={"jobs": [prompt("a")]}),
+        admin.post("/api/batches", params={"models": "fake-small"}, data=form),
+        admin.post(
+            "/api/batches", params={"modles": "x"}, data=jsonl([prompt("a")]), headers=NDJSON
+        ),
+    ]
+    # Then each is refused with a message saying where they go, and nothing is created
+    messages = []
+    for attempt in attempts:
+        async with attempt as response:
+            assert response.status == 422, await response.text()
+            messages.append((await response.json())["error"]["message"])
+    assert "send them as fields of the JSON body" in messages[0]
+    assert "send them as form fields" in messages[1]
+    assert "modles" in messages[2]
+    assert await table_counts(service) == (0, 0)
+
+
+async def test_a_compare_cursor_out_of_range_is_refused(admin: Client) -> None:
+    async with admin.post("/api/batches", json={"jobs": [prompt("a")]}) as response:
+        batch_id = (await response.json())["id"]
+    for cursor in ("99999999999999999999999", "-1", "1e3", "٣"):
+        async with admin.get(f"/api/batches/{batch_id}/compare", params={"cursor": cursor}) as r:
+            assert r.status == 422, (cursor, await r.text())
+            assert "cursor" in (await r.json())["error"]["message"]
+    async with admin.get(f"/api/batches/{batch_id}/compare", params={"cursor": "0"}) as r:
+        assert r.status == 200 and (await r.json())["rows"] == []
+
+
 async def test_idempotency_keys_inside_a_batch(admin: Client, service: JobService) -> None:
     items = [prompt("one", idempotency_key="k1"), prompt("two", idempotency_key="k2")]
     async with admin.post("/api/batches", data=jsonl(items), headers=NDJSON) as r:
