@@ -89,6 +89,13 @@ class SummarizeJobCreate(_JobCreateBase):
     #: Where the document came from (an uploaded file's name), for people reading the job.
     filename: str | None = Field(default=None, max_length=1000)
 
+    @field_validator("document")
+    @classmethod
+    def _has_text(cls, document: str) -> str:
+        if document.isspace():
+            raise ValueError("the document is only whitespace; there is nothing to summarize")
+        return document
+
     def job_input(self) -> dict[str, Any]:
         """The `jobs.input` JSON for this request (options left unset are left out)."""
         options = {
