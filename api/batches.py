@@ -136,12 +136,17 @@ class CompareQuery(BaseModel):
 @openapi.operation(
     request=BATCH_BODIES,
     query=BatchCreateQuery,
-    responses={201: BatchCreatedOut},
-    headers={201: {"Location": "the batch's URL"}},
+    responses={201: BatchCreatedOut, 200: BatchCreatedOut},
+    headers={
+        201: {"Location": "the batch's URL"},
+        200: {"Location": "the batch's URL", "Idempotent-Replayed": "true"},
+    },
     tags=("batches",),
 )
 async def create_batch(request: web.Request) -> web.Response:
-    """Create a batch; 201 with the batch, or 422 listing the invalid lines (nothing created)."""
+    """Create a batch; 201 with the batch, or 422 listing the invalid lines (nothing created).
+    A batch sent again (every item reuses, by its idempotency_key, a job of one earlier
+    batch made the same way) is 200 with that earlier batch."""
     batches = BatchService(request.app[SERVICE])
     owner = principal(request).key_id
     try:
@@ -162,7 +167,10 @@ async def create_batch(request: web.Request) -> web.Response:
     except InvalidBatch as exc:
         return _invalid_batch(exc)
     out = await batch_created_out(batches, created)
-    return json_response(out, status=201, headers={"Location": f"/api/batches/{out.id}"})
+    headers = {"Location": f"/api/batches/{out.id}"}
+    if created.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(out, status=200 if created.replayed else 201, headers=headers)
 
 
 async def batch_created_out(batches: BatchService, created: BatchCreated) -> BatchCreatedOut:

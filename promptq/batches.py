@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from promptq import clock
 from promptq.batch_items import ItemSpec
@@ -99,6 +99,16 @@ class BatchCreated:
     following: int
     #: Jobs put on the Redis queue now (the reconciler queues the rest if Redis was down).
     enqueued: int
+    #: Every item reused a job of one earlier batch, made the same way: `batch` is that
+    #: batch, sent again (say, after a timeout), and nothing was created.
+    replayed: bool = False
+
+
+class _Replayed(Exception):
+    """Rolls back a batch whose items all belong to the earlier batch `batch_id`."""
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
 
 
 def owned_batches(owned_by: str | None) -> Select[Batch]:
@@ -138,7 +148,9 @@ class BatchService:
         idempotency_key that the owner already used for the same request keeps that job
         (counted as reused); for a different request the whole batch is refused
         (IdempotencyConflict) and nothing is created. In a comparison batch the key of each
-        model's job is `<key>:<model>`.
+        model's job is `<key>:<model>`. A batch whose every item reuses a job of one earlier
+        batch of the owner, made the same way (the same API, models and size), is that batch
+        sent again: nothing is created, and the earlier batch is the answer (`replayed`).
         """
         now = clock.now()
         started = time.perf_counter()
@@ -158,6 +170,7 @@ class BatchService:
         cache = self.service.cache
         ids = bytearray()  # the queued ids, 36 ASCII bytes each: 3.6 MB for 100k jobs
         created = reused = cached = following = 0
+        reused_from: set[str | None] = set()  # the batches of the reused jobs
         try:
             async with self.sessionmaker() as session, session.begin():
                 session.add(batch)
@@ -186,7 +199,7 @@ class BatchService:
                         ):
                             cacheable.update(row["id"] for row in new)
                         index += 1
-                    fresh = await _drop_reused(conn, rows, owner_key_id)
+                    fresh = await _drop_reused(conn, rows, owner_key_id, reused_from)
                     reused += len(rows) - len(fresh)
                     if not fresh:
                         continue
@@ -204,6 +217,12 @@ class BatchService:
                         if row["status"] == JobStatus.QUEUED.value:
                             ids.extend(row["id"].encode())
                 batch.job_count = created
+                if not created and len(reused_from) == 1:
+                    await _raise_if_replayed(session, batch, reused_from.pop(), reused)
+        except _Replayed as replay:
+            logger.info("batch %s sent again: %d job(s) reused", replay.batch_id, reused)
+            earlier = await self.get_row(replay.batch_id, owned_by=None)
+            return BatchCreated(earlier, 0, reused, 0, 0, 0, replayed=True)
         except IntegrityError as exc:
             if "idempotency" not in str(exc.orig).lower():
                 raise
@@ -617,16 +636,19 @@ async def _chunks(
 
 
 async def _drop_reused(
-    conn: AsyncConnection, rows: list[dict[str, Any]], owner_key_id: str | None
+    conn: AsyncConnection,
+    rows: list[dict[str, Any]],
+    owner_key_id: str | None,
+    reused_from: set[str | None],
 ) -> list[dict[str, Any]]:
-    """The rows whose idempotency key is new; IdempotencyConflict if a key was used for a
-    different request."""
+    """The rows whose idempotency key is new, adding the batches of the others' jobs to
+    `reused_from`; IdempotencyConflict if a key was used for a different request."""
     keyed = {row["idempotency_key"]: row for row in rows if row["idempotency_key"] is not None}
     if not keyed:
         return rows
     owner = Job.owner_key_id.is_(None) if owner_key_id is None else Job.owner_key_id == owner_key_id
     query = select(
-        Job.id, Job.idempotency_key, Job.kind, Job.model, Job.input, Job.max_attempts
+        Job.id, Job.idempotency_key, Job.kind, Job.model, Job.input, Job.max_attempts, Job.batch_id
     ).where(owner, Job.idempotency_key.in_(list(keyed)))
     existing = list(await conn.execute(query))
     if not existing:
@@ -640,7 +662,23 @@ async def _drop_reused(
                 "a different request; nothing was created: use a new key for a new request"
             )
     taken = {job.idempotency_key for job in existing}
+    reused_from.update(job.batch_id for job in existing)
     return [row for row in rows if row["idempotency_key"] not in taken]
+
+
+async def _raise_if_replayed(
+    session: AsyncSession, batch: Batch, earlier_id: str | None, reused: int
+) -> None:
+    """_Replayed if `batch`, whose `reused` items all reused jobs of the batch `earlier_id`,
+    is that batch sent again: the same owner, API and models, and as many jobs."""
+    earlier = None if earlier_id is None else await session.get(Batch, earlier_id)
+    if (
+        earlier is not None
+        and earlier.job_count == reused
+        and (earlier.owner_key_id, earlier.api, earlier.models)
+        == (batch.owner_key_id, batch.api, batch.models)
+    ):
+        raise _Replayed(earlier.id)
 
 
 async def _answer_from_cache(

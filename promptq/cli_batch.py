@@ -92,7 +92,12 @@ def submit(
                 created = await batches.create(
                     read_spool(spool), owner_key_id=None, name=check_name(name), models=models
                 )
-            if created.reused:
+            if created.replayed:
+                err_console.print(
+                    f"every item reused a job of batch {created.batch.id} (same keys): "
+                    "that batch was sent before, and is the one shown"
+                )
+            elif created.reused:
                 err_console.print(f"{created.reused} item(s) reused an existing job (same key)")
             if created.cached:
                 err_console.print(f"{created.cached} job(s) answered from the result cache")

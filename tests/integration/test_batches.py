@@ -311,6 +311,47 @@ async def test_idempotency_keys_inside_a_batch(admin: Client, service: JobServic
     assert await table_counts(service) == (2, 3)  # nothing from the refused batch
 
 
+async def test_a_batch_sent_again_is_the_batch_sent_first(
+    admin: Client, service: JobService
+) -> None:
+    # Given a batch whose items all have idempotency keys
+    items = [prompt(f"item {n}", custom_id=f"c{n}", idempotency_key=f"again-{n}") for n in range(3)]
+    async with admin.post("/api/batches", data=jsonl(items), headers=NDJSON) as response:
+        assert response.status == 201
+        first = await response.json()
+
+    # When it is sent again (a client retrying after a timeout), whole or as JSON
+    again = [
+        admin.post("/api/batches", data=jsonl(items), headers=NDJSON),
+        admin.post("/api/batches", json={"jobs": items}),
+    ]
+    for attempt in again:
+        async with attempt as response:
+            # Then the answer is the first batch, with every item, and nothing is created
+            assert response.status == 200, await response.text()
+            assert response.headers["Idempotent-Replayed"] == "true"
+            assert response.headers["Location"] == f"/api/batches/{first['id']}"
+            body = await response.json()
+        assert (body["id"], body["total"], body["created"], body["reused"]) == (
+            first["id"],
+            3,
+            0,
+            3,
+        )
+    assert await table_counts(service) == (1, 3)
+
+    # But a part of it, or the same items on other models, is a batch of its own
+    async with admin.post("/api/batches", data=jsonl(items[:2]), headers=NDJSON) as response:
+        assert response.status == 201
+        part = await response.json()
+    assert part["id"] != first["id"] and (part["created"], part["reused"]) == (0, 2)
+    async with admin.post(
+        "/api/batches", json={"jobs": items, "models": ["fake-small"]}
+    ) as response:
+        assert response.status == 201
+        assert (await response.json())["created"] == 3
+
+
 async def test_batches_are_private_to_their_key(
     start_api: ApiStarter, make_key: KeyFactory
 ) -> None:
@@ -418,6 +459,8 @@ async def test_arbitrary_batches_never_cause_a_server_error(
     # Then the batch is created, or refused with a 4xx in the one error shape
     if response.status == 201:  # (examples share a database: a key may be reused)
         assert body["created"] + body["reused"] >= 1 and body["total"] == body["created"]
+    elif response.status == 200:  # an example sent again: its earlier batch
+        assert body["created"] == 0 and body["reused"] == body["total"] >= 1
     else:
         assert 400 <= response.status < 500, body
         assert body["error"]["code"] and body["error"]["message"]
