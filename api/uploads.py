@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from api import openapi
 from api.auth import principal
+from api.errors import MalformedBody
 from api.jobs import json_response
 from api.state import SERVICE
 from promptq.documents import Document, check_size, read_document
@@ -114,14 +117,67 @@ async def upload_documents(request: web.Request) -> web.Response:
 
 
 async def open_multipart(request: web.Request) -> MultipartReader:
-    """The multipart reader of a request; InvalidRequest (not a 500) when it has no boundary."""
+    """The multipart reader of a request, a FormReader: a malformed body is a 4xx, not a 500.
+
+    InvalidRequest when the Content-Type has no (valid) boundary.
+    """
     try:
-        return await request.multipart()
+        return FormReader(  # what request.multipart() passes
+            request.headers,
+            request.content,
+            client_max_size=request.client_max_size,
+            max_field_size=request.protocol.max_field_size,
+            max_headers=request.protocol.max_headers,
+            max_size_error_cls=web.HTTPRequestEntityTooLarge,
+        )
     except ValueError:  # no boundary, or not multipart after all
         raise InvalidRequest(
             "the multipart/form-data body has no boundary; let your HTTP client build it "
             "(curl -F file=@report.pdf ...)"
         ) from None
+
+
+class FormPart(BodyPartReader):
+    """A body part of a FormReader: reading a malformed part raises MalformedBody."""
+
+    async def read_chunk(self, size: int = BodyPartReader.chunk_size) -> bytes:
+        """Up to `size` bytes of the part (every other read of a part goes through this)."""
+        with _malformed_form():
+            return await super().read_chunk(size)
+
+    async def read(self, *, decode: bool = False) -> bytes:
+        """The whole part; with `decode`, after its Content-Transfer-Encoding (e.g. base64)."""
+        with _malformed_form():
+            return await super().read(decode=decode)
+
+
+class FormReader(MultipartReader):
+    """aiohttp's multipart reader, raising MalformedBody (400) where it raises ValueError or
+    RuntimeError because the body breaks the multipart syntax: no starting boundary, a part
+    cut short or without its closing boundary, an unknown or broken transfer encoding.
+
+    Only errors of these reads are translated; the ConnectionResetError of a client that hangs
+    up and the RequestPayloadError of an undecodable body pass through to the error middleware.
+    """
+
+    part_reader_cls = FormPart
+
+    async def next(self) -> MultipartReader | BodyPartReader | None:
+        """The next part, or None after the closing boundary."""
+        with _malformed_form():
+            return await super().next()
+
+
+@contextmanager
+def _malformed_form() -> Iterator[None]:
+    """Raise MalformedBody for the ValueError/RuntimeError of a malformed multipart body."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        raise MalformedBody(
+            f"the multipart/form-data body is malformed or incomplete ({str(exc)[:200]}); "
+            "let your HTTP client build it (curl -F file=@report.pdf ...)"
+        ) from exc
 
 
 async def _read_parts(

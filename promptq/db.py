@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -37,8 +38,13 @@ def is_db_unavailable(exc: BaseException) -> bool:
     """True for errors that mean "the database is unreachable", not "the query is wrong".
 
     Covers SQLAlchemy's OperationalError/InterfaceError, any DBAPIError whose connection was
-    invalidated or whose SQLSTATE says the server is away (a raw driver error too), and OSError.
+    invalidated or whose SQLSTATE says the server is away (a raw driver error too), and OSError
+    except aiohttp's: those are OSErrors too (ClientConnectionResetError: an HTTP client hung
+    up), but of an HTTP connection, never of the database's. (The ConnectionResetError of a
+    client that hangs up mid-body is told apart by the API's error middleware.)
     """
+    if isinstance(exc, aiohttp.ClientError):
+        return False
     if isinstance(exc, (OperationalError, InterfaceError, OSError)):
         return True
     if isinstance(exc, DBAPIError):
