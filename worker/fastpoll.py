@@ -30,7 +30,9 @@ free slots, in one round trip. It also looks past ids that are running (they sta
 of the queue until they finish), so a worker is not starved when other workers' running jobs
 fill arq's read window; and it returns when the next deferred job falls due, so that the loop
 knows how long it may sleep without asking again. Delivery stays at-least-once: a job is only
-started under its marker, exactly as arq would start it.
+started under its marker, exactly as arq would start it. The script also runs arq's
+start-of-job commands on each job it takes (read the job, count the try), so that run_job does
+not need a round trip of its own for them (worker.job_start).
 
 arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
 
@@ -38,7 +40,8 @@ arq internals this relies on (arq 0.28; pyproject pins `arq<0.29`):
   `_connect`; `ctx["redis"]`, `on_startup`) and its burst-mode exit are repeated here.
 * `Worker._poll_iteration()` is replaced (via ResilientWorker's `_poll_once`): claim, clean up
   finished tasks, heartbeat and cron, as arq does.
-* Each job runs as arq's `Worker.run_job(job_id, score)` task, with
+* Each job runs as arq's `Worker.run_job(job_id, score)` task (its start transaction answered
+  by the claim: see worker.job_start for what that relies on), with
   `_release_sem_dec_counter_on_complete()` as its done callback, counted in `job_counter` and
   `sem`, kept in `tasks`; arq's marker TTL is `in_progress_timeout_s`.
 * `Worker.finish_job()` ends a job with `finish=False` when it goes back on the queue; its
@@ -58,13 +61,14 @@ import math
 from typing import Any
 
 from arq.connections import log_redis_info
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from promptq.queue import wake_channel
 from worker.finishes import BatchedFinish
+from worker.job_start import ARQ_TRY_TTL_S, answer_job_starts, started
 from worker.resilient import REDIS_DOWN, ResilientWorker
 from worker.slots import ModelSlots
 
@@ -75,21 +79,28 @@ DUE_MARGIN_S = 0.001
 #: Most queue entries one claim looks at (running jobs at the head of the queue included).
 CLAIM_SCAN_LIMIT = 10_000
 #: KEYS[1]: the queue. ARGV: now (ms), slots to fill, in-progress key prefix, marker TTL (ms),
-#: scan limit. Takes up to ARGV[2] due jobs that have no in-progress marker, setting one on each
-#: as arq does; returns {{id, score, ...}, the score of the next job not yet due, or false}.
+#: scan limit, job key prefix, try counter prefix, try counter TTL (s). Takes up to ARGV[2] due
+#: jobs that have no in-progress marker, setting one on each as arq does, and runs arq's
+#: start-of-job commands on it (worker.job_start); returns {{id, score, job, try count, ...},
+#: the score of the next job not yet due, or false}.
 CLAIM_SCRIPT = """
 local queue, now, want = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local prefix, ttl, scan = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local job_prefix, try_prefix, try_ttl = ARGV[6], ARGV[7], ARGV[8]
 local claimed, taken, offset = {}, 0, 0
 local page = math.max(2 * want, 32)
 while taken < want and offset < scan do
   local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, page)
   for i = 1, #due, 2 do
-    local marker = prefix .. due[i]
+    local id = due[i]
+    local marker = prefix .. id
     if redis.call('EXISTS', marker) == 0 then
       redis.call('PSETEX', marker, ttl, '1')
-      claimed[#claimed + 1] = due[i]
+      claimed[#claimed + 1] = id
       claimed[#claimed + 1] = due[i + 1]
+      claimed[#claimed + 1] = redis.call('GET', job_prefix .. id)
+      claimed[#claimed + 1] = redis.call('INCR', try_prefix .. id)
+      redis.call('EXPIRE', try_prefix .. id, try_ttl)
       taken = taken + 1
       if taken >= want then break end
     end
@@ -111,6 +122,8 @@ class FastPollWorker(ResilientWorker):
 
     def __init__(self, *args: Any, slots: ModelSlots | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.allow_abort_jobs:  # run_job's start would expect a 4th reply (worker.job_start)
+            raise ValueError("arq's allow_abort_jobs is not supported: promptq cancels jobs itself")
         #: The jobs' model slots: jobs past theirs (finishing) don't count against max_jobs.
         self.slots = slots
         if slots is not None:
@@ -132,6 +145,7 @@ class FastPollWorker(ResilientWorker):
     async def main(self) -> None:
         """Start up as arq does, then poll whenever woken (or every `poll_delay_s`)."""
         await self._connect()  # retries for as long as Redis is away
+        answer_job_starts(self.pool)  # run_job's first round trip was the claim's
         names = ", ".join(self.functions)
         logger.info("Starting worker for %d functions: %s", len(self.functions), names)
         try:
@@ -211,11 +225,14 @@ class FastPollWorker(ResilientWorker):
                 in_progress_key_prefix,
                 int(self.in_progress_timeout_s * 1000),
                 CLAIM_SCAN_LIMIT,
+                job_key_prefix,
+                retry_key_prefix,
+                ARQ_TRY_TTL_S,
             ],
         )
         self._next_due_ms = None if next_due is None else float(next_due)
         self._next_due_known = True
-        for i in range(0, len(claimed), 2):
+        for i in range(0, len(claimed), 4):
             job_id, score = claimed[i].decode(), int(float(claimed[i + 1]))
             running = self.tasks.get(job_id)
             if running is not None and not running.done():
@@ -224,7 +241,9 @@ class FastPollWorker(ResilientWorker):
                 continue
             await self.sem.acquire()  # free: see _free_jobs
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, score))
+            # Job, try count, EXPIRE's reply: what run_job's start transaction would get.
+            with started([claimed[i + 2], claimed[i + 3], True]):
+                task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 

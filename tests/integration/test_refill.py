@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as redis
 
 from promptq.models import AttemptOutcome, JobStatus
 from promptq.schemas import PromptJobCreate
@@ -204,3 +205,43 @@ async def test_a_job_recording_its_result_does_not_hold_back_the_prefetch(
     jobs = [first, second, third, fourth]
     await wait_terminal(service.store, [j.id for j in jobs], timeout_s=WAIT_S)
     assert {await status(j.id) for j in jobs} == {JobStatus.SUCCEEDED}
+
+
+async def test_a_job_starts_without_a_round_trip_of_its_own(
+    service: JobService,
+    start_idle_worker: IdleWorkerFactory,
+    fake_llm: FakeLLM,
+    redis_url: str,
+) -> None:
+    # Given an idle worker, and every command Redis runs, watched
+    worker = await start_idle_worker()
+    watcher = redis.Redis.from_url(redis_url)
+    db = watcher.connection_pool.connection_kwargs.get("db", 0)
+    async with watcher.monitor() as monitor:
+        # When a job fails once and then succeeds (two starts: tries 1 and 2)
+        job, _ = await service.submit(prompt("two starts [[fake: 500, ok]]"))
+        seen: list[dict[str, Any]] = []
+
+        async def finished() -> bool:
+            while True:  # until the job's arq key is deleted at its end
+                command = await monitor.next_command()
+                if command.get("db") == db and job.id in command["command"]:
+                    seen.append(command)
+                    if command["command"].startswith("DEL") and "arq:job:" in command["command"]:
+                        return True
+
+        async with asyncio.timeout(WAIT_S):
+            await finished()
+    await watcher.aclose()
+
+    # Then arq's start-of-job reads (the job, its try count) ran inside the claim script, both
+    # times, and the job ran as arq would have run it
+    starts = [c for c in seen if c["command"].startswith(("GET", "INCR"))]
+    assert [c["command"].split()[0] for c in starts] == ["GET", "INCR"] * 2
+    assert all(c["client_type"] == "lua" for c in starts), starts
+    attempts = await service.store.list_attempts(job.id)
+    assert [a.outcome for a in attempts] == [
+        AttemptOutcome.TRANSIENT_ERROR,
+        AttemptOutcome.SUCCEEDED,
+    ]
+    assert worker.jobs_retried == 1
