@@ -12,8 +12,8 @@ from aiohttp import web
 
 from api import openai_openapi as spec
 from api.auth import principal
-from api.jobs import json_response, read_json
-from api.openai_chat import CATALOG
+from api.jobs import json_response
+from api.openai_chat import CATALOG, read_body
 from api.openai_pages import page_params
 from api.state import SERVICE
 from promptq.openai_batch import OpenAIBatches, batch_object
@@ -31,7 +31,7 @@ def _batches(request: web.Request) -> OpenAIBatches:
 async def create_batch(request: web.Request) -> web.Response:
     """Make a batch from an uploaded input file; the `batch` object (`failed`, with `errors`,
     when a line of the file is bad)."""
-    body = await read_json(request)
+    body = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     input_file_id = _string(body, "input_file_id")

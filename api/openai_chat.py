@@ -18,13 +18,14 @@ from aiohttp import web
 from api import openai_openapi as spec
 from api.auth import principal
 from api.job_listener import JobListener, Token
-from api.jobs import json_response, read_json
+from api.jobs import BadJSON, json_response, read_json
 from api.openai_errors import SHOULD_RETRY, openai_error
 from promptq import openai_format
 from promptq.chat import ChatService
-from promptq.model_catalog import ModelCatalog
+from promptq.errors import InvalidRequest
+from promptq.model_catalog import ModelCatalog, UnknownModel
 from promptq.models import Job, JobStatus
-from promptq.openai_schemas import ChatCompletionRequest, parse_chat_request
+from promptq.openai_schemas import BadRequest, ChatCompletionRequest, parse_chat_request
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,26 @@ async def retrieve_model(request: web.Request) -> web.Response:
     )
 
 
+async def read_body(request: web.Request) -> Any:
+    """The JSON body of a /v1 request. A body that is not JSON, empty included, is a 400
+    (`invalid_request_error`), as OpenAI answers it; /api keeps its 422 for an empty body."""
+    try:
+        return await read_json(request)
+    except BadJSON:
+        raise
+    except InvalidRequest as exc:  # an empty body
+        raise BadRequest(exc.message) from None
+
+
 @routes.post("/v1/chat/completions")
 @spec.chat_completions
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Run a chat completion as a job and answer with its result (or stream it)."""
-    chat_request = parse_chat_request(await read_json(request))
-    await request.app[CATALOG].check([chat_request.model, *chat_request.fallback_models])
+    chat_request = parse_chat_request(await read_body(request))
+    try:
+        await request.app[CATALOG].check([chat_request.model, *chat_request.fallback_models])
+    except UnknownModel as exc:  # OpenAI's answer to a model it does not serve: a 404
+        return openai_error(404, exc.message, code=exc.code, param="model")
     chat = request.app[CHAT]
     job = await chat.create(chat_request, owner_key_id=principal(request).key_id)
     wait_s = chat.service.settings.chat_wait_s

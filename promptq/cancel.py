@@ -8,12 +8,18 @@ is lost, the worker's lease renewal notices `cancel_requested_at` within lease_s
 flagged so is never sent back to wait: if its attempt stops anyway (a transient error, a
 worker stopping or lost), the store cancels it instead (`JobStore.finish_attempt`, `claim`).
 Finished jobs keep their results: cancelling one is a 409.
+
+A batch is cancelled here whichever route asks (`/api/batches/{id}/cancel`, or the OpenAI Batch
+API's `/v1/batches/{id}/cancel` and its expiry, through promptq.openai_batch), so this is also
+where an OpenAI Batch API batch gets OpenAI's record of it: `cancelling_at` now, and
+`cancelled_at` only when its last request has stopped (`cancelling` → `cancelled`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 
 from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
@@ -75,13 +81,15 @@ class Canceller:
     async def cancel_batch(self, batch_id: str, *, owned_by: str | None) -> BatchOut:
         """Cancel every unfinished job of a batch; finished ones keep their results.
 
-        The batch is `cancelling` until its running jobs have stopped, then `cancelled`.
+        The batch is `cancelling` until its running jobs have stopped, then `cancelled`
+        (an OpenAI Batch API batch once promptq.openai_batch has written its files).
         NotCancellable if the batch had already finished.
         """
         batches = BatchService(self.service)
         batch = await batches.get_row(batch_id, owned_by=owned_by)
         current = await batches.get(batch_id, owned_by=owned_by)  # settles a finished batch
-        if current.status not in OPEN_STATUSES:
+        cancellable = _cancellable_statuses(batch)
+        if current.status not in cancellable:
             raise NotCancellable(
                 f"batch {batch_id} is already {current.status}; only a batch in progress can be "
                 "cancelled"
@@ -90,8 +98,8 @@ class Canceller:
         async with self.sessionmaker() as session, session.begin():
             await session.execute(
                 update(Batch)
-                .where(Batch.id == batch.id, Batch.status.in_(OPEN_STATUSES))
-                .values(status=BatchStatus.CANCELLING, cancelled_at=now, updated_at=now)
+                .where(Batch.id == batch.id, Batch.status.in_(cancellable))
+                .values(status=BatchStatus.CANCELLING, updated_at=now, **_cancel_stamps(batch, now))
             )
             # Flag every unfinished job first, so one that starts or stops in between is
             # still caught: by the status UPDATE below, or by its worker's lease renewal.
@@ -163,6 +171,35 @@ class Canceller:
 
 
 _TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+#: The statuses in which an OpenAI Batch API batch may be cancelled (as OpenAI allows).
+_OPENAI_CANCELLABLE = (BatchStatus.IN_PROGRESS,)
+
+
+def _is_native(batch: Batch) -> bool:
+    """True for a native batch; False for an OpenAI Batch API one (`api = "openai"`)."""
+    return batch.api == "native"
+
+
+def _cancellable_statuses(batch: Batch) -> Sequence[BatchStatus]:
+    """The statuses from which the batch may be cancelled: an OpenAI Batch API batch only
+    while `in_progress`, as `/v1/batches/{id}/cancel` says; it is then never cancelled
+    while its output files are being written."""
+    return OPEN_STATUSES if _is_native(batch) else _OPENAI_CANCELLABLE
+
+
+def _cancel_stamps(batch: Batch, now: datetime) -> dict[str, datetime]:
+    """The columns that record a cancel request, in the batch's own API's terms.
+
+    A native batch stamps `cancelled_at` now. An OpenAI Batch API batch stamps `cancelling_at`
+    now (promptq.openai_batch finalizes it as `cancelled`, stamping `cancelled_at`, because
+    that is set), unless it is being stopped because it expired: that one records `expired_at`
+    only, and ends `expired`.
+    """
+    if _is_native(batch):
+        return {"cancelled_at": now}
+    if batch.expired_at is not None:
+        return {}
+    return {"cancelling_at": now}
 
 
 def _ended(status: str) -> str:

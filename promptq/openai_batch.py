@@ -9,8 +9,9 @@ in SQL like any other. Its life:
 * `in_progress`: the jobs run as bulk work (behind interactive requests).
 * `finalizing`: every job has ended; the output file (the succeeded requests) and the error
   file (failed, cancelled and expired ones) are written, in input order.
-* `completed`; or `cancelling` → `cancelled` when cancelled (promptq.cancel.Canceller: queued
-  jobs never start, running ones are aborted, finished ones keep their results); or
+* `completed`; or `cancelling` → `cancelled` when cancelled, here or at the native
+  `/api/batches/{id}/cancel` alike (promptq.cancel.Canceller: queued jobs never start, running
+  ones are aborted, finished ones keep their results); or
   `expired` when the completion window ran out first (its unfinished jobs are cancelled).
 
 `refresh` moves a batch along. It runs whenever a batch is read and, for all open batches,
@@ -191,26 +192,19 @@ class OpenAIBatches:
         return await self.retrieve(batch_id, owned_by=None)
 
     async def _stop(self, batch: Batch, *, expired: bool) -> None:
-        """Cancel the unfinished jobs (shared with native batches: promptq.cancel), noting
-        when, and why, in OpenAI's columns."""
-        now = clock.now()
-        marker: dict[str, Any] = {"expired_at": now} if expired else {"cancelling_at": now}
-        async with self.sessionmaker() as session, session.begin():
-            # First the reason, so that a finalizer running meanwhile names the right end.
-            await session.execute(
-                update(Batch)
-                .where(Batch.id == batch.id, Batch.status == BatchStatus.IN_PROGRESS)
-                .values(**marker, updated_at=now)
-            )
+        """Cancel the unfinished jobs through promptq.cancel, the one place that cancels a
+        batch (whichever route asks) and stamps OpenAI's `cancelling_at`; an expired batch
+        gets its `expired_at` first, so that it ends `expired` rather than `cancelled`."""
+        if expired:
+            now = clock.now()
+            async with self.sessionmaker() as session, session.begin():
+                await session.execute(
+                    update(Batch)
+                    .where(Batch.id == batch.id, Batch.status == BatchStatus.IN_PROGRESS)
+                    .values(expired_at=now, updated_at=now)
+                )
         with suppress(NotCancellable):  # it finished meanwhile: refresh settles it
             await Canceller(self.service).cancel_batch(batch.id, owned_by=None)
-        async with self.sessionmaker() as session, session.begin():
-            # Canceller stamps cancelled_at at the request; OpenAI stamps it at the end.
-            await session.execute(
-                update(Batch)
-                .where(Batch.id == batch.id, Batch.status == BatchStatus.CANCELLING)
-                .values(cancelled_at=None)
-            )
 
     # -- moving along ----------------------------------------------------------------------
 

@@ -161,6 +161,14 @@ def _check_line(check: InputCheck, number: int, raw: bytes, endpoint: str) -> Ba
             "custom_id",
         )
         return None
+    if "\x00" in custom_id:  # PostgreSQL cannot store U+0000 in text
+        check.fail(
+            number,
+            "invalid_value",
+            "custom_id may not contain NUL (\\u0000) characters",
+            "custom_id",
+        )
+        return None
     if line.get("method") != "POST":
         check.fail(number, "invalid_value", "method must be POST", "method")
         return None

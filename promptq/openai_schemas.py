@@ -44,7 +44,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    #: A signed 64-bit integer, the range `/api/jobs` takes (promptq.schemas.ChatParams).
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     #: promptq runs one completion per job.
     n: int | None = Field(default=None, ge=1, le=1)
     #: Reuse a stored identical answer (true), never (false), or when deterministic (unset).

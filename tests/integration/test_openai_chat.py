@@ -136,8 +136,8 @@ async def test_errors_are_the_sdks_own_exceptions(
     sdk: SdkFactory, client: openai.AsyncOpenAI, start_worker: WorkerFactory, service: JobService
 ) -> None:
     await start_worker()
-    # An unknown model is refused at submit, listing the backend's models
-    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+    # An unknown model is refused at submit with OpenAI's 404, listing the backend's models
+    with pytest.raises(openai.NotFoundError) as unknown:
         await client.chat.completions.create(model="no-such-model", messages=user("hi"))
     assert "fake-small" in unknown.value.message and "fake-large" in unknown.value.message
     assert unknown.value.code == "model_not_found" and unknown.value.param == "model"
@@ -309,8 +309,8 @@ async def test_models_and_the_model_check_follow_the_endpoint_table(
         assert listed == sorted([*fake_llm.config.models, "two-a", "two-b"])
 
         # And a model is checked against its own endpoint's list
-        with pytest.raises(openai.UnprocessableEntityError) as unknown:
+        with pytest.raises(openai.NotFoundError) as unknown:
             await client.chat.completions.create(model="two-c", messages=user("hi"))
         assert "two-a" in unknown.value.message and "fake-small" not in unknown.value.message
-        with pytest.raises(openai.UnprocessableEntityError):
+        with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="stray", messages=user("hi"))
