@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from arq.connections import ArqRedis
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from promptq.cli_batch import batch_app, cancel_job
+from promptq.cli_batch import TimeoutOption, batch_app, cancel_job, seconds_above_zero
 from promptq.cli_endpoints import show_endpoints
 from promptq.cli_observe import LogFormatOption, check_worker
 from promptq.db import create_engine, create_sessionmaker, redact_url
-from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError
+from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError, ServiceUnavailable
 from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobKind, JobStatus
 from promptq.queue import QueueClient
 from promptq.schemas import AttemptOut, JobOut
@@ -40,20 +47,50 @@ app.add_typer(batch_app, name="batch")
 app.command("cancel")(cancel_job)
 app.command("endpoints")(show_endpoints)
 
-console = Console()
-err_console = Console(stderr=True)
+# What the CLI prints (results, model and batch names, errors) is printed exactly as it is:
+# never read as Rich markup or :emoji: codes. Styles are given as Text instead.
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 T = TypeVar("T")
+
+#: The async driver promptq uses for each database it supports.
+ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+DATABASE_URL_EXAMPLES = "sqlite+aiosqlite:///path/promptq.db or postgresql+asyncpg://user@host/db"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: MESSAGE` on stderr, on one line, and exit with `code`."""
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def load_settings(log_format: str | None = None) -> Settings:
-    """Settings from the environment, with logging configured from them."""
+    """Settings from the environment, with logging configured from them; a bad PROMPTQ_*
+    variable is reported by name."""
     from promptq.logs import configure_logging
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fail(_settings_problems(exc))
     if log_format is not None:
         settings = settings.with_overrides(log_format=log_format)
+    if settings.log_level.upper() not in logging.getLevelNamesMapping():
+        fail(
+            f"PROMPTQ_LOG_LEVEL={settings.log_level} is not a log level: use DEBUG, INFO, "
+            "WARNING or ERROR"
+        )
     configure_logging(settings)
     return settings
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    """What is wrong with which PROMPTQ_* variables, on one line (never their values)."""
+    problems = [
+        f"PROMPTQ_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+        for error in exc.errors()
+    ]
+    return "; ".join(problems) + " (fix the environment or the .env file)"
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -61,28 +98,95 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (InvalidRequest, NotFound) as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2) from None
+        fail(exc.message, 2)
     except PromptQError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
+        fail(exc.message)
+
+
+def _create_engine(settings: Settings) -> AsyncEngine:
+    """create_engine, with an unusable PROMPTQ_DATABASE_URL reported as ConfigError."""
+    try:
+        return create_engine(settings)
+    except (ArgumentError, InvalidRequestError, ImportError):
+        raise ConfigError(_database_url_problem(settings.resolved_database_url)) from None
+    except OSError as exc:  # the SQLite file's folder cannot be created
+        raise ConfigError(
+            f"cannot create {exc.filename}: {exc.strerror}; set PROMPTQ_DATA_DIR or "
+            "PROMPTQ_DATABASE_URL"
+        ) from None
+
+
+def _database_url_problem(url_text: str) -> str:
+    """What to put in PROMPTQ_DATABASE_URL instead (the password never shown)."""
+    try:
+        url = make_url(url_text)
+    except ArgumentError:
+        return f"PROMPTQ_DATABASE_URL is not a database URL: use e.g. {DATABASE_URL_EXAMPLES}"
+    driver = ASYNC_DRIVERS.get(url.get_backend_name())
+    if driver is None:
+        return (
+            f"PROMPTQ_DATABASE_URL {redact_url(url_text)} is not a database promptq supports: "
+            f"use SQLite or PostgreSQL, e.g. {DATABASE_URL_EXAMPLES}"
+        )
+    fixed = url.set(drivername=f"{url.get_backend_name()}+{driver}")
+    return (
+        f"PROMPTQ_DATABASE_URL {redact_url(url_text)} needs promptq's async driver: use "
+        f"{fixed.render_as_string(hide_password=True)}"
+    )
+
+
+async def _first_query(settings: Settings, query: Awaitable[T]) -> T:
+    """Await a command's first database query, reporting a database it cannot use (down,
+    missing, refused) as one clear error."""
+    try:
+        return await query
+    except (DBAPIError, OSError) as exc:
+        reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        raise ServiceUnavailable(
+            f"cannot use the database {redact_url(settings.resolved_database_url)} ({reason}): "
+            "start it, or set PROMPTQ_DATABASE_URL"
+        ) from None
 
 
 @asynccontextmanager
-async def open_service(settings: Settings) -> Any:
-    """A JobService on its own engine and Redis pool, closed on exit."""
+async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the configured database, checked to be reachable and at the newest
+    migration; disposed on exit."""
     from promptq.migrate import ensure_current
 
-    engine = create_engine(settings)
+    # The check's "Context impl ..." INFO lines would only clutter the command's output.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+    engine = _create_engine(settings)
     try:
-        await ensure_current(engine)
-        queue = await QueueClient.connect(settings)
-        try:
-            yield JobService(settings, JobStore(create_sessionmaker(engine)), queue)
-        finally:
-            await queue.close()
+        await _first_query(settings, ensure_current(engine))
+        yield engine
     finally:
         await engine.dispose()
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
+    """A JobStore on its own (checked) engine, closed on exit. Needs no Redis."""
+    async with open_database(settings) as engine:
+        yield JobStore(create_sessionmaker(engine))
+
+
+@asynccontextmanager
+async def open_service(settings: Settings, *, read_only: bool = False) -> AsyncIterator[JobService]:
+    """A JobService on its own engine and Redis pool, closed on exit.
+
+    read_only: for commands that only read the database, whose Redis client connects only
+    when used (reads never use it), so that they work while Redis is down.
+    """
+    async with open_store(settings) as store:
+        if read_only:
+            queue = QueueClient(ArqRedis.from_url(settings.redis_url), settings.queue_name)
+        else:
+            queue = await QueueClient.connect(settings)
+        try:
+            yield JobService(settings, store, queue)
+        finally:
+            await queue.close()
 
 
 # -- services --------------------------------------------------------------------------------
@@ -93,9 +197,7 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Migrate the database to the newest schema (or to REVISION)."""
     from promptq import migrate
 
-    settings = load_settings()
-    migrate.upgrade(settings, revision)
-    console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+    _migrate(load_settings(), migrate.upgrade, revision)
 
 
 @db_app.command("downgrade")
@@ -103,23 +205,55 @@ def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (`base` removes every table)."""
     from promptq import migrate
 
-    settings = load_settings()
-    migrate.downgrade(settings, revision)
-    console.print(f"database {redact_url(settings.resolved_database_url)} is at {revision}")
+    _migrate(load_settings(), migrate.downgrade, revision)
+
+
+def _migrate(settings: Settings, command: Callable[[Settings, str], None], revision: str) -> None:
+    """Run an alembic command, then print the revision the database is really at."""
+    from alembic.util import CommandError
+
+    from promptq import migrate
+
+    run(_database_revision(settings))  # an unusable database is reported before alembic runs
+    try:
+        command(settings, revision)
+    except CommandError as exc:
+        fail(f"{exc}; revisions go from `base` to {migrate.head_revision()} (`head`)", 2)
+    now = run(_database_revision(settings))
+    where = {None: "base (no promptq tables)", migrate.head_revision(): f"head ({now})"}
+    console.print(
+        f"database {redact_url(settings.resolved_database_url)} is at {where.get(now, now)}",
+        soft_wrap=True,
+    )
+
+
+async def _database_revision(settings: Settings) -> str | None:
+    """The migration the database is at (None: none yet)."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.engine import Connection
+
+    def current(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    engine = _create_engine(settings)
+    try:
+
+        async def query() -> str | None:
+            async with engine.connect() as connection:
+                return await connection.run_sync(current)
+
+        return await _first_query(settings, query())
+    finally:
+        await engine.dispose()
 
 
 @asynccontextmanager
 async def open_keys(settings: Settings) -> Any:
-    """A KeyStore on its own engine, closed on exit."""
+    """A KeyStore on its own (checked) engine, closed on exit."""
     from promptq.keys import KeyStore
-    from promptq.migrate import ensure_current
 
-    engine = create_engine(settings)
-    try:
-        await ensure_current(engine)
+    async with open_database(settings) as engine:
         yield KeyStore(create_sessionmaker(engine))
-    finally:
-        await engine.dispose()
 
 
 @keys_app.command("create")
@@ -140,8 +274,11 @@ def keys_create(
     print(key)
     role = "admin key" if row.is_admin else "key"
     err_console.print(
-        f"created {role} [bold]{row.name}[/bold] (id {row.id}, prefix {row.prefix}). "
-        "Save it now: it cannot be shown again.",
+        Text.assemble(
+            f"created {role} ",
+            (row.name, "bold"),
+            f" (id {row.id}, prefix {row.prefix}). Save it now: it cannot be shown again.",
+        ),
         soft_wrap=True,
     )
 
@@ -162,24 +299,30 @@ def keys_list(
     if as_json:
         print(json.dumps([_key_json(row) for row in keys], indent=2))
         return
-    rows = [
-        {
-            "name": row.name,
-            "id": row.id,
-            "prefix": row.prefix,
-            "admin": row.is_admin,
-            "created": _when(row.created_at),
-            "revoked": _when(row.revoked_at),
-        }
-        for row in keys
-    ]
-    # Plain aligned columns: ids are never truncated, so they can be pasted into `keys revoke`.
-    header = {"name": "NAME", "id": "ID", "prefix": "PREFIX", "admin": "ADMIN"}
-    header |= {"created": "CREATED", "revoked": "REVOKED"}
-    table = [header] + [r | {"admin": "yes" if r["admin"] else "no"} for r in rows]
-    widths = {column: max(len(str(line[column])) for line in table) for column in header}
+    _print_columns(
+        ["name", "id", "prefix", "admin", "created", "revoked"],
+        [
+            [
+                row.name,
+                row.id,
+                row.prefix,
+                "yes" if row.is_admin else "no",
+                _when(row.created_at),
+                _when(row.revoked_at),
+            ]
+            for row in keys
+        ],
+    )
+
+
+def _print_columns(header: list[str], rows: list[list[str]]) -> None:
+    """Plain aligned columns, whatever the terminal's width: nothing is cut or wrapped, so ids
+    can be pasted into other commands and scripts can read the output."""
+    table = [[name.upper() for name in header], *rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        print("  ".join(str(line[c]).ljust(widths[c]) for c in header).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 @keys_app.command("revoke")
@@ -223,10 +366,26 @@ def use_fast_event_loop(settings: Settings) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+@contextmanager
+def listening_on(port: int) -> Iterator[None]:
+    """Report the port being taken by another process as one error line."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        fail(f"port {port} is in use; pick another with --port")
+
+
+PortOption = Annotated[
+    int | None, typer.Option(min=0, max=65535, help="Port to listen on (env PROMPTQ_API_PORT).")
+]
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    port: PortOption = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Serve the HTTP API (and its Prometheus /metrics) until Ctrl-C / SIGTERM."""
@@ -235,14 +394,17 @@ def api(
     from api.app import create_app
 
     settings = load_settings(log_format)
+    if port is not None:
+        settings = settings.with_overrides(api_port=port)
     use_fast_event_loop(settings)
-    web.run_app(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=port if port is not None else settings.api_port,
-        print=lambda msg: logging.getLogger("promptq.api").info(msg.strip()),
-        access_log=None,
-    )
+    with listening_on(settings.api_port):
+        web.run_app(
+            create_app(settings),
+            host=host or settings.api_host,
+            port=settings.api_port,
+            print=lambda msg: logging.getLogger("promptq.api").info(msg.strip()),
+            access_log=None,
+        )
 
 
 @app.command()
@@ -307,8 +469,7 @@ def worker(
     try:
         worker = create_worker(settings, burst=burst)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
+        fail(exc.message)
     worker.run()
 
 
@@ -335,25 +496,29 @@ def demo(
 
 
 @app.command()
-def up(log_format: LogFormatOption = None) -> None:
+def up(port: PortOption = None, log_format: LogFormatOption = None) -> None:
     """Start Redis (if needed), the API and a worker on embedded defaults, and keep serving."""
     from promptq.demo import serve_forever
 
     settings = load_settings(log_format)
+    if port is not None:
+        settings = settings.with_overrides(api_port=port)
     explicit = "llm_base_url" in settings.model_fields_set
-    with suppress(KeyboardInterrupt):
+    with suppress(KeyboardInterrupt), listening_on(settings.api_port):
         raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))
 
 
 @app.command("fake-llm")
 def fake_llm(
     host: str = "127.0.0.1",
-    port: int = 8001,
-    latency_ms: Annotated[float, typer.Option(help="Mean latency per request.")] = 0.0,
-    jitter: Annotated[float, typer.Option(help="Latency spread, as a fraction.")] = 0.0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8001,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Mean latency per request.")] = 0.0,
+    jitter: Annotated[
+        float, typer.Option(min=0, max=1, help="Latency spread, as a fraction.")
+    ] = 0.0,
     context_window_tokens: Annotated[
         int | None,
-        typer.Option(help="Report at most this many prompt tokens (silent truncation)."),
+        typer.Option(min=1, help="Report at most this many prompt tokens (silent truncation)."),
     ] = None,
     chars_per_token: Annotated[
         float | None,
@@ -367,18 +532,22 @@ def fake_llm(
         ),
     ] = True,
 ) -> None:
-    """Serve a fake OpenAI-compatible LLM, scriptable with `[[fake: ...]]` in prompts."""
+    r"""Serve a fake OpenAI-compatible LLM, scriptable with `\[\[fake: ...]]` in prompts."""
     from promptq.testing.fake_llm import FakeLLMConfig, exact_timer_loop, serve
 
     load_settings()
-    config = FakeLLMConfig(
-        latency_ms=latency_ms,
-        jitter=jitter,
-        context_window_tokens=context_window_tokens,
-        chars_per_token=chars_per_token,
-    )
+    try:
+        config = FakeLLMConfig(
+            latency_ms=latency_ms,
+            jitter=jitter,
+            context_window_tokens=context_window_tokens,
+            chars_per_token=chars_per_token,
+        )
+    except ValueError as exc:  # what the ranges above cannot catch: nan, a zero chars/token
+        fail(f"{exc} (see --help)", 2)
     with (
         suppress(KeyboardInterrupt),
+        listening_on(port),
         asyncio.Runner(loop_factory=exact_timer_loop if exact_latency else None) as runner,
     ):
         runner.run(serve(host, port, config))
@@ -394,10 +563,14 @@ def submit_prompt(
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Fail the job if not done this many seconds from now.")
+        float | None,
+        typer.Option(
+            callback=seconds_above_zero,
+            help="Fail the job if not done this many seconds from now.",
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
-    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 600.0,
+    timeout_s: TimeoutOption = 600.0,
 ) -> None:
     """Submit one chat prompt; prints the job id (or, with --wait, the result)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -430,12 +603,16 @@ def submit_summarize(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model (env PROMPTQ_DEFAULT_MODEL).")] = None,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Fail each job if not done this many seconds from now.")
+        float | None,
+        typer.Option(
+            callback=seconds_above_zero,
+            help="Fail each job if not done this many seconds from now.",
+        ),
     ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show progress, wait for the summaries and print them.")
     ] = False,
-    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 3600.0,
+    timeout_s: TimeoutOption = 3600.0,
 ) -> None:
     """Submit one summarize job per file; long documents are summarized chunk by chunk."""
     from promptq.cli_summarize import collect_paths, load_documents
@@ -444,8 +621,7 @@ def submit_summarize(
     try:
         documents = load_documents(collect_paths(paths), max_bytes=settings.max_document_bytes)
     except InvalidRequest as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2) from None
+        fail(exc.message, 2)
     options = {
         "instructions": instructions,
         "style": style,
@@ -497,8 +673,7 @@ def _submit_and_report(
     try:
         specs = [parse_job_request({k: v for k, v in b.items() if v is not None}) for b in bodies]
     except InvalidRequest as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2) from None
+        fail(exc.message, 2)
     names = labels or [""] * len(specs)
 
     async def go() -> list[Job]:
@@ -558,9 +733,12 @@ async def _wait_all(store: JobStore, job_ids: list[str], timeout_s: float) -> li
 
 def _print_outcome(job: Job) -> None:
     if job.status == JobStatus.SUCCEEDED:
-        console.print(job.result or "", markup=False, highlight=False, soft_wrap=True)
+        console.print(job.result or "", highlight=False, soft_wrap=True)
     else:
-        err_console.print(f"[red]{job.status}[/red] after {job.attempts} attempt(s): {job.error}")
+        err_console.print(
+            Text.assemble((job.status, "red"), f" after {job.attempts} attempt(s): {job.error}"),
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -573,16 +751,12 @@ def get(
     settings = load_settings()
 
     async def go() -> tuple[JobOut, list[AttemptOut]]:
-        engine = create_engine(settings)
-        try:
-            store = JobStore(create_sessionmaker(engine))
+        async with open_store(settings) as store:
             job = await store.get_job(job_id)
             if job is None:
                 raise InvalidRequest(f"no job with id {job_id}")
             rows = await store.list_attempts(job_id) if attempts or as_json else []
             return JobOut.from_row(job), [AttemptOut.from_row(a) for a in rows]
-        finally:
-            await engine.dispose()
 
     job, history = run(go())
     if as_json:
@@ -593,22 +767,30 @@ def get(
         return
     table = Table(show_header=False, box=None)
     for key in ("id", "kind", "status", "model", "attempts", "max_attempts", "error"):
-        table.add_row(key, str(getattr(job, key)))
-    table.add_row("tokens", f"{job.usage.prompt_tokens} in / {job.usage.completion_tokens} out")
+        table.add_row(key, _or_dash(getattr(job, key)))
+    usage = job.usage
+    if usage.prompt_tokens is not None or usage.completion_tokens is not None:
+        tokens = f"{_or_dash(usage.prompt_tokens)} in / {_or_dash(usage.completion_tokens)} out"
+        table.add_row("tokens", tokens)
     if job.cached_from is not None:  # a cache hit, or a job waiting for an identical one
         label = {JobStatus.SUCCEEDED: "cached from", JobStatus.QUEUED: "waits for"}.get(
             JobStatus(job.status), "waited for"
         )
         table.add_row(label, job.cached_from)
     table.add_row("created", str(job.created_at))
-    table.add_row("finished", str(job.finished_at))
+    table.add_row("finished", _or_dash(job.finished_at))
     console.print(table)
     for a in history:
-        code = a.status_code or ""
-        console.print(f"  attempt {a.number}: {a.outcome} {code} {a.latency_ms}ms {a.error or ''}")
+        latency = f"{a.latency_ms}ms" if a.latency_ms is not None else "-"
+        parts = [f"attempt {a.number}:", a.outcome, str(a.status_code or ""), latency, a.error]
+        console.print("  " + " ".join(p for p in parts if p), soft_wrap=True)
     if job.result is not None:
         console.rule("result")
-        console.print(job.result, markup=False, highlight=False)
+        console.print(job.result, highlight=False)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 @app.command("list")
@@ -620,34 +802,29 @@ def list_jobs(
     """List recent jobs, newest first."""
     settings = load_settings()
     if status is not None and status not in {s.value for s in JobStatus}:
-        err_console.print(f"[red]error:[/red] status must be one of {', '.join(JobStatus)}")
-        raise typer.Exit(2)
+        fail(f"status must be one of {', '.join(JobStatus)}", 2)
     if kind is not None and kind not in {k.value for k in JobKind}:
-        err_console.print(f"[red]error:[/red] kind must be one of {', '.join(JobKind)}")
-        raise typer.Exit(2)
+        fail(f"kind must be one of {', '.join(JobKind)}", 2)
 
     async def go() -> list[Job]:
-        engine = create_engine(settings)
-        try:
-            return await JobStore(create_sessionmaker(engine)).list_jobs(
-                status=status, kind=kind, limit=limit, with_input=False
-            )
-        finally:
-            await engine.dispose()
+        async with open_store(settings) as store:
+            return await store.list_jobs(status=status, kind=kind, limit=limit, with_input=False)
 
-    table = Table("id", "kind", "status", "model", "attempts", "tokens", "created")
-    for job in run(go()):
-        tokens = f"{job.prompt_tokens or 0}/{job.completion_tokens or 0}"
-        table.add_row(
-            job.id,
-            job.kind,
-            job.status,
-            job.model,
-            str(job.attempts),
-            tokens,
-            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-    console.print(table)
+    _print_columns(
+        ["id", "kind", "status", "model", "attempts", "tokens", "created"],
+        [
+            [
+                job.id,
+                job.kind,
+                job.status,
+                job.model,
+                str(job.attempts),
+                f"{job.prompt_tokens or 0}/{job.completion_tokens or 0}",
+                job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            ]
+            for job in run(go())
+        ],
+    )
 
 
 @app.command()
@@ -670,11 +847,9 @@ def retry(
     """
     settings = load_settings()
     if bool(job_ids) == (status is not None or batch is not None):
-        err_console.print("[red]error:[/red] give job ids or --status/--batch, not both or neither")
-        raise typer.Exit(2)
+        fail("give job ids or --status/--batch, not both or neither", 2)
     if status is not None and status not in RETRYABLE:
-        err_console.print(f"[red]error:[/red] --status must be one of {', '.join(RETRYABLE)}")
-        raise typer.Exit(2)
+        fail(f"--status must be one of {', '.join(RETRYABLE)}", 2)
 
     async def go() -> tuple[list[str], list[str]]:
         async with open_service(settings) as service:
@@ -699,9 +874,8 @@ def retry(
     for job_id in requeued:
         console.print(f"re-queued {job_id}")
     for job_id in skipped:
-        err_console.print(
-            f"[yellow]not re-queued[/yellow] {job_id}: no such failed or cancelled job"
-        )
+        reason = f" {job_id}: no such failed or cancelled job"
+        err_console.print(Text.assemble(("not re-queued", "yellow"), reason))
     console.print(f"{len(requeued)} job(s) re-queued")
     if skipped:
         raise typer.Exit(1)

@@ -1,13 +1,15 @@
 """`promptq batch ...` and `promptq cancel`: batches from the command line.
 
 Like the rest of the CLI these work on the database and Redis directly (PROMPTQ_DATABASE_URL,
-PROMPTQ_REDIS_URL), as the local operator, who sees every batch.
+PROMPTQ_REDIS_URL), as the local operator, who sees every batch. The commands that only read
+(list, get, results, compare) need no Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -17,8 +19,8 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from promptq import batch_export
 from promptq.batch_items import ItemSpec, check_models, check_name, read_spool, validate_jsonl
@@ -32,14 +34,26 @@ from promptq.service import JobService
 
 logger = logging.getLogger(__name__)
 
-batch_app = typer.Typer(help="Batches: many jobs submitted, followed and exported together.")
-console = Console()
-err_console = Console(stderr=True)
+batch_app = typer.Typer(
+    help="Batches: many jobs submitted, followed and exported together.", no_args_is_help=True
+)
 
 #: How often --wait re-reads the batch.
 POLL_S = 0.5
 #: Characters of an answer shown in a cell of `promptq batch compare`.
 ANSWER_CHARS = 120
+
+
+def seconds_above_zero(value: float | None) -> float | None:
+    """Typer callback: refuse seconds that are not a finite number above 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter("must be a number of seconds above 0")
+    return value
+
+
+TimeoutOption = Annotated[
+    float, typer.Option(callback=seconds_above_zero, help="How long --wait waits.")
+]
 
 
 def _cli() -> Any:
@@ -78,11 +92,12 @@ def submit(
         ),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until every job has finished.")] = False,
-    timeout_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 3600.0,
+    timeout_s: TimeoutOption = 3600.0,
 ) -> None:
     """Submit a JSONL file as one batch; prints the batch id. An invalid line creates nothing."""
     cli = _cli()
     settings = cli.load_settings()
+    err_console = cli.err_console
 
     async def go() -> BatchOut:
         models = check_models(model) if model else None
@@ -122,7 +137,7 @@ def submit(
 
 async def _wait(batches: BatchService, batch_id: str, timeout_s: float) -> BatchOut:
     deadline = time.monotonic() + timeout_s
-    with progress_bars(err_console) as progress:
+    with progress_bars(_cli().err_console) as progress:
         bar = progress.add_task(f"batch {batch_id[:8]}", total=None, state="")
         while True:
             batch = await batches.get(batch_id, owned_by=None)
@@ -148,7 +163,7 @@ def list_batches(
     settings = cli.load_settings()
 
     async def go() -> list[BatchOut]:
-        async with cli.open_service(settings) as service:
+        async with cli.open_service(settings, read_only=True) as service:
             rows: list[BatchOut] = await BatchService(service).list_batches(
                 limit=limit, before_id=None, owned_by=None
             )
@@ -164,7 +179,7 @@ def list_batches(
             f"{batch.progress.done}/{batch.total}",
             str(batch.usage.total_tokens),
         )
-    console.print(table)
+    cli.console.print(table)
 
 
 @batch_app.command("get")
@@ -177,7 +192,7 @@ def get(
     settings = cli.load_settings()
 
     async def go() -> BatchOut:
-        async with cli.open_service(settings) as service:
+        async with cli.open_service(settings, read_only=True) as service:
             out: BatchOut = await BatchService(service).get(_id(batch_id), owned_by=None)
             return out
 
@@ -208,7 +223,7 @@ def _print_batch(batch: BatchOut) -> None:
             f"{batch.usage.reused_tokens} tokens, with no model call",
         )
     table.add_row("created", str(batch.created_at))
-    console.print(table)
+    _cli().console.print(table)
 
 
 @batch_app.command("results")
@@ -225,10 +240,10 @@ def results(
 
     async def go() -> int:
         checked = batch_export.check_format(fmt)
-        async with cli.open_service(settings) as service:
+        async with cli.open_service(settings, read_only=True) as service:
             batches = BatchService(service)
             await batches.get_row(_id(batch_id), owned_by=None)
-            sink = output.open("wb") if output else sys.stdout.buffer
+            sink = _open_output(output) if output else sys.stdout.buffer
             count = 0
             try:
                 sink.write(batch_export.header(checked))
@@ -244,7 +259,14 @@ def results(
 
     count = _run(go())
     if output:
-        err_console.print(f"wrote {count} result(s) to {output}")
+        cli.err_console.print(f"wrote {count} result(s) to {output}", soft_wrap=True)
+
+
+def _open_output(path: Path) -> IO[bytes]:
+    try:
+        return path.open("wb")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @batch_app.command("cancel")
@@ -259,7 +281,7 @@ def cancel_batch(batch_id: str) -> None:
             return out
 
     batch = _run(go())
-    console.print(
+    cli.console.print(
         f"batch {batch.id} {batch.status}: {batch.counts.cancelled} cancelled, "
         f"{batch.counts.succeeded} succeeded (kept)"
     )
@@ -276,7 +298,7 @@ def compare(
     settings = cli.load_settings()
 
     async def go() -> ComparePage:
-        async with cli.open_service(settings) as service:
+        async with cli.open_service(settings, read_only=True) as service:
             batches = BatchService(service)
             batch = await batches.get_row(_id(batch_id), owned_by=None)
             rows, next_cursor = await batches.compare(batch, after_index=None, limit=limit)
@@ -295,7 +317,7 @@ def compare(
         return
     table = Table("#", "prompt", *page.models, show_lines=True)
     for row in page.rows:
-        cells = []
+        cells: list[Text | str] = []
         for model in page.models:
             answer = row.answers.get(model)
             if answer is None:
@@ -305,24 +327,28 @@ def compare(
             text = _short(text or answer.error or "")
             latency = f"{answer.latency_ms} ms" if answer.latency_ms is not None else "-"
             tokens = f"{answer.prompt_tokens or 0}/{answer.completion_tokens or 0} tok"
-            cells.append(f"{text}\n[dim]{latency}, {tokens}[/dim]")
+            cells.append(Text.assemble(text, "\n", (f"{latency}, {tokens}", "dim")))
         table.add_row(str(row.index), _short(row.prompt), *cells)
     summary = []
     for item in page.summary:
         mean = f"{item.mean_latency_ms:g} ms" if item.mean_latency_ms is not None else "-"
         summary.append(
-            f"[bold]{item.succeeded} ok, {item.failed} failed[/bold]\n"
-            f"mean {mean}, {item.prompt_tokens}/{item.completion_tokens} tok"
+            Text.assemble(
+                (f"{item.succeeded} ok, {item.failed} failed", "bold"),
+                f"\nmean {mean}, {item.prompt_tokens}/{item.completion_tokens} tok",
+            )
         )
-    table.add_row("", "[bold]all shown[/bold]", *summary)
-    console.print(table)
+    table.add_row("", Text("all shown", "bold"), *summary)
+    cli.console.print(table)
     if page.next_cursor is not None:
-        err_console.print(f"showing the first {limit} items; use --limit for more")
+        cli.err_console.print(f"showing the first {limit} items; use --limit for more")
 
 
 def cancel_job(job_id: str) -> None:
-    """Cancel a job: a queued one never runs, a running one is aborted; finished ones keep
-    their result."""
+    """Cancel a job: a queued one never runs, a running one is aborted.
+
+    A job that has finished already keeps its result.
+    """
     cli = _cli()
     settings = cli.load_settings()
 
@@ -333,9 +359,9 @@ def cancel_job(job_id: str) -> None:
 
     found_id, status = _run(go())
     if status == JobStatus.CANCELLED:
-        console.print(f"job {found_id} cancelled")
+        cli.console.print(f"job {found_id} cancelled")
     else:
-        console.print(f"job {found_id} is {status}; its worker is aborting it")
+        cli.console.print(f"job {found_id} is {status}; its worker is aborting it")
 
 
 def _id(value: str, *, what: str = "batch") -> str:

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from promptq.endpoints import DEFAULT_ENDPOINT, Endpoint, EndpointTable, load_endpoints
 from promptq.errors import ConfigError
@@ -50,25 +50,26 @@ async def read_states(
 def show_endpoints(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show where each model goes, each endpoint's limits, and (from Redis) calls in flight
-    and the adaptive limit now. API keys are never shown, only whether their env var is set."""
-    from promptq.cli import err_console, load_settings
+    """Show where each model goes, each endpoint's limits, and what Redis says now.
+
+    From Redis: calls in flight and the adaptive limit. API keys are never shown, only whether
+    their env var is set.
+    """
+    from promptq.cli import console, fail, load_settings
 
     settings = load_settings()
     try:
         table = load_endpoints(settings)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
+        fail(exc.message)
     states, redis_error = asyncio.run(_live(settings, table))
     rows = [_row(endpoint, states.get(endpoint.name)) for endpoint in table.endpoints]
     if as_json:
         typer.echo(json.dumps({"source": table.source, "endpoints": rows}, indent=2))
         return
-    console = Console()
     view = Table(title=f"Endpoints (from {table.source}; first match wins)")
     for column in ("name", "models", "base_url", "api key", "timeout_s", "limits", "now"):
-        view.add_column(column)
+        view.add_column(column, overflow="fold")  # URLs and env var names shown whole
     for row in rows:
         view.add_row(
             row["name"],
@@ -81,7 +82,7 @@ def show_endpoints(
         )
     console.print(view)
     if redis_error:
-        console.print(f"[yellow]live numbers unavailable:[/yellow] {redis_error}")
+        console.print(Text.assemble(("live numbers unavailable:", "yellow"), " ", redis_error))
 
 
 async def _live(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import TaskID
 
 from promptq.cli_progress import progress_bars
@@ -81,7 +82,8 @@ async def wait_with_progress(
     with progress_bars(console) as progress:
         overall = progress.add_task("all files", total=len(job_ids), state="")
         bars: dict[str, TaskID] = {
-            job_id: progress.add_task(_short(label), total=None, state="queued")
+            # A progress bar's description is Rich markup: a file name is not.
+            job_id: progress.add_task(escape(_short(label)), total=None, state="queued")
             for job_id, label in zip(job_ids, labels, strict=True)
         }
         while True:

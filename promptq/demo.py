@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import aiohttp
 from aiohttp import web
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from promptq import demo_data, migrate
 from promptq.client import TERMINAL, PromptQClient
@@ -114,8 +116,8 @@ async def local_stack(
     console = console or Console()
     async with AsyncExitStack() as stack:
         settings = await stack.enter_async_context(resolve_redis(settings))
-        console.print(f"redis: {redact_url(settings.redis_url)}")
-        console.print(f"database: {redact_url(settings.resolved_database_url)}")
+        console.print(f"redis: {escape(redact_url(settings.redis_url))}")
+        console.print(f"database: {escape(redact_url(settings.resolved_database_url))}")
         await migrate.upgrade_async(settings)
         console.print("model: looking for one (PROMPTQ_LLM_BASE_URL, Ollama, bundled) ...")
         llm = await stack.enter_async_context(
@@ -123,16 +125,16 @@ async def local_stack(
         )
         settings = llm.settings
         style = "bold" if llm.kind in (LLMKind.CONFIGURED, LLMKind.OLLAMA) else "bold yellow"
-        console.print(f"model: [{style}]{llm.summary}[/]")
+        console.print(f"model: [{style}]{escape(llm.summary)}[/]")
         if llm.notice:
-            console.print(f"[yellow]{llm.notice}[/]")
+            console.print(f"[yellow]{escape(llm.notice)}[/]")
         runner = web.AppRunner(create_app(settings), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.api_host, api_port)
         await site.start()
         api_url = f"http://{settings.api_host}:{runner.addresses[0][1]}"
-        console.print(f"API: {api_url}  (try: curl {api_url}/api/jobs?limit=5)")
+        console.print(f"API: {escape(api_url)}  (try: curl {escape(api_url)}/api/jobs?limit=5)")
 
         worker = create_worker(settings, handle_signals=False)
         worker_task = asyncio.create_task(worker.async_run())
@@ -187,9 +189,10 @@ async def demo_report(
         model = stack.settings.default_model
         report = DemoReport(stack.llm.kind, model, rows, makespan_s, comparison)
         done = "All jobs succeeded." if report.ok else "[red]Some jobs failed[/red]: see the table."
+        database = escape(redact_url(stack.settings.resolved_database_url))
         console.print(
             f"{done} Every job, attempt and token count is in the database "
-            f"({redact_url(stack.settings.resolved_database_url)}): try `promptq list`."
+            f"({database}): try `promptq list`."
         )
         return report
 
@@ -279,14 +282,15 @@ def _print_table(console: Console, rows: list[JobRow]) -> None:
     table = Table("job", "status", "attempts", "latency", "tokens in/out")
     table.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=60)
     for row in rows:
-        status = row.status if row.status == "succeeded" else f"[red]{row.status}[/red]"
+        # Text, not markup: answers are the model's, labels carry made-up names.
+        status = Text(row.status, style="" if row.status == "succeeded" else "red")
         table.add_row(
-            row.label,
+            Text(row.label),
             status,
             str(row.attempts),
             f"{row.latency_ms} ms",
             f"{row.prompt_tokens}/{row.completion_tokens}",
-            row.answer,
+            Text(row.answer),
         )
     console.print(table)
 
