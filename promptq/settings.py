@@ -77,7 +77,6 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=0, le=65535)
     #: Largest accepted HTTP request body.
     api_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
-    api_url: str = "http://127.0.0.1:8000"
     #: Serve the API without API keys: every caller is an admin. Local development only.
     auth_disabled: bool = False
     #: How long the API trusts a key it has looked up; a revoked key works at most this long.
@@ -136,7 +135,7 @@ class Settings(BaseSettings):
     #: Seconds a scrape reuses what `/metrics` read from SQL, Redis and the limiter.
     metrics_refresh_s: float = Field(default=2.0, ge=0)
 
-    @field_validator("llm_base_url", "api_url")
+    @field_validator("llm_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
