@@ -23,6 +23,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from promptq import batch_export
+from promptq import cli_support as cli
 from promptq.batch_items import ItemSpec, check_models, check_name, read_spool, validate_jsonl
 from promptq.batch_schemas import BatchOut, ComparePage
 from promptq.batches import BatchService, summarize_models
@@ -54,12 +55,6 @@ def seconds_above_zero(value: float | None) -> float | None:
 TimeoutOption = Annotated[
     float, typer.Option(callback=seconds_above_zero, help="How long --wait waits.")
 ]
-
-
-def _cli() -> Any:
-    from promptq import cli  # imported late: promptq.cli imports this module
-
-    return cli
 
 
 @contextmanager
@@ -95,7 +90,6 @@ def submit(
     timeout_s: TimeoutOption = 3600.0,
 ) -> None:
     """Submit a JSONL file as one batch; prints the batch id. An invalid line creates nothing."""
-    cli = _cli()
     settings = cli.load_settings()
     err_console = cli.err_console
 
@@ -125,7 +119,7 @@ def submit(
                 return await _wait(batches, created.batch.id, timeout_s)
             return await batches.get(created.batch.id, owned_by=None)
 
-    batch = _run(go())
+    batch = cli.run(go())
     if not wait:
         print(batch.id)
         err_console.print(f"batch {batch.id}: {batch.total} job(s) queued")
@@ -137,7 +131,7 @@ def submit(
 
 async def _wait(batches: BatchService, batch_id: str, timeout_s: float) -> BatchOut:
     deadline = time.monotonic() + timeout_s
-    with progress_bars(_cli().err_console) as progress:
+    with progress_bars(cli.err_console) as progress:
         bar = progress.add_task(f"batch {batch_id[:8]}", total=None, state="")
         while True:
             batch = await batches.get(batch_id, owned_by=None)
@@ -159,7 +153,6 @@ def list_batches(
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
 ) -> None:
     """List recent batches, newest first."""
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> list[BatchOut]:
@@ -171,7 +164,7 @@ def list_batches(
 
     # Ids are never cut or wrapped, so they can be pasted into other commands.
     table = Table(Column("id", no_wrap=True, min_width=36), "name", "status", "done", "tokens")
-    for batch in _run(go()):
+    for batch in cli.run(go()):
         table.add_row(
             batch.id,
             batch.name or "",
@@ -188,7 +181,6 @@ def get(
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch as JSON.")] = False,
 ) -> None:
     """Show one batch: status, counts per status, progress and token usage."""
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> BatchOut:
@@ -196,7 +188,7 @@ def get(
             out: BatchOut = await BatchService(service).get(_id(batch_id), owned_by=None)
             return out
 
-    batch = _run(go())
+    batch = cli.run(go())
     if as_json:
         print(batch.model_dump_json(indent=2))
         return
@@ -223,7 +215,7 @@ def _print_batch(batch: BatchOut) -> None:
             f"{batch.usage.reused_tokens} tokens, with no model call",
         )
     table.add_row("created", str(batch.created_at))
-    _cli().console.print(table)
+    cli.console.print(table)
 
 
 @batch_app.command("results")
@@ -235,7 +227,6 @@ def results(
     ] = None,
 ) -> None:
     """Every job's outcome in submission order (status, result, error, usage, latency)."""
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> int:
@@ -257,7 +248,7 @@ def results(
                     sink.flush()
             return count
 
-    count = _run(go())
+    count = cli.run(go())
     if output:
         cli.err_console.print(f"wrote {count} result(s) to {output}", soft_wrap=True)
 
@@ -272,7 +263,6 @@ def _open_output(path: Path) -> IO[bytes]:
 @batch_app.command("cancel")
 def cancel_batch(batch_id: str) -> None:
     """Cancel a batch's unfinished jobs; finished jobs keep their results."""
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> BatchOut:
@@ -280,7 +270,7 @@ def cancel_batch(batch_id: str) -> None:
             out: BatchOut = await Canceller(service).cancel_batch(_id(batch_id), owned_by=None)
             return out
 
-    batch = _run(go())
+    batch = cli.run(go())
     cli.console.print(
         f"batch {batch.id} {batch.status}: {batch.counts.cancelled} cancelled, "
         f"{batch.counts.succeeded} succeeded (kept)"
@@ -294,7 +284,6 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Each item's answers from every model side by side, with latency and tokens."""
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> ComparePage:
@@ -311,7 +300,7 @@ def compare(
                 next_cursor=next_cursor,
             )
 
-    page = _run(go())
+    page = cli.run(go())
     if as_json:
         print(page.model_dump_json(indent=2))
         return
@@ -349,7 +338,6 @@ def cancel_job(job_id: str) -> None:
 
     A job that has finished already keeps its result.
     """
-    cli = _cli()
     settings = cli.load_settings()
 
     async def go() -> tuple[str, str]:
@@ -357,7 +345,7 @@ def cancel_job(job_id: str) -> None:
             job = await Canceller(service).cancel_job(_id(job_id, what="job"), owned_by=None)
             return job.id, job.status
 
-    found_id, status = _run(go())
+    found_id, status = cli.run(go())
     if status == JobStatus.CANCELLED:
         cli.console.print(f"job {found_id} cancelled")
     else:
@@ -376,10 +364,6 @@ def _id(value: str, *, what: str = "batch") -> str:
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
-
-
-def _run(coro: Any) -> Any:
-    return _cli().run(coro)
 
 
 def item_specs(requests: list[Any]) -> list[ItemSpec]:

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from rich.table import Table
 from rich.text import Text
 
+from promptq.cli_support import console, fail, load_settings
 from promptq.endpoints import DEFAULT_ENDPOINT, Endpoint, EndpointTable, load_endpoints
 from promptq.errors import ConfigError
 from promptq.limits import RedisLimits, ScopeState
@@ -55,8 +56,6 @@ def show_endpoints(
     From Redis: calls in flight and the adaptive limit. API keys are never shown, only whether
     their env var is set.
     """
-    from promptq.cli import console, fail, load_settings
-
     settings = load_settings()
     try:
         table = load_endpoints(settings)
