@@ -240,10 +240,11 @@ def api(
     if port is not None:
         settings = settings.with_overrides(api_port=port)
     use_fast_event_loop(settings)
-    with listening_on(settings.api_port):
+    host = host or settings.api_host
+    with listening_on(host, settings.api_port):
         web.run_app(
             create_app(settings),
-            host=host or settings.api_host,
+            host=host,
             port=settings.api_port,
             print=lambda msg: logging.getLogger("promptq.api").info(msg.strip()),
             access_log=None,
@@ -347,7 +348,7 @@ def up(port: PortOption = None, log_format: LogFormatOption = None) -> None:
     if port is not None:
         settings = settings.with_overrides(api_port=port)
     explicit = "llm_base_url" in settings.model_fields_set
-    with suppress(KeyboardInterrupt), listening_on(settings.api_port):
+    with suppress(KeyboardInterrupt), listening_on(settings.api_host, settings.api_port):
         raise typer.Exit(run(serve_forever(settings, llm_explicit=explicit)))
 
 
@@ -390,7 +391,7 @@ def fake_llm(
         fail(f"{exc} (see --help)", 2)
     with (
         suppress(KeyboardInterrupt),
-        listening_on(port),
+        listening_on(host, port),
         asyncio.Runner(loop_factory=exact_timer_loop if exact_latency else None) as runner,
     ):
         runner.run(serve(host, port, config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -174,14 +175,19 @@ async def open_service(settings: Settings, *, read_only: bool = False) -> AsyncI
 
 
 @contextmanager
-def listening_on(port: int) -> Iterator[None]:
-    """Report the port being taken by another process as one error line."""
+def listening_on(host: str, port: int) -> Iterator[None]:
+    """Report a port taken by another process, or a host that names no interface here, as one
+    error line."""
     try:
         yield
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host!r} ({exc.strerror}); give a name or address of this machine")
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        fail(f"port {port} is in use; pick another with --port")
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"port {port} is in use; pick another with --port")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            fail(f"cannot listen on {host!r}: it is not an address of this machine")
+        raise
 
 
 def print_columns(header: list[str], rows: list[list[str]]) -> None:

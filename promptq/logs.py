@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+from aiohttp.http_exceptions import BadHttpMessage
 
 from promptq.settings import Settings
 
@@ -132,4 +133,22 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> logging.Hand
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
     return handler
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a URL or header over its size limits, an
+    encoding it cannot decode, bytes that are not HTTP) at ERROR with a traceback, though the
+    client gets its 400 and the server is fine. Logged here as one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "refused a malformed HTTP request: %s", (exc.message,)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True

@@ -175,6 +175,11 @@ def test_fake_llm_on_a_taken_port(cli_settings: Settings, taken_port: int) -> No
     assert_one_error(result, f"port {taken_port} is in use", "--port")
 
 
+def test_fake_llm_on_a_host_that_is_not_here(cli_settings: Settings) -> None:
+    result = invoke(cli_settings, "fake-llm", "--host", "192.0.2.1", "--port", "0")
+    assert_one_error(result, "cannot listen on '192.0.2.1'", "not an address of this machine")
+
+
 def test_api_on_a_taken_port(cli_settings: Settings, taken_port: int, tmp_path: Path) -> None:
     result = Procs(cli_settings, tmp_path).run_sync("api", "--port", str(taken_port))
     assert result.returncode == 1, result.stderr

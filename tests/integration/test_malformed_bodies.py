@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
+from promptq.logs import MalformedRequestFilter
 from promptq.models import Batch, File, Job
 from promptq.service import JobService
 from promptq.settings import Settings
@@ -201,3 +202,29 @@ async def test_a_client_hanging_up_mid_body_is_not_a_database_outage(
     await wait_for(noted)
     assert not loud_records(caplog)
     assert await stored(service) == (0, 0, 0, 0)
+
+
+async def test_a_request_aiohttp_cannot_parse_is_logged_as_one_info_line(
+    served: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the API with promptq's logging filter on aiohttp's server log
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(logging.getLogger("aiohttp.server"), "filters", [MalformedRequestFilter()])
+
+    # When a request line is longer than aiohttp reads (8190 bytes)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served)
+    writer.write(f"GET /api/jobs?model={'x' * 20_000} HTTP/1.1\r\nHost: promptq\r\n\r\n".encode())
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+
+    # Then the client gets its 400, and the log one INFO line without a traceback
+    assert status_line.split()[1] == b"400", status_line
+
+    async def noted() -> bool:
+        return any("refused a malformed HTTP request" in r.getMessage() for r in caplog.records)
+
+    await wait_for(noted)
+    assert not loud_records(caplog)
+    assert not any(r.exc_info for r in caplog.records if r.name == "aiohttp.server")
