@@ -42,8 +42,8 @@ ARQ_MAX_TRIES = 1_000_000
 #: Extra time arq allows a job beyond the LLM timeout, for the SQL writes around the call.
 JOB_TIMEOUT_MARGIN_S = 30.0
 #: Database connections a worker keeps open beyond one per job: the lease keeper, the
-#: reconciler, the cancel watcher, the metrics.
-POOL_EXTRA = 4
+#: reconciler, the cancel watcher, the metrics, the follower waker.
+POOL_EXTRA = 5
 #: arq keeps a job's in-progress marker this much longer than the job timeout.
 ARQ_MARKER_MARGIN_S = 10.0
 
