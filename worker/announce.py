@@ -20,37 +20,32 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from promptq import events
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
 _STATUS = orjson.dumps({"type": "status"})
 
 
-class StatusAnnouncer:
+class StatusAnnouncer(Background):
     """Publishes `{"type": "status"}` on the channels of the jobs noted with `announce`."""
+
+    TASK_NAME = "promptq-status-events"
 
     def __init__(self, redis: Redis, queue_name: str) -> None:
         self.redis = redis
         self.queue_name = queue_name
         self._pending: dict[str, None] = {}  # insertion-ordered set
         self._noted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def announce(self, job_id: str) -> None:
         """Have the job's status event published shortly (at the next flush)."""
         self._pending[job_id] = None
         self._noted.set()
 
-    def start(self) -> None:
-        """Flush in the background until stop()."""
-        self._task = asyncio.create_task(self._run(), name="promptq-status-events")
-
     async def stop(self) -> None:
         """Stop, publishing what is pending first."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await super().stop()
         await self.flush()
 
     async def flush(self) -> None:

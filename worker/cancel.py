@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from promptq.cancel import cancel_channel
 from promptq.models import Job, JobStatus
 from promptq.store import IDS_PER_STATEMENT, Claim
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ RESUBSCRIBE_DELAY_S = 1.0
 PENDING_S = 30.0
 
 
-class CancelWatcher:
+class CancelWatcher(Background):
     """Knows which attempts of this worker may be aborted, and aborts them on request."""
+
+    TASK_NAME = "promptq-cancel-listener"
 
     def __init__(
         self, redis: Redis, queue_name: str, sessionmaker: async_sessionmaker[AsyncSession]
@@ -52,7 +55,6 @@ class CancelWatcher:
         self._cancelled: set[tuple[str, int]] = set()
         #: (job id, attempt number) -> monotonic time, for requests that came early.
         self._pending: dict[tuple[str, int], float] = {}
-        self._listener: asyncio.Task[None] | None = None
 
     @contextmanager
     def cancellable(self, claim: Claim) -> Iterator[None]:
@@ -119,18 +121,7 @@ class CancelWatcher:
         job_id, _, number = text.partition(":")
         self.request(job_id, int(number) if number.isdigit() else None)
 
-    def start(self) -> None:
-        """Listen for cancel requests in the background until stop()."""
-        self._listener = asyncio.create_task(self._listen(), name="promptq-cancel-listener")
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-            self._listener = None
-
-    async def _listen(self) -> None:
+    async def _run(self) -> None:
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:

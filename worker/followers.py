@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from promptq.queue import QueueClient
 from promptq.store import JobStore
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +44,20 @@ class _Watched:
     leader_done: bool = False
 
 
-class FollowerWaker:
+class FollowerWaker(Background):
     """Wakes the followers this worker put back on the queue once their leader is done."""
+
+    TASK_NAME = "promptq-follower-waker"
 
     def __init__(self, store: JobStore, queue: QueueClient, *, poll_s: float = POLL_S) -> None:
         self.store, self.queue, self.poll_s = store, queue, poll_s
         self._watched: dict[str, _Watched] = {}
         self._noted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def watch(self, job_id: str, leader_id: str, priority: int, retry_in_s: float) -> None:
         """Wake the follower `job_id` when `leader_id` is done (within `retry_in_s`)."""
         self._watched[job_id] = _Watched(leader_id, priority, time.monotonic() + retry_in_s)
         self._noted.set()
-
-    def start(self) -> None:
-        """Watch in the background until stop()."""
-        self._task = asyncio.create_task(self._run(), name="promptq-follower-waker")
-
-    async def stop(self) -> None:
-        """Stop watching (the followers look again when their time comes)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from promptq.settings import Settings
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ def heartbeat_key(queue_name: str, worker_name: str) -> str:
     return f"{queue_name}:heartbeat:{worker_name}"
 
 
-class Heartbeat:
+class Heartbeat(Background):
     """Refreshes one worker's heartbeat key until stopped; Redis errors are only logged."""
+
+    TASK_NAME = "promptq-heartbeat"
 
     def __init__(
         self,
@@ -53,7 +56,6 @@ class Heartbeat:
         self.key = key
         self.interval_s = interval_s
         self._info = info
-        self._task: asyncio.Task[None] | None = None
 
     async def beat(self) -> None:
         """Set the key once, with its TTL."""
@@ -61,16 +63,9 @@ class Heartbeat:
         ttl_ms = max(1, round(self.interval_s * TTL_BEATS * 1000))
         await self._redis.set(self.key, value, px=ttl_ms)
 
-    def start(self) -> None:
-        """Beat now and then every interval_s, in a background task."""
-        self._task = asyncio.create_task(self._run(), name="promptq-heartbeat")
-
     async def stop(self) -> None:
         """Stop beating and delete the key (a stopped worker is not a healthy one)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await super().stop()
         with suppress(RedisError, OSError):
             await self._redis.delete(self.key)
 

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from promptq.store import Claim, JobStore
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 RENEWALS_PER_LEASE = 3
 
 
-class LeaseKeeper:
+class LeaseKeeper(Background):
     """Tracks this worker's running attempts and renews their leases in one UPDATE per tick."""
+
+    TASK_NAME = "promptq-lease-keeper"
 
     def __init__(
         self,
@@ -45,7 +48,6 @@ class LeaseKeeper:
         self.held: dict[str, int] = {}
         #: job id -> set once a renewal found the held attempt no longer owns the job.
         self._lost: dict[str, asyncio.Event] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def hold(self, claim: Claim) -> None:
         """Start renewing this attempt's lease."""
@@ -84,17 +86,6 @@ class LeaseKeeper:
                 if job_id not in holding and self.held.get(job_id) == number and event:
                     event.set()
         return renewed
-
-    def start(self) -> None:
-        """Renew in the background until stop()."""
-        self._task = asyncio.create_task(self._run(), name="promptq-lease-keeper")
-
-    async def stop(self) -> None:
-        """Stop renewing (call once no attempt is running)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def _run(self) -> None:
         while True:
