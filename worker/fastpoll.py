@@ -201,11 +201,31 @@ class FastPollWorker(ResilientWorker):
                 if slots < 1:
                     return
             await self._claim_and_start(slots)
+        self._clean_up_tasks()
+        await self.heart_beat()
+
+    def _clean_up_tasks(self) -> None:
+        """Forget the ended job tasks, all in one pass, and re-raise what escaped arq's run_job
+        (as arq does), except a Redis error: a job that ended while Redis was away could not
+        write arq's end of it (the reconciler tidies that up), and that is no reason to back
+        off now that Redis answers again."""
+        escaped: list[BaseException] = []
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
-                task.result()  # re-raise what escaped arq's run_job, as arq does
-        await self.heart_beat()
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    escaped.append(exc)
+        lost = [exc for exc in escaped if isinstance(exc, REDIS_DOWN)]
+        if lost:
+            logger.warning(
+                "%d job(s) ended while Redis was away and could not record their end there "
+                "(%r); their results are in SQL, and the reconciler tidies up Redis",
+                len(lost),
+                lost[0],
+            )
+        for exc in escaped:
+            if not isinstance(exc, REDIS_DOWN):
+                raise exc
 
     def _free_jobs(self) -> int:
         """How many more jobs to take: max_jobs, plus the finishing ones (at most one per model

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptq.models import AttemptOutcome, JobStatus
 from promptq.schemas import PromptJobCreate
@@ -245,3 +246,29 @@ async def test_a_job_starts_without_a_round_trip_of_its_own(
         AttemptOutcome.SUCCEEDED,
     ]
     assert worker.jobs_retried == 1
+
+
+async def test_jobs_that_ended_while_redis_was_away_do_not_hold_the_worker_back(
+    start_idle_worker: IdleWorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker whose jobs ended while Redis was away: arq could not write their end
+    worker = await start_idle_worker()
+
+    async def end_lost() -> None:
+        raise RedisConnectionError("Redis went away as the job ended")
+
+    ended = {f"ended-{n}": asyncio.create_task(end_lost()) for n in range(5)}
+    await asyncio.gather(*ended.values(), return_exceptions=True)
+    worker.tasks.update(ended)
+
+    # When it polls again, with Redis back
+    await worker._poll_iteration()
+
+    # Then all of them are forgotten in that one poll, said once, and the worker does not back
+    # off as if Redis were still away
+    assert not set(ended) & set(worker.tasks)
+    assert worker._failures == 0
+    said = [
+        r.getMessage() for r in caplog.records if "ended while Redis was away" in r.getMessage()
+    ]
+    assert len(said) == 1 and said[0].startswith("5 job(s)")
