@@ -36,13 +36,14 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    literal,
     select,
     tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from promptq import clock
 from promptq.batch_items import ItemSpec
@@ -55,7 +56,7 @@ from promptq.batch_schemas import (
     ModelSummary,
 )
 from promptq.bulk_queue import enqueue_many
-from promptq.cache import find_many, hit_values, prompt_hash
+from promptq.cache import IN_FLIGHT, find_many, hit_values, prompt_hash
 from promptq.errors import IdempotencyConflict, NotFound, ServiceUnavailable
 from promptq.models import (
     Batch,
@@ -65,6 +66,7 @@ from promptq.models import (
     JobKind,
     JobStatus,
     Priority,
+    UTCDateTime,
 )
 from promptq.service import JobService
 from promptq.single_flight import follow_leaders
@@ -345,23 +347,27 @@ class BatchService:
                 func.coalesce(func.sum(Job.completion_tokens), 0),
                 func.coalesce(func.sum(case((reused, 1), else_=0)), 0),
                 func.coalesce(func.sum(case((reused, used), else_=0)), 0),
+                func.max(Job.finished_at),
             )
             .where(Job.batch_id.in_(ids))
             .group_by(Job.batch_id, Job.status)
         )
         counts: dict[str, dict[str, int]] = {i: {} for i in ids}
         tokens: dict[str, list[int]] = {i: [0, 0, 0, 0] for i in ids}
+        ended: dict[str, datetime | None] = dict.fromkeys(ids)
         async with self.sessionmaker() as session:
-            for batch_id, status, n, *sums in await session.execute(query):
+            for batch_id, status, n, *sums, last_end in await session.execute(query):
                 key = str(batch_id)
                 counts[key][status] = n
                 for i, value in enumerate(sums):
                     tokens[key][i] += int(value or 0)
+                if last_end is not None:
+                    ended[key] = max(filter(None, (ended[key], last_end)))
         out = []
         for batch in batches:
             by_status = BatchCounts(**counts[batch.id])
             if batch.api == "native" and by_status.active == 0:
-                await self._settle(batch)
+                await self._settle(batch, ended[batch.id])
             prompt, completion, reused_answers, reused_tokens = tokens[batch.id]
             usage = BatchUsage(
                 prompt_tokens=prompt,
@@ -373,8 +379,9 @@ class BatchService:
             out.append(BatchOut.from_row(batch, by_status, usage))
         return out
 
-    async def _settle(self, batch: Batch) -> None:
-        """Record that a native batch's jobs have all finished (conditionally: once)."""
+    async def _settle(self, batch: Batch, ended_at: datetime | None) -> None:
+        """Record that a native batch's jobs have all finished, the last at `ended_at`
+        (conditionally: once; settle_finished does the same for batches nobody reads)."""
         if batch.status == BatchStatus.CANCELLING:
             new, column = BatchStatus.CANCELLED, "cancelled_at"
         elif batch.status == BatchStatus.IN_PROGRESS:
@@ -383,7 +390,9 @@ class BatchService:
             return
         now = clock.now()
         values: dict[str, Any] = {"status": new, "updated_at": now}
-        if column == "completed_at" or batch.cancelled_at is None:
+        if column == "completed_at":
+            values[column] = ended_at or now
+        elif batch.cancelled_at is None:
             values[column] = now
         async with self.sessionmaker() as session, session.begin():
             await session.execute(
@@ -633,6 +642,49 @@ async def _chunks(
                 chunk = []
     if chunk:
         yield chunk
+
+
+async def settle_finished(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
+    """Mark the native batches whose jobs have all ended: `completed` (at their last job's
+    end) or, if being cancelled, `cancelled`; how many.
+
+    Reading a batch through promptq does this too (`BatchService.describe`); the reconciler
+    calls this every pass, so that the `batches` table is right for readers of plain SQL. An
+    open batch is found to be still running by its last active job in submission order (the
+    index on batch_id, batch_index, read backwards: the unfinished jobs are mostly at the end).
+    """
+    now = clock.now()
+    last_active = (
+        select(Job.id)
+        .where(Job.batch_id == Batch.id, Job.status.in_(IN_FLIGHT))
+        .order_by(Job.batch_index.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    last_end = select(func.max(Job.finished_at)).where(Job.batch_id == Batch.id).scalar_subquery()
+    now_value = literal(now, UTCDateTime())
+    finished = (Batch.api == "native") & last_active.is_(None)
+    async with sessionmaker() as session, session.begin():
+        completed = await session.execute(
+            update(Batch)
+            .where(finished, Batch.status == BatchStatus.IN_PROGRESS)
+            .values(
+                status=BatchStatus.COMPLETED,
+                completed_at=func.coalesce(last_end, now_value),
+                updated_at=now,
+            )
+        )
+        cancelled = await session.execute(
+            update(Batch)
+            .where(finished, Batch.status == BatchStatus.CANCELLING)
+            .values(
+                status=BatchStatus.CANCELLED,
+                cancelled_at=func.coalesce(Batch.cancelled_at, now_value),
+                updated_at=now,
+            )
+        )
+    settled: int = completed.rowcount + cancelled.rowcount  # type: ignore[attr-defined]
+    return settled
 
 
 async def _drop_reused(

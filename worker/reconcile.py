@@ -12,6 +12,9 @@ Each pass looks at
   due, past its priority's place ahead of bulk work (its worker stopped before it moved the
   job back there after a retry's backoff, worker.ahead): the due time is moved back.
 
+It also marks the native batches whose jobs have all ended completed (or cancelled), so that
+the `batches` table is right for readers of plain SQL (promptq.batches.settle_finished).
+
 It runs as a background task of every worker, not as an arq cron job: a cron job waits in the
 queue behind the whole backlog for a free slot, which is when it is needed most. A Redis lock
 lets one worker per interval do the pass.
@@ -24,6 +27,7 @@ import logging
 from datetime import timedelta
 
 from promptq import clock
+from promptq.batches import settle_finished
 from promptq.queue import QueueClient, priority_due_ms
 from promptq.store import JobStore
 
@@ -65,6 +69,8 @@ class Reconciler:
 
     async def run_once(self) -> int:
         """One pass. Returns how many jobs it re-enqueued or unblocked."""
+        if settled := await settle_finished(self.store.sessionmaker):
+            logger.debug("%d batch(es) finished", settled)
         now = clock.now()
         orphans = await self.store.expired_leases(now=now, limit=self.batch_size)
         waiting = await self.store.waiting_jobs(

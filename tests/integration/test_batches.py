@@ -25,7 +25,7 @@ from arq.jobs import deserialize_job_raw
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from promptq import clock
 from promptq.batch_items import ItemSpec
@@ -464,3 +464,43 @@ async def test_arbitrary_batches_never_cause_a_server_error(
     else:
         assert 400 <= response.status < 500, body
         assert body["error"]["code"] and body["error"]["message"]
+
+
+async def test_finished_batches_are_marked_in_sql_without_being_read(
+    admin: Client, service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a batch that ran to its end, and one whose cancel has just stopped its last job,
+    # neither read since: their rows still say in_progress and cancelling
+    async with admin.post("/api/batches", json={"jobs": [prompt("a"), prompt("b")]}) as r:
+        done = await r.json()
+    async with admin.post("/api/batches", json={"jobs": [prompt("c")]}) as r:
+        stopped = await r.json()
+    await start_worker(reconcile_interval_s=3600)  # its reconciler passes once, at start
+    jobs = await service.store.list_jobs(batch_id=done["id"], limit=10)
+    await wait_terminal(service.store, [job.id for job in jobs])
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(
+            update(Job).where(Job.batch_id == stopped["id"]).values(status="cancelled")
+        )
+        await session.execute(
+            update(Batch).where(Batch.id == stopped["id"]).values(status="cancelling")
+        )
+
+    async def row(batch_id: str) -> Batch:
+        async with service.store.sessionmaker() as session:
+            found = await session.get(Batch, batch_id)
+            assert found is not None
+            return found
+
+    assert (await row(done["id"])).status == "in_progress"
+
+    # When the reconciler passes
+    await Reconciler(service.store, service.queue, marker_ttl_s=60).run_once()
+
+    # Then the rows say how they ended, the first when its last job did
+    finished = [await service.store.get_job(job.id) for job in jobs]
+    last_end = max(job.finished_at for job in finished if job is not None and job.finished_at)
+    completed, cancelled = await row(done["id"]), await row(stopped["id"])
+    assert (completed.status, completed.completed_at) == ("completed", last_end)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    assert (await get_batch(admin, done["id"]))["status"] == "completed"
