@@ -150,14 +150,14 @@ async def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(
 
 
 @pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[int]:
+async def served(settings: Settings) -> AsyncIterator[web.AppRunner]:
     """The API served as `promptq api` serves it (a handler is not cancelled when its client
-    hangs up, so it meets the closed connection while reading the body); its port."""
+    hangs up, so it meets the closed connection while reading the body)."""
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    yield runner.addresses[0][1]
+    yield runner
     await runner.cleanup()
 
 
@@ -171,7 +171,7 @@ async def served(settings: Settings) -> AsyncIterator[int]:
     ids=["upload", "batch-form", "job"],
 )
 async def test_a_client_hanging_up_mid_body_is_not_a_database_outage(
-    served: int,
+    served: web.AppRunner,
     key: str,
     service: JobService,
     caplog: pytest.LogCaptureFixture,
@@ -182,14 +182,18 @@ async def test_a_client_hanging_up_mid_body_is_not_a_database_outage(
     caplog.set_level(logging.INFO, logger="api.errors")
 
     # When a client sends part of the body it announced, then closes the connection
-    _, writer = await asyncio.open_connection("127.0.0.1", served)
+    _, writer = await asyncio.open_connection("127.0.0.1", served.addresses[0][1])
     head = (
         f"POST {path} HTTP/1.1\r\nHost: promptq\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: {content_type}\r\nContent-Length: 20000\r\n\r\n"
     )
     writer.write(head.encode() + part)
     await writer.drain()
-    await asyncio.sleep(0.2)  # the handler is reading the body
+
+    async def reading() -> bool:  # the handler has started, and waits for the rest of the body
+        return served.server is not None and served.server.requests_count > 0
+
+    await wait_for(reading)
     writer.close()
     await writer.wait_closed()
 
@@ -205,14 +209,14 @@ async def test_a_client_hanging_up_mid_body_is_not_a_database_outage(
 
 
 async def test_a_request_aiohttp_cannot_parse_is_logged_as_one_info_line(
-    served: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    served: web.AppRunner, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given the API with promptq's logging filter on aiohttp's server log
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(logging.getLogger("aiohttp.server"), "filters", [MalformedRequestFilter()])
 
     # When a request line is longer than aiohttp reads (8190 bytes)
-    reader, writer = await asyncio.open_connection("127.0.0.1", served)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.addresses[0][1])
     writer.write(f"GET /api/jobs?model={'x' * 20_000} HTTP/1.1\r\nHost: promptq\r\n\r\n".encode())
     await writer.drain()
     status_line = await reader.readline()
