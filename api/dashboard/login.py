@@ -71,7 +71,15 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def safe_next(target: str | None) -> str:
-    """A redirect target on this site only: a path, never `//host` or a full URL."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A redirect target on this site only: a path, never `//host` or a full URL. Control
+    characters are refused too: browsers drop tabs and newlines from a URL, so `/<TAB>/host`
+    would become `//host`."""
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in target)
+    ):
         return "/"
     return target

@@ -222,6 +222,33 @@ async def test_login_sets_an_httponly_samesite_cookie_that_the_api_accepts(
     assert (await page(api, "/jobs"))[0] == 302
 
 
+async def test_login_goes_on_to_pages_of_this_site_only(
+    start_api: ApiStarter, make_key: KeyFactory
+) -> None:
+    api = await start_api()
+    key = await make_key("browser")
+    # Given `next` targets that a browser would send to another site (it drops tabs and
+    # newlines, so "/\t/evil.example" is "//evil.example"), and ones of this site
+    elsewhere = [
+        "//evil.example/x",
+        "/\t/evil.example/x",
+        "/\n/evil.example",
+        "/\\evil.example",
+        "https://evil.example/",
+        "/\r\n/evil.example",
+        "/\x7f/evil.example",
+    ]
+    for target in [*elsewhere, "/jobs?status=failed", "/batches"]:
+        # When a login is posted with it
+        async with api.post(
+            "/login", data={"key": key, "next": target}, allow_redirects=False
+        ) as response:
+            # Then the login goes there only if it is a page of this site
+            assert response.status == 302, target
+            expected = "/" if target in elsewhere else target
+            assert response.headers["Location"] == expected, target
+
+
 async def test_a_cookie_cannot_change_anything_without_the_csrf_header(
     start_api: ApiStarter, make_key: KeyFactory, service: JobService
 ) -> None:
