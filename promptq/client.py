@@ -10,9 +10,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -31,6 +41,9 @@ from promptq.errors import (
 )
 from promptq.sse import ServerEvent, parse_events
 
+#: Longest silence of a job's event stream before the client gives up on it: the server
+#: writes a keep-alive comment every 15 s (api.stream.KEEPALIVE_S).
+STREAM_SILENCE_S = 60.0
 #: Statuses after which a job never changes again.
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -70,6 +83,8 @@ class PromptQClient:
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # A key read from a file or the environment may end in a newline.
+        api_key = api_key.strip() if api_key else None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session = session
@@ -143,17 +158,17 @@ class PromptQClient:
 
     async def get(self, job_id: str) -> Job:
         """One job."""
-        job: Job = await self._request("GET", f"/api/jobs/{job_id}")
+        job: Job = await self._request("GET", f"/api/jobs/{_id(job_id)}")
         return job
 
     async def retry(self, job_id: str) -> Job:
         """Run a failed or cancelled job again with a fresh attempt budget."""
-        job: Job = await self._request("POST", f"/api/jobs/{job_id}/retry")
+        job: Job = await self._request("POST", f"/api/jobs/{_id(job_id)}/retry")
         return job
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """A job's attempt history."""
-        data = await self._request("GET", f"/api/jobs/{job_id}/attempts")
+        data = await self._request("GET", f"/api/jobs/{_id(job_id)}/attempts")
         attempts: list[dict[str, Any]] = data["attempts"]
         return attempts
 
@@ -253,7 +268,7 @@ class PromptQClient:
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
         """One batch: status, counts per status, progress and token usage."""
-        batch: dict[str, Any] = await self._request("GET", f"/api/batches/{batch_id}")
+        batch: dict[str, Any] = await self._request("GET", f"/api/batches/{_id(batch_id)}")
         return batch
 
     async def list_batches(self, *, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
@@ -280,14 +295,17 @@ class PromptQClient:
     async def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
         """Each job's outcome, in submission order, streamed (one dict per job)."""
         session = self._open()
-        path = f"/api/batches/{batch_id}/results"
+        path = f"/api/batches/{_id(batch_id)}/results"
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
-        async with session.get(self.base_url + path, headers=self._headers, timeout=timeout) as r:
-            if r.status >= 400:
-                raise _error(r.status, await _json(r), path)
-            async for line in r.content:
-                if line.strip():
-                    yield orjson.loads(line)
+        with self._reaching(path):
+            async with session.get(
+                self.base_url + path, headers=self._headers, timeout=timeout
+            ) as r:
+                if r.status >= 400:
+                    raise _error(r.status, await _json(r), path)
+                async for line in r.content:
+                    if line.strip():
+                        yield orjson.loads(line)
 
     async def compare(
         self, batch_id: str, *, limit: int = 50, cursor: int | None = None
@@ -295,18 +313,18 @@ class PromptQClient:
         """A page of a comparison batch: each item with every model's answer side by side."""
         params = {"limit": str(limit)} | ({"cursor": str(cursor)} if cursor is not None else {})
         page: dict[str, Any] = await self._request(
-            "GET", f"/api/batches/{batch_id}/compare", params=params
+            "GET", f"/api/batches/{_id(batch_id)}/compare", params=params
         )
         return page
 
     async def cancel_job(self, job_id: str) -> Job:
         """Cancel a job (a running one is aborted); NotCancellable if it had finished."""
-        job: Job = await self._request("POST", f"/api/jobs/{job_id}/cancel")
+        job: Job = await self._request("POST", f"/api/jobs/{_id(job_id)}/cancel")
         return job
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """Cancel a batch's unfinished jobs; finished ones keep their results."""
-        batch: dict[str, Any] = await self._request("POST", f"/api/batches/{batch_id}/cancel")
+        batch: dict[str, Any] = await self._request("POST", f"/api/batches/{_id(batch_id)}/cancel")
         return batch
 
     async def stream(
@@ -314,17 +332,20 @@ class PromptQClient:
     ) -> AsyncIterator[ServerEvent]:
         """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
         ends after the terminal `status` event, whose data carries the `result`."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        path = f"/api/jobs/{job_id}/stream"
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.total)
-        async with self._session.get(
-            self.base_url + path, headers=self._headers, timeout=timeout
-        ) as response:
-            if response.status >= 400:
-                raise _error(response.status, await _json(response), path)
-            async for event in parse_events(response.content):
-                yield event
+        session = self._open()
+        path = f"/api/jobs/{_id(job_id)}/stream"
+        # The server writes at least every STREAM_SILENCE_S (a keep-alive comment).
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=self._timeout.total, sock_read=STREAM_SILENCE_S
+        )
+        with self._reaching(path):
+            async with session.get(
+                self.base_url + path, headers=self._headers, timeout=timeout
+            ) as response:
+                if response.status >= 400:
+                    raise _error(response.status, await _json(response), path)
+                async for event in parse_events(response.content):
+                    yield event
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -335,17 +356,43 @@ class PromptQClient:
         self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any
     ) -> Any:
         session = self._open()
-        async with session.request(
-            method,
-            self.base_url + path,
-            headers=self._headers | (headers or {}),
-            timeout=self._timeout,
-            **kwargs,
-        ) as response:
-            data = await _json(response)
-            if response.status >= 400:
-                raise _error(response.status, data, path)
-            return data
+        with self._reaching(path):
+            async with session.request(
+                method,
+                self.base_url + path,
+                headers=self._headers | (headers or {}),
+                timeout=self._timeout,
+                **kwargs,
+            ) as response:
+                data = await _json(response)
+                if response.status >= 400:
+                    raise _error(response.status, data, path)
+                return data
+
+    @contextmanager
+    def _reaching(self, path: str) -> Iterator[None]:
+        """Raise ServiceUnavailable, naming the API and what went wrong, for a connection that
+        fails or a server that does not answer in time."""
+        try:
+            yield
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"the promptq API at {self.base_url} did not answer {path} in time "
+                f"(timeout_s={self._timeout.total:g}); is it overloaded?"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the promptq API at {self.base_url} "
+                f"({exc.__class__.__name__}: {str(exc)[:200]}); is it running?"
+            ) from None
+
+
+def _id(value: str) -> str:
+    """A job or batch id as one path segment: quoted whole, so that no id reaches another
+    route (`../batches/...`, `x#`)."""
+    if not value:
+        raise InvalidRequest("the id is empty")
+    return quote(str(value), safe="")
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:

@@ -9,7 +9,7 @@
 It runs one event loop in a background thread and forwards every attribute of the async client
 to it: coroutine methods become blocking calls, async generators become iterators. Methods
 added to PromptQClient later appear here without any change. Callbacks (such as `wait`'s
-`progress`) run on that background thread.
+`progress`) run on that background thread, so they may not call the client (RuntimeError).
 """
 
 from __future__ import annotations
@@ -38,7 +38,20 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop and wait for its result (exceptions propagate)."""
+        """Run `coro` on the loop and wait for its result (exceptions propagate).
+
+        RuntimeError from the loop's own thread (a `wait` progress callback calling the
+        client): waiting there for the loop would block it for good. Also once closed.
+        """
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "the sync client cannot be called from its own callbacks (they run on its "
+                "event loop); collect what you need and call it after, or use the async client"
+            )
+        if self.loop.is_closed():
+            coro.close()
+            raise RuntimeError("this client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:

@@ -7,6 +7,8 @@ submit, wait for, read and list jobs, and every API error arrives as the mapped 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,7 +20,13 @@ from aiohttp.test_utils import TestServer
 
 from api.app import create_app
 from promptq.client import PromptQClient
-from promptq.errors import IdempotencyConflict, InvalidRequest, NotFound, PromptQError
+from promptq.errors import (
+    IdempotencyConflict,
+    InvalidRequest,
+    NotFound,
+    PromptQError,
+    ServiceUnavailable,
+)
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM, expected_reply
@@ -255,3 +263,49 @@ async def test_error_bodies_of_other_shapes_still_raise_mapped_exceptions() -> N
         with pytest.raises(PromptQError, match="boom") as caught:
             await client.get("boom")
         assert type(caught.value) is PromptQError
+
+
+async def test_an_id_is_one_path_segment_and_reaches_no_other_route(
+    pq: PromptQClient, service: JobService
+) -> None:
+    # Given a batch in progress, and ids a caller might pass on from its own users
+    batch = await pq.submit_batch(
+        [{"kind": "prompt", "messages": [{"role": "user", "content": "x"}]}]
+    )
+    for job_id in (f"../batches/{batch['id']}", "%2e%2e/batches", "x#", "a/b"):
+        # When they are used as job ids, then they name no job, and the batch is untouched
+        with pytest.raises(NotFound):
+            await pq.cancel_job(job_id)
+        with pytest.raises(NotFound):
+            await pq.get(job_id)
+    with pytest.raises(InvalidRequest, match="empty"):
+        await pq.get("")
+    assert (await pq.get_batch(batch["id"]))["status"] == "in_progress"
+
+
+async def test_an_api_that_is_away_or_silent_is_service_unavailable(admin_key: str) -> None:
+    # Given no API on a port, and one that accepts but never answers
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    async with PromptQClient(f"http://127.0.0.1:{free_port}", api_key=admin_key) as away:
+        # Then the client says it cannot reach the API (and never shows the key)
+        with pytest.raises(ServiceUnavailable, match="cannot reach the promptq API") as caught:
+            await away.get(str(uuid.uuid4()))
+        assert admin_key not in str(caught.value)
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, PromptQClient(f"http://127.0.0.1:{port}", timeout_s=0.5) as mute:
+        with pytest.raises(ServiceUnavailable, match="did not answer"):
+            await mute.wait(str(uuid.uuid4()), timeout_s=30)
+        server.close()
+
+
+async def test_a_key_with_a_trailing_newline_works(server: TestServer, admin_key: str) -> None:
+    async with PromptQClient(str(server.make_url("/")), api_key=admin_key + "\n") as pq:
+        job = await pq.submit_prompt("key read from a file")
+        assert (await pq.get(job["id"]))["id"] == job["id"]

@@ -159,3 +159,30 @@ async def test_sync_client_has_the_batch_methods_too(
     done, results = await asyncio.to_thread(produce)
     assert done["status"] == "completed" and done["counts"]["succeeded"] == 3
     assert [r["custom_id"] for r in results] == ["b0", "b1", "b2"]
+
+
+@SQLITE_ONLY
+async def test_a_callback_that_calls_the_client_gets_an_error_not_a_hang(
+    api: tuple[str, str], start_worker: WorkerFactory
+) -> None:
+    url, key = api
+    pq = await asyncio.to_thread(SyncPromptQClient, url, api_key=key, timeout_s=10)
+    try:
+        job = await asyncio.to_thread(pq.submit_prompt, "called back")
+        await start_worker()
+
+        # When wait's progress callback calls the client (it runs on the client's loop)
+        def progress(seen: dict[str, Any]) -> None:
+            pq.attempts(seen["id"])
+
+        # Then a RuntimeError says why, instead of waiting forever for its own loop
+        with pytest.raises(RuntimeError, match="cannot be called from its own callbacks"):
+            await asyncio.wait_for(
+                asyncio.to_thread(pq.wait, job["id"], timeout_s=20, progress=progress), 30
+            )
+        # And the client still works; a closed one says it is closed
+        assert (await asyncio.to_thread(pq.get, job["id"]))["id"] == job["id"]
+    finally:
+        await asyncio.to_thread(pq.close)
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.to_thread(pq.get, job["id"])
