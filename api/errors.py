@@ -61,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(
             413,
             "request_entity_too_large",
-            f"{exc.text}; send less, or raise PROMPTQ_API_MAX_BODY_BYTES",
+            f"{(exc.text or '').rstrip('.')}; send less, or raise PROMPTQ_API_MAX_BODY_BYTES",
         )
     except web.HTTPException as exc:
         if exc.status < 400:

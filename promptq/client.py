@@ -29,15 +29,18 @@ import orjson
 
 from promptq.errors import (
     BatchTooLarge,
+    DocumentTooLarge,
     IdempotencyConflict,
     InvalidBatch,
     InvalidRequest,
     JobNotRetryable,
+    LimitExceeded,
     NotCancellable,
     NotFound,
     PromptQError,
     ServiceUnavailable,
     Unauthorized,
+    UnsupportedDocument,
 )
 from promptq.sse import ServerEvent, parse_events
 
@@ -57,13 +60,19 @@ _BY_STATUS: dict[int, type[PromptQError]] = {
     503: ServiceUnavailable,
 }
 
-#: A 409 can mean either; the error code says which.
+#: The API's error codes that name an exception of promptq.errors; they win over the status.
 _BY_CODE: dict[str, type[PromptQError]] = {
-    IdempotencyConflict.code: IdempotencyConflict,
-    JobNotRetryable.code: JobNotRetryable,
-    NotCancellable.code: NotCancellable,
-    BatchTooLarge.code: BatchTooLarge,
-    InvalidBatch.code: InvalidBatch,
+    kind.code: kind
+    for kind in (
+        IdempotencyConflict,
+        JobNotRetryable,
+        NotCancellable,
+        BatchTooLarge,
+        InvalidBatch,
+        DocumentTooLarge,
+        LimitExceeded,
+        UnsupportedDocument,
+    )
 }
 
 Job = dict[str, Any]

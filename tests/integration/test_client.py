@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from api.app import create_app
 from promptq.client import PromptQClient
 from promptq.errors import (
+    DocumentTooLarge,
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
@@ -250,7 +251,12 @@ async def test_error_bodies_of_other_shapes_still_raise_mapped_exceptions() -> N
     async def plain_500(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": "x", "message": "boom"}}, status=500)
 
+    async def too_large(request: web.Request) -> web.Response:
+        body = {"error": {"code": "document_too_large", "message": "the document is too large"}}
+        return web.json_response(body, status=413)
+
     app = web.Application()
+    app.router.add_get("/api/jobs/large", too_large)
     app.router.add_get("/api/jobs/proxy", proxy_error)
     app.router.add_get("/api/jobs/html", html_404)
     app.router.add_get("/api/jobs/boom", plain_500)
@@ -263,6 +269,9 @@ async def test_error_bodies_of_other_shapes_still_raise_mapped_exceptions() -> N
         with pytest.raises(PromptQError, match="boom") as caught:
             await client.get("boom")
         assert type(caught.value) is PromptQError
+        # and an error code that names an exception is that exception
+        with pytest.raises(DocumentTooLarge, match="too large"):
+            await client.get("large")
 
 
 async def test_an_id_is_one_path_segment_and_reaches_no_other_route(
