@@ -104,8 +104,14 @@ def create_engine(settings: Settings, *, pool_size: int = DEFAULT_POOL_SIZE) -> 
         "pool_size": settings.db_pool_size or pool_size,
         "max_overflow": MAX_OVERFLOW,
     }
-    # asyncpg connections are checked by _check_alive instead of SQLAlchemy's ping.
-    kwargs: dict[str, Any] = {"pool_pre_ping": url.get_driver_name() != "asyncpg", **pool}
+    # asyncpg connections are checked by _check_alive instead of SQLAlchemy's ping. The pool
+    # hands out the connection returned last (LIFO): a few hot connections, and so a few busy
+    # PostgreSQL backends, instead of every job's write waking another idle backend.
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": url.get_driver_name() != "asyncpg",
+        "pool_use_lifo": True,
+        **pool,
+    }
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
