@@ -146,7 +146,9 @@ def _refuse(
     if request.method == "GET" and (request.match_info.route.name or "").startswith(
         PAGE_ROUTE_PREFIX
     ):
-        raise web.HTTPFound(f"{LOGIN_PATH}?{urlencode({'next': request.path_qs})}")
+        # Back to the whole page after the login, not to the live part its script fetched.
+        page = request.rel_url.without_query_params("partial")
+        raise web.HTTPFound(f"{LOGIN_PATH}?{urlencode({'next': str(page)})}")
     return unauthorized(message, invalid_token=invalid_token)
 
 

@@ -196,6 +196,11 @@ async def test_login_sets_an_httponly_samesite_cookie_that_the_api_accepts(
     # Given no key, pages redirect to the login page (keeping where the user was going),
     # while the event stream, the chart data and unknown paths stay a plain 401
     assert await page(api, "/jobs?status=queued") == (302, login_url("/jobs?status=queued"))
+    # (the live part a page's script fetches goes back to the whole page after the login)
+    assert await page(api, "/jobs?status=queued&partial=1") == (
+        302,
+        login_url("/jobs?status=queued"),
+    )
     for path in ("/ui/events", "/ui/chart", "/nope"):
         assert (await page(api, path))[0] == 401, path
     status, html = await page(api, "/login?next=/jobs")
