@@ -19,7 +19,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -303,18 +303,12 @@ class PromptQClient:
 
     async def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
         """Each job's outcome, in submission order, streamed (one dict per job)."""
-        session = self._open()
         path = f"/api/batches/{_id(batch_id)}/results"
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
-        with self._reaching(path):
-            async with session.get(
-                self.base_url + path, headers=self._headers, timeout=timeout
-            ) as r:
-                if r.status >= 400:
-                    raise _error(r.status, await _json(r), path)
-                async for line in r.content:
-                    if line.strip():
-                        yield orjson.loads(line)
+        limits = aiohttp.ClientTimeout(total=None, sock_read=self._timeout.total)
+        async with self._streaming(path, limits) as content:
+            async for line in content:
+                if line.strip():
+                    yield orjson.loads(line)
 
     async def compare(
         self, batch_id: str, *, limit: int = 50, cursor: int | None = None
@@ -341,20 +335,26 @@ class PromptQClient:
     ) -> AsyncIterator[ServerEvent]:
         """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
         ends after the terminal `status` event, whose data carries the `result`."""
-        session = self._open()
         path = f"/api/jobs/{_id(job_id)}/stream"
-        # The server writes at least every STREAM_SILENCE_S (a keep-alive comment).
-        timeout = aiohttp.ClientTimeout(
+        limits = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=self._timeout.total, sock_read=STREAM_SILENCE_S
         )
+        async with self._streaming(path, limits) as content:
+            async for event in parse_events(content):
+                yield event
+
+    @asynccontextmanager
+    async def _streaming(
+        self, path: str, limits: aiohttp.ClientTimeout
+    ) -> AsyncIterator[aiohttp.StreamReader]:
+        """The body of a GET that is read as it comes (an error answer raises, as _request)."""
         with self._reaching(path):
-            async with session.get(
-                self.base_url + path, headers=self._headers, timeout=timeout
+            async with self._open().get(
+                self.base_url + path, headers=self._headers, timeout=limits
             ) as response:
                 if response.status >= 400:
                     raise _error(response.status, await _json(response), path)
-                async for event in parse_events(response.content):
-                    yield event
+                yield response.content
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -386,8 +386,8 @@ class PromptQClient:
             yield
         except TimeoutError:
             raise ServiceUnavailable(
-                f"the promptq API at {self.base_url} did not answer {path} in time "
-                f"(timeout_s={self._timeout.total:g}); is it overloaded?"
+                f"the promptq API at {self.base_url} did not answer {path} in time; is it "
+                "overloaded, or the timeout too short?"
             ) from None
         except aiohttp.ClientError as exc:
             raise ServiceUnavailable(

@@ -37,6 +37,15 @@ async def api(settings: Settings, make_key: KeyFactory) -> AsyncIterator[tuple[s
         yield str(server.make_url("/")), key
 
 
+@pytest.fixture
+async def sync_pq(api: tuple[str, str]) -> AsyncIterator[SyncPromptQClient]:
+    """A blocking client of `api` (call it through asyncio.to_thread); closed at the end."""
+    url, key = api
+    pq = await asyncio.to_thread(SyncPromptQClient, url, api_key=key, timeout_s=10)
+    yield pq
+    await asyncio.to_thread(pq.close)
+
+
 def user(content: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
@@ -61,57 +70,54 @@ def test_every_async_method_is_there_and_blocking() -> None:
 
 @SQLITE_ONLY
 async def test_sync_client_waits_with_progress_then_streams(
-    api: tuple[str, str], start_worker: WorkerFactory
+    sync_pq: SyncPromptQClient, start_worker: WorkerFactory
 ) -> None:
-    url, key = api
-    pq = await asyncio.to_thread(SyncPromptQClient, url, api_key=key, timeout_s=10)
-    try:
-        content = "[[fake: 500, ok]] sync hello"
-        job = await asyncio.to_thread(pq.submit_prompt, content)
-        seen: list[dict[str, Any]] = []
-        first_seen = threading.Event()
+    pq = sync_pq
+    content = "[[fake: 500, ok]] sync hello"
+    job = await asyncio.to_thread(pq.submit_prompt, content)
+    seen: list[dict[str, Any]] = []
+    first_seen = threading.Event()
 
-        def progress(job: dict[str, Any]) -> None:
-            seen.append(job)
-            first_seen.set()
+    def progress(job: dict[str, Any]) -> None:
+        seen.append(job)
+        first_seen.set()
 
-        waiting = asyncio.create_task(
-            asyncio.to_thread(pq.wait, job["id"], timeout_s=30, poll_s=0.02, progress=progress)
-        )
-        assert await asyncio.to_thread(first_seen.wait, 10)
-        await start_worker()  # only now can the job move on
-        done = await waiting
+    waiting = asyncio.create_task(
+        asyncio.to_thread(pq.wait, job["id"], timeout_s=30, poll_s=0.02, progress=progress)
+    )
+    assert await asyncio.to_thread(first_seen.wait, 10)
+    await start_worker()  # only now can the job move on
+    done = await waiting
 
-        assert seen[0]["status"] == "queued" and seen[0]["attempts"] == 0
-        assert seen[-1] == done and done["status"] == "succeeded" and done["attempts"] == 2
-        keys = [(j["status"], j["attempts"]) for j in seen]
-        assert len(keys) == len(set(keys)), "progress is called on changes only"
-        assert done["result"] == expected_reply("fake-small", user(content))
+    assert seen[0]["status"] == "queued" and seen[0]["attempts"] == 0
+    assert seen[-1] == done and done["status"] == "succeeded" and done["attempts"] == 2
+    keys = [(j["status"], j["attempts"]) for j in seen]
+    assert len(keys) == len(set(keys)), "progress is called on changes only"
+    assert done["result"] == expected_reply("fake-small", user(content))
 
-        slow = "[[fake: sleep:300, ok]] stream me"
-        job2 = await asyncio.to_thread(pq.submit_prompt, slow)
-        events: list[ServerEvent] = await asyncio.to_thread(lambda: list(pq.stream(job2["id"])))
-        assert all(e.event == "status" for e in events)
-        assert events[-1].data["status"] == "succeeded"
-        assert events[-1].data["result"] == expected_reply("fake-small", user(slow))
-        assert events[0].data["status"] in {"queued", "running"}
+    slow = "[[fake: sleep:300, ok]] stream me"
+    job2 = await asyncio.to_thread(pq.submit_prompt, slow)
+    events: list[ServerEvent] = await asyncio.to_thread(lambda: list(pq.stream(job2["id"])))
+    assert all(e.event == "status" for e in events)
+    assert events[-1].data["status"] == "succeeded"
+    assert events[-1].data["result"] == expected_reply("fake-small", user(slow))
+    assert events[0].data["status"] in {"queued", "running"}
 
-        with pytest.raises(NotFound):
-            await asyncio.to_thread(pq.get, "01a2aaaa-0000-7000-8000-000000000000")
+    with pytest.raises(NotFound):
+        await asyncio.to_thread(pq.get, "01a2aaaa-0000-7000-8000-000000000000")
 
-        # Leaving a stream early closes it cleanly; the client keeps working.
-        job3 = await asyncio.to_thread(pq.submit_prompt, "[[fake: sleep:200, ok]] early exit")
+    # Leaving a stream early closes it cleanly; the client keeps working.
+    job3 = await asyncio.to_thread(pq.submit_prompt, "[[fake: sleep:200, ok]] early exit")
 
-        def first_event() -> ServerEvent:
-            for event in pq.stream(job3["id"]):
-                return event
-            raise AssertionError("no event")
+    def first_event() -> ServerEvent:
+        for event in pq.stream(job3["id"]):
+            return event
+        raise AssertionError("no event")
 
-        assert (await asyncio.to_thread(first_event)).event == "status"
-        assert (await asyncio.to_thread(pq.wait, job3["id"], timeout_s=20))["status"] == "succeeded"
-    finally:
-        await asyncio.to_thread(pq.close)
-        await asyncio.to_thread(pq.close)  # idempotent
+    assert (await asyncio.to_thread(first_event)).event == "status"
+    assert (await asyncio.to_thread(pq.wait, job3["id"], timeout_s=20))["status"] == "succeeded"
+    await asyncio.to_thread(pq.close)
+    await asyncio.to_thread(pq.close)  # idempotent
 
 
 @SQLITE_ONLY
@@ -163,26 +169,23 @@ async def test_sync_client_has_the_batch_methods_too(
 
 @SQLITE_ONLY
 async def test_a_callback_that_calls_the_client_gets_an_error_not_a_hang(
-    api: tuple[str, str], start_worker: WorkerFactory
+    sync_pq: SyncPromptQClient, start_worker: WorkerFactory
 ) -> None:
-    url, key = api
-    pq = await asyncio.to_thread(SyncPromptQClient, url, api_key=key, timeout_s=10)
-    try:
-        job = await asyncio.to_thread(pq.submit_prompt, "called back")
-        await start_worker()
+    pq = sync_pq
+    job = await asyncio.to_thread(pq.submit_prompt, "called back")
+    await start_worker()
 
-        # When wait's progress callback calls the client (it runs on the client's loop)
-        def progress(seen: dict[str, Any]) -> None:
-            pq.attempts(seen["id"])
+    # When wait's progress callback calls the client (it runs on the client's loop)
+    def progress(seen: dict[str, Any]) -> None:
+        pq.attempts(seen["id"])
 
-        # Then a RuntimeError says why, instead of waiting forever for its own loop
-        with pytest.raises(RuntimeError, match="cannot be called from its own callbacks"):
-            await asyncio.wait_for(
-                asyncio.to_thread(pq.wait, job["id"], timeout_s=20, progress=progress), 30
-            )
-        # And the client still works; a closed one says it is closed
-        assert (await asyncio.to_thread(pq.get, job["id"]))["id"] == job["id"]
-    finally:
-        await asyncio.to_thread(pq.close)
+    # Then a RuntimeError says why, instead of waiting forever for its own loop
+    with pytest.raises(RuntimeError, match="cannot be called from its own callbacks"):
+        await asyncio.wait_for(
+            asyncio.to_thread(pq.wait, job["id"], timeout_s=20, progress=progress), 30
+        )
+    # And the client still works; a closed one says it is closed
+    assert (await asyncio.to_thread(pq.get, job["id"]))["id"] == job["id"]
+    await asyncio.to_thread(pq.close)
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.to_thread(pq.get, job["id"])
