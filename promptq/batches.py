@@ -664,10 +664,18 @@ async def settle_finished(sessionmaker: async_sessionmaker[AsyncSession]) -> int
     last_end = select(func.max(Job.finished_at)).where(Job.batch_id == Batch.id).scalar_subquery()
     now_value = literal(now, UTCDateTime())
     finished = (Batch.api == "native") & last_active.is_(None)
+    open_statuses = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)
+    async with sessionmaker() as session:  # a read first: most passes find none, and write nothing
+        found = list(
+            await session.scalars(select(Batch.id).where(Batch.status.in_(open_statuses), finished))
+        )
+    if not found:
+        return 0
+    chosen = Batch.id.in_(found) & finished
     async with sessionmaker() as session, session.begin():
         completed = await session.execute(
             update(Batch)
-            .where(finished, Batch.status == BatchStatus.IN_PROGRESS)
+            .where(chosen, Batch.status == BatchStatus.IN_PROGRESS)
             .values(
                 status=BatchStatus.COMPLETED,
                 completed_at=func.coalesce(last_end, now_value),
@@ -676,7 +684,7 @@ async def settle_finished(sessionmaker: async_sessionmaker[AsyncSession]) -> int
         )
         cancelled = await session.execute(
             update(Batch)
-            .where(finished, Batch.status == BatchStatus.CANCELLING)
+            .where(chosen, Batch.status == BatchStatus.CANCELLING)
             .values(
                 status=BatchStatus.CANCELLED,
                 cancelled_at=func.coalesce(Batch.cancelled_at, now_value),
