@@ -7,6 +7,7 @@ database cloned with CREATE DATABASE ... TEMPLATE) and a flushed Redis database.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -122,6 +123,17 @@ def base_settings(tmp: Path, database_url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Put the root logger back as it was: a command run in-process (CliRunner) configures
+    logging onto its own stderr, which is closed when it returns."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

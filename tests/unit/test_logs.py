@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,15 +13,6 @@ from promptq.logs import Redactor, bind_job, configure_logging
 from promptq.settings import Settings
 
 KEY = "pq_" + "A1b2C3d4" * 5 + "xyz"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(
