@@ -372,7 +372,7 @@ def batch_object(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
         "errors": batch.errors,
         "input_file_id": batch.input_file_id,
         "completion_window": batch.completion_window,
-        "status": batch.status,
+        "status": _shown_status(batch),
         "output_file_id": batch.output_file_id,
         "error_file_id": batch.error_file_id,
         "created_at": _ts(batch.created_at),
@@ -391,6 +391,19 @@ def batch_object(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
         },
         "metadata": batch.metadata_,
     }
+
+
+def _shown_status(batch: Batch) -> str:
+    """The batch's status as OpenAI's lifecycle names it: a cancelled (or expiring) batch
+    whose files are being written is still `cancelling` (or `in_progress`), never
+    `finalizing`, which OpenAI's batches only pass through on their way to `completed`."""
+    if batch.status == BatchStatus.FINALIZING:
+        final, _ = _final_status(batch)
+        if final == BatchStatus.CANCELLED:
+            return BatchStatus.CANCELLING.value
+        if final == BatchStatus.EXPIRED:
+            return BatchStatus.IN_PROGRESS.value
+    return str(batch.status)
 
 
 def _ts(value: datetime | None) -> int | None:

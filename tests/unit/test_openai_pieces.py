@@ -9,7 +9,10 @@ import orjson
 import pytest
 
 from api.openai_errors import error_type
+from promptq import clock
 from promptq.cache import request_hash, wants_cache
+from promptq.models import Batch
+from promptq.openai_batch import batch_object
 from promptq.openai_batch_input import check_input
 from promptq.openai_schemas import BadRequest, parse_chat_request
 from promptq.settings import Settings
@@ -194,3 +197,25 @@ def test_lines_over_the_message_limits_become_errors_and_the_rest_stay() -> None
     assert "PROMPTQ_MAX_MESSAGES_PER_JOB" in check.errors[0]["message"]
     assert "PROMPTQ_MAX_MESSAGE_CHARS" in check.errors[1]["message"]
     assert [r.custom_id for r in check.requests] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("stamps", "shown"),
+    [
+        ({}, "finalizing"),
+        ({"cancelling_at": True}, "cancelling"),
+        ({"expired_at": True}, "in_progress"),
+    ],
+)
+def test_a_batch_writing_its_files_shows_the_status_it_is_on_its_way_to(
+    stamps: dict[str, bool], shown: str
+) -> None:
+    # Given a batch whose output files are being written, on its way to completed, cancelled
+    # or expired
+    now = clock.now()
+    batch = Batch(id="b", status="finalizing", job_count=0, created_at=now, updated_at=now)
+    for column in stamps:
+        setattr(batch, column, now)
+    # Then OpenAI's view names it as OpenAI's lifecycle does: only completed goes through
+    # finalizing
+    assert batch_object(batch, {})["status"] == shown
