@@ -41,6 +41,8 @@ PAGE_ROUTE_PREFIX = "page:"
 LOGIN_PATH = "/login"
 #: Most keys one API process remembers; past it the cache starts over.
 CACHE_MAX_ENTRIES = 10_000
+#: How often a response that stays open (an event stream) asks again whether its key is valid.
+KEY_RECHECK_S = 5.0
 
 MISSING = "this API needs a key: send `Authorization: Bearer <key>` (see `promptq keys create`)"
 CSRF_MISSING = (
@@ -85,8 +87,30 @@ class Authenticator:
         return principal
 
 
+class KeyCheck:
+    """Asks again whether a request's key is still valid: for responses that stay open.
+
+    The middleware checks a key once, when the request arrives; a stream that runs for hours
+    calls `still_valid` as it goes, which asks again at most every KEY_RECHECK_S (and the
+    Authenticator trusts a valid key for its cache window), so a revoked key stops the stream.
+    """
+
+    def __init__(self, authenticator: Authenticator | None, key: str) -> None:
+        self._authenticator = authenticator
+        self._key = key
+        self._checked_at = time.monotonic()
+
+    async def still_valid(self) -> bool:
+        """False once the key is unknown or revoked; always True when auth is off."""
+        if self._authenticator is None or time.monotonic() - self._checked_at < KEY_RECHECK_S:
+            return True
+        self._checked_at = time.monotonic()
+        return await self._authenticator.authenticate(self._key) is not None
+
+
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 PRINCIPAL = web.RequestKey("principal", Principal)
+KEY_CHECK = web.RequestKey("key_check", KeyCheck)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -117,6 +141,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     authenticator = request.app.get(AUTHENTICATOR)
     if authenticator is None:  # auth disabled: everyone is the local operator
         request[PRINCIPAL] = LOCAL_OPERATOR
+        request[KEY_CHECK] = KeyCheck(None, "")
         return await handler(request)
     header = request.headers.get("Authorization")
     cookie = request.cookies.get(KEY_COOKIE)
@@ -135,6 +160,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal is None:
         return _refuse(request, REJECTED, "unknown or revoked key", invalid_token=True)
     request[PRINCIPAL] = principal
+    request[KEY_CHECK] = KeyCheck(authenticator, token)
     return await handler(request)
 
 
@@ -155,3 +181,8 @@ def _refuse(
 def principal(request: web.Request) -> Principal:
     """The authenticated caller of a request that passed the auth middleware."""
     return request[PRINCIPAL]
+
+
+def key_check(request: web.Request) -> KeyCheck:
+    """The re-check of the key of a request that passed the auth middleware."""
+    return request[KEY_CHECK]

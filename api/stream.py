@@ -7,6 +7,8 @@ Events, each `data` a JSON object:
 * `progress` (summarize jobs): `{"chunks_done", "chunks_total", "level"}` on every change.
 * `token`: `{"text"}`, a piece of the final summary as the model writes it (when the worker
   streams it). Tokens of an attempt that then fails are followed by its `retrying` status.
+* `revoked`: `{}`, the stream's last event when its API key was revoked while it was open (the
+  key is checked again as the stream goes: api.auth.KeyCheck).
 
 SQL is the truth: the stream re-reads the job whenever the worker publishes an event on Redis
 and at least every `POLL_S`, so it works (more slowly) with Redis pub/sub unavailable too.
@@ -21,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from api import openapi
-from api.auth import principal
+from api.auth import KeyCheck, key_check, principal
 from api.errors import ErrorOut
 from api.job_listener import JobListener
 from api.jobs import JOB_ID, job_id_param
@@ -47,7 +49,7 @@ EVENT_SCHEMA = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["status", "progress", "token"]},
+        "event": {"enum": ["status", "progress", "token", "revoked"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
 }
@@ -75,18 +77,26 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     async with JobListener(service, job_id) as listener:
         try:
             await response.prepare(request)
-            await _follow(service, job_id, listener, response)
+            await _follow(service, job_id, listener, response, key_check(request))
         except ConnectionResetError:
             logger.debug("stream of job %s: the client went away", job_id)
     return response
 
 
 async def _follow(
-    service: JobService, job_id: str, listener: JobListener, response: web.StreamResponse
+    service: JobService,
+    job_id: str,
+    listener: JobListener,
+    response: web.StreamResponse,
+    key: KeyCheck,
 ) -> None:
     sent: dict[str, Any] = {}
     last_write = time.monotonic()
     while True:
+        if not await key.still_valid():
+            logger.info("stream of job %s: the key was revoked; ending the stream", job_id)
+            await send_event(response, "revoked", {})
+            return
         state = (await service.store.get_states([job_id])).get(job_id)
         if state is None:
             return  # deleted while we watched

@@ -334,13 +334,16 @@ class PromptQClient:
         self, job_id: str, *, timeout_s: float | None = None
     ) -> AsyncIterator[ServerEvent]:
         """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
-        ends after the terminal `status` event, whose data carries the `result`."""
+        ends after the terminal `status` event, whose data carries the `result`. Raises
+        Unauthorized if the key is revoked meanwhile."""
         path = f"/api/jobs/{_id(job_id)}/stream"
         limits = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=self._timeout.total, sock_read=STREAM_SILENCE_S
         )
         async with self._streaming(path, limits) as content:
             async for event in parse_events(content):
+                if event.event == "revoked":
+                    raise Unauthorized("the API key was revoked while the stream was open")
                 yield event
 
     @asynccontextmanager

@@ -7,6 +7,9 @@ missing) and sends one `job` event per job: `{"id", "status", "attempts", "max_a
 Token events are ignored. Without Redis pub/sub it sends a `poll` event every POLL_S instead, and
 the page re-reads itself. A `hello` event opens the stream.
 
+The key is checked again as the stream goes (api.auth.KeyCheck): once it is revoked the stream
+sends a `revoked` event and ends, and the page goes to the login.
+
 A stream never ends by itself, so the app's shutdown cancels the open ones (`close_streams`)
 rather than wait out its shutdown timeout for them.
 """
@@ -24,7 +27,8 @@ from aiohttp import web
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from api.auth import principal
+from api import auth
+from api.auth import key_check, principal
 from api.sse import close_pubsub, send_event
 from api.state import SERVICE
 from api.stream import KEEPALIVE_S
@@ -57,6 +61,7 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
     """Server-sent `job` events for every change to a job the caller may see."""
     service = request.app[SERVICE]
     owned_by = principal(request).owner_filter
+    key = key_check(request)
     pubsub = await _subscribe_all(service)
     response = web.StreamResponse(
         headers={
@@ -72,11 +77,11 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await send_event(response, "hello", {"live": pubsub is not None})
-        while True:
+        while await key.still_valid():
             if pubsub is None:
                 await _sleep_then_poll(response)
                 continue
-            job_ids = await _changed_jobs(pubsub)
+            job_ids = await _changed_jobs(pubsub, min(KEEPALIVE_S, auth.KEY_RECHECK_S))
             if job_ids is None:  # pub/sub broke: poll from now on
                 await close_pubsub(pubsub)
                 pubsub = None
@@ -96,6 +101,8 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
                         "max_attempts": state.max_attempts,
                     },
                 )
+        logger.info("dashboard events: the key was revoked; ending the stream")
+        await send_event(response, "revoked", {})
     except ConnectionResetError:
         logger.debug("dashboard events: the client went away")
     finally:
@@ -111,13 +118,13 @@ async def _sleep_then_poll(response: web.StreamResponse) -> None:
     await send_event(response, "poll", {})
 
 
-async def _changed_jobs(pubsub: PubSub) -> set[str] | None:
-    """Ids of jobs that changed: waits up to KEEPALIVE_S for the first, then COALESCE_S more.
+async def _changed_jobs(pubsub: PubSub, wait_s: float) -> set[str] | None:
+    """Ids of jobs that changed: waits up to `wait_s` for the first, then COALESCE_S more.
 
     An empty set means nothing happened; None means pub/sub failed.
     """
     found: set[str] = set()
-    deadline = time.monotonic() + KEEPALIVE_S
+    deadline = time.monotonic() + wait_s
     while len(found) < MAX_IDS and (left_s := deadline - time.monotonic()) > 0:
         try:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left_s)

@@ -12,6 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, expect
 
+from api import auth
+from promptq.keys import KeyStore
 from promptq.service import JobService
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import ApiStarter, KeyFactory, WorkerFactory, bearer, wait_terminal
@@ -126,6 +128,27 @@ async def test_a_job_finishes_live_on_its_page_and_in_the_list(
     for page in (detail, listing):
         await assert_not_reloaded(page)
     await context.close()
+
+
+async def test_an_open_page_goes_to_the_login_once_its_key_is_revoked(
+    page: Page,
+    start_api: ApiStarter,
+    make_key: KeyFactory,
+    service: JobService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a logged-in person on the job list, listening to the event stream
+    monkeypatch.setattr(auth, "KEY_RECHECK_S", 0.2)
+    api = await start_api(api_key_cache_s=0)
+    key = await make_key("bob")
+    await page.goto(url(api, "/login?next=/jobs"))
+    await page.fill("input[name=key]", key)
+    await page.click("button[type=submit]")
+    await expect(page.locator("body")).to_have_attribute("data-live", "on")
+
+    # When the key is revoked, then the page goes to the login by itself, to come back after
+    await KeyStore(service.store.sessionmaker).revoke("bob")
+    await expect(page).to_have_url(url(api, "/login?next=/jobs"))
 
 
 async def test_retry_a_failed_job_from_its_page(

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from api import auth
 from api.app import create_app
 from promptq.client import PromptQClient
 from promptq.errors import (
@@ -27,7 +28,9 @@ from promptq.errors import (
     NotFound,
     PromptQError,
     ServiceUnavailable,
+    Unauthorized,
 )
+from promptq.keys import KeyStore
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.testing.fake_llm import FakeLLM, expected_reply
@@ -318,3 +321,31 @@ async def test_a_key_with_a_trailing_newline_works(server: TestServer, admin_key
     async with PromptQClient(str(server.make_url("/")), api_key=admin_key + "\n") as pq:
         job = await pq.submit_prompt("key read from a file")
         assert (await pq.get(job["id"]))["id"] == job["id"]
+
+
+async def test_a_stream_whose_key_is_revoked_raises_unauthorized(
+    settings: Settings,
+    make_key: KeyFactory,
+    service: JobService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a job that waits (no worker), streamed by a key the API re-checks often
+    monkeypatch.setattr(auth, "KEY_RECHECK_S", 0.1)
+    key = await make_key("streamer")
+    app = create_app(settings.with_overrides(api_key_cache_s=0))
+    async with (
+        TestServer(app) as server,
+        PromptQClient(str(server.make_url("/")), api_key=key, timeout_s=10) as client,
+    ):
+        job_id = (await client.submit_prompt("wait"))["id"]
+        stream = client.stream(job_id, timeout_s=20)
+        assert (await anext(stream)).event == "status"
+        # When the key is revoked while the stream is open
+        await KeyStore(service.store.sessionmaker).revoke("streamer")
+        # Then the stream ends with Unauthorized, having told of no other event
+        others: list[str] = []
+        with pytest.raises(Unauthorized, match="revoked"):
+            async with asyncio.timeout(10):
+                async for event in stream:
+                    others.append(event.event)
+        assert others == []

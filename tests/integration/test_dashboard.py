@@ -13,11 +13,13 @@ import json
 import re
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from sqlalchemy import update
 from yarl import URL
 
+from api import auth
 from api.auth import CSRF_HEADER, KEY_COOKIE
 from promptq import clock
 from promptq.keys import KeyStore
@@ -394,6 +396,26 @@ async def test_the_event_stream_reports_the_callers_job_changes_only(
                 assert name == "job" and data["id"] == b_job, (name, data)
                 seen.append(data)
         assert seen[-1]["attempts"] == 1
+
+
+async def test_the_event_stream_ends_once_its_key_is_revoked(
+    start_api: ApiStarter,
+    make_key: KeyFactory,
+    service: JobService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a stream that re-checks its key often, opened with a key
+    monkeypatch.setattr(auth, "KEY_RECHECK_S", 0.1)
+    api = await start_api(api_key_cache_s=0)
+    key = await make_key("short-lived")
+    async with api.get("/ui/events", headers={"Cookie": f"{KEY_COOKIE}={key}"}) as stream:
+        async with asyncio.timeout(10):
+            assert await next_event(stream) == ("hello", {"live": True})
+            # When the key is revoked while the stream is open
+            await KeyStore(service.store.sessionmaker).revoke("short-lived")
+            # Then the stream says so, and ends
+            assert await next_event(stream) == ("revoked", {})
+            assert (await stream.content.read()).strip() == b""  # the rest of the event
 
 
 async def test_the_chart_counts_finished_jobs_and_attempt_latency(

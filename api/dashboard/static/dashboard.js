@@ -71,6 +71,10 @@
       if (!watched || job.id === watched) refresh();
     });
     source.addEventListener("poll", () => refresh());
+    source.addEventListener("revoked", () => {
+      source.close(); // the refresh finds the key gone and goes to the login
+      refresh();
+    });
     source.onerror = () => {
       document.body.dataset.live = "reconnecting";
       if (indicator) indicator.classList.remove("on");
