@@ -9,7 +9,7 @@ each write also cost a round trip to aiosqlite's thread and a commit.
 result. A task started on demand takes everything queued since its last transaction and runs
 it in one: BEGIN IMMEDIATE, each write under a savepoint of its own, COMMIT, in one trip to
 aiosqlite's thread. A lone write waits one event-loop turn; under load, writes that come
-together share a transaction. Each write's SQL error is its own (its savepoint is rolled back,
+together share a transaction. Each write's error is its own (its savepoint is rolled back,
 the others stand); a failed BEGIN or COMMIT fails them all. Errors that mean "the database is
 away" arrive as SQLAlchemy's OperationalError, as from the rest of the fast path
 (promptq.db.is_db_unavailable). `GroupCommit` itself only batches: PostgreSQL's results use it
@@ -104,7 +104,7 @@ def sqlite_writes(
     return flush
 
 
-def _translated(exc: sqlite3.Error) -> Exception:
+def _translated(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk I/O, ...
         return OperationalError("promptq fast path", None, exc)
     return exc
@@ -128,7 +128,8 @@ def _write_all(
     db: sqlite3.Connection, writes: list[tuple[Write, dict[str, Any]]]
 ) -> list[tuple[bool, Any]]:
     """In aiosqlite's thread: every write in one transaction, each under its own savepoint;
-    (True, result) or (False, its sqlite3.Error) for each."""
+    (True, result) or (False, its exception) for each: a write that fails in Python (a value
+    sqlite3 cannot bind, say) fails alone too."""
 
     def work() -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -136,7 +137,7 @@ def _write_all(
             db.execute("SAVEPOINT promptq_write")
             try:
                 outcomes.append((True, write(db, params)))
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 db.execute("ROLLBACK TO promptq_write")
                 outcomes.append((False, exc))
             db.execute("RELEASE promptq_write")

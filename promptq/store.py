@@ -7,6 +7,7 @@ the same job (arq is at-least-once) can neither double-count an attempt nor over
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -743,15 +744,24 @@ class JobStore:
         )
 
 
+#: What storable_text replaces: NUL, and any UTF-16 surrogate (never valid on its own in a str).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Text every database stores: NUL characters (which PostgreSQL refuses) and lone
+    surrogates (which are not UTF-8) become U+FFFD. Model output goes through this."""
+    if text.isascii():
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def _storable(result: AttemptResult) -> AttemptResult:
-    """Replace NUL characters (which PostgreSQL cannot store) in model output and errors."""
-    texts = (result.result, result.error)
-    if not any(t and "\x00" in t for t in texts):
-        return result
+    """The attempt's model output and error as text every database stores (storable_text)."""
     return replace(
         result,
-        result=result.result.replace("\x00", "\ufffd") if result.result else result.result,
-        error=result.error.replace("\x00", "\ufffd") if result.error else result.error,
+        result=None if result.result is None else storable_text(result.result),
+        error=None if result.error is None else storable_text(result.error),
     )
 
 

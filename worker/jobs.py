@@ -36,6 +36,8 @@ CLAIM_RETRY_S = 2.0
 #: How long a worker that is stopping tries to record an interrupted attempt; if it can't,
 #: the lease runs out and the attempt is recorded as interrupted by whoever takes the job over.
 INTERRUPTED_RETRY_S = 5.0
+#: Longest slice of a database's refusal kept in the error of an answer it refused.
+MAX_REASON_CHARS = 300
 
 
 def build_messages(claim: Claim) -> list[dict[str, Any]]:
@@ -187,6 +189,22 @@ async def _run_attempt(
         await _record_success(ctx, claim, completion, elapsed_ms())
 
 
+async def _record_success(
+    ctx: WorkerContext, claim: Claim, completion: Completion, latency_ms: int
+) -> None:
+    """Store the answer. If the database refuses it (not an outage: a value it will not
+    store), the attempt fails, charged: left to the lease, it would run again forever."""
+    try:
+        await _store_success(ctx, claim, completion, latency_ms)
+    except Exception as exc:
+        if is_db_unavailable(exc):
+            raise
+        logger.exception("job %s attempt %d: its answer was refused", claim.job_id, claim.number)
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:MAX_REASON_CHARS]}"
+        refused = TransientLLMError(f"the database refused the model's answer ({reason})")
+        await _record_failure(ctx, claim, refused, latency_ms)
+
+
 async def _hand_back(ctx: WorkerContext, claim: Claim, latency_ms: int, why: str) -> None:
     """Record the attempt as interrupted and the job as queued again, uncharged."""
     await _finish(
@@ -200,7 +218,7 @@ async def _hand_back(ctx: WorkerContext, claim: Claim, latency_ms: int, why: str
     )
 
 
-async def _record_success(
+async def _store_success(
     ctx: WorkerContext, claim: Claim, completion: Completion, latency_ms: int
 ) -> None:
     await _finish(

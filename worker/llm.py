@@ -13,12 +13,15 @@ import orjson
 
 from promptq.errors import PermanentLLMError, TransientLLMError
 from promptq.logs import Redactor
+from promptq.store import storable_text
 from worker.retry import is_transient_status, parse_retry_after_s
 
 logger = logging.getLogger(__name__)
 
 #: `jobs.finish_reason` is a VARCHAR(32); longer (non-standard) values are cut.
 MAX_FINISH_REASON_CHARS = 32
+#: Largest token count kept: the jobs table's token columns are 32-bit INTEGERs.
+MAX_TOKEN_COUNT = 2**31 - 1
 #: Longest slice of an error body kept in an error message.
 MAX_ERROR_BODY_CHARS = 500
 
@@ -122,7 +125,7 @@ class LLMClient:
         if not stream.parts and stream.finish_reason is None:
             raise TransientLLMError("the model streamed no text content")
         return Completion(
-            content="".join(stream.parts),
+            content=storable_text("".join(stream.parts)),
             finish_reason=_as_str(stream.finish_reason, MAX_FINISH_REASON_CHARS),
             prompt_tokens=_as_int(stream.usage.get("prompt_tokens")),
             completion_tokens=_as_int(stream.usage.get("completion_tokens")),
@@ -224,7 +227,7 @@ class LLMClient:
         if not isinstance(usage, dict):
             usage = {}  # optional metadata: a strange `usage` must not discard a good answer
         return Completion(
-            content=content,
+            content=storable_text(content),
             finish_reason=_as_str(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS),
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
@@ -232,8 +235,9 @@ class LLMClient:
         )
 
     def _scrub(self, message: str) -> str:
-        """The text without the provider key, or anything else shaped like a key it echoes."""
-        return self._redact(message)
+        """The text without the provider key, or anything else shaped like a key it echoes,
+        and storable (promptq.store.storable_text: it may quote the endpoint's body)."""
+        return storable_text(self._redact(message))
 
 
 @dataclass(slots=True)
@@ -264,8 +268,11 @@ def _snippet(raw: bytes, scrub: Callable[[str], str]) -> str:
 
 
 def _as_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count, or None for anything that is not one (or does not fit an SQL INTEGER)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
 
 
 def _as_str(value: Any, max_chars: int | None = None) -> str | None:
-    return value[:max_chars] if isinstance(value, str) else None
+    return storable_text(value[:max_chars]) if isinstance(value, str) else None

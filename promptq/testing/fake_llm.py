@@ -36,7 +36,17 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
     503: ("The engine is currently overloaded (simulated).", "server_error", None),
     504: ("Gateway timeout (simulated).", "server_error", None),
 }
-_PLAIN_STEPS = {"ok", "hang", "drop", "malformed", "empty", "nochoices", "stream_drop", "context"}
+_PLAIN_STEPS = {
+    "ok",
+    "hang",
+    "drop",
+    "malformed",
+    "empty",
+    "nochoices",
+    "stream_drop",
+    "context",
+    "nul",
+}
 _STEP_HEADERS = {"retry_after": "Retry-After", "retry_after_ms": "retry-after-ms"}
 _FLOAT_FIELDS = ("latency_ms", "jitter", "hang_s", "stream_chunk_delay_ms")
 _CONFIG_FIELDS = frozenset(
@@ -343,9 +353,14 @@ def _drop(
     return resp if resp is not None else web.Response(status=599)
 
 
-def _completion(state: FakeLLMState, req: _ChatRequest) -> tuple[str, str, dict[str, int]]:
-    """Return (reply, finish_reason, usage) for a successful request."""
+def _completion(
+    state: FakeLLMState, req: _ChatRequest, *, nul: bool = False
+) -> tuple[str, str, dict[str, int]]:
+    """Return (reply, finish_reason, usage) for a successful request; with `nul` the reply
+    holds a NUL character (valid JSON, `\\u0000`, but no database stores it)."""
     reply, finish = expected_reply(req.model, req.messages), "stop"
+    if nul:
+        reply = reply.replace(" ", " \x00", 1)
     words = reply.split()
     if req.max_tokens is not None and len(words) > req.max_tokens:
         reply, finish = " ".join(words[: req.max_tokens]), "length"
@@ -369,10 +384,10 @@ def _header(req: _ChatRequest, kind: str) -> dict[str, Any]:
 
 
 async def _stream(
-    request: web.Request, state: FakeLLMState, req: _ChatRequest, drop: bool
+    request: web.Request, state: FakeLLMState, req: _ChatRequest, drop: bool, nul: bool
 ) -> web.StreamResponse:
     """Send the reply as SSE chunks; with ``drop`` close the connection after two chunks."""
-    reply, finish, usage = _completion(state, req)
+    reply, finish, usage = _completion(state, req, nul=nul)
     head = _header(req, "chat.completion.chunk")
     deltas: list[tuple[dict[str, str], str | None]] = [({"role": "assistant", "content": ""}, None)]
     deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(reply.split())]
@@ -467,8 +482,8 @@ async def _run_step(
     if kind == "nochoices":
         return _respond(state, 200, json.dumps(_header(req, "chat.completion")).encode())
     if req.stream:
-        return await _stream(request, state, req, drop=kind == "stream_drop")
-    reply, finish, usage = _completion(state, req)
+        return await _stream(request, state, req, drop=kind == "stream_drop", nul=kind == "nul")
+    reply, finish, usage = _completion(state, req, nul=kind == "nul")
     answer = {"role": "assistant", "content": reply}
     choice = {"index": 0, "message": answer, "logprobs": None, "finish_reason": finish}
     state.tally(usage)

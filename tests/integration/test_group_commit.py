@@ -89,6 +89,22 @@ async def test_one_writes_sql_error_is_its_own_and_the_others_commit(
     assert rows(tmp_path) == {"a": 1, "c": 3}
 
 
+async def test_a_value_sqlite_cannot_bind_fails_its_write_only(
+    group: GroupCommit[Any], tmp_path: Path
+) -> None:
+    outcomes = await asyncio.gather(
+        group.run((insert, {"k": "a", "v": 1})),
+        group.run((insert, {"k": "lone \ud800 surrogate", "v": 2})),  # not UTF-8: fails in Python
+        group.run((insert, {"k": "c", "v": 3})),
+        return_exceptions=True,
+    )
+
+    assert group.transactions == 1
+    assert outcomes[0] == 1 and outcomes[2] == 2
+    assert isinstance(outcomes[1], UnicodeEncodeError)
+    assert rows(tmp_path) == {"a": 1, "c": 3}
+
+
 async def test_the_database_being_unusable_is_an_operational_error(
     group: GroupCommit[Any], conn: aiosqlite.Connection, tmp_path: Path
 ) -> None:

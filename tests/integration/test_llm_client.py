@@ -348,6 +348,12 @@ ODD_RESPONSES: dict[str, tuple[int, bytes, dict[str, str]]] = {
         b' "usage": {"prompt_tokens": "3", "completion_tokens": true}}',
         {},
     ),
+    "usage-out-of-range": (
+        200,
+        b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],'
+        b' "usage": {"prompt_tokens": 99999999999, "completion_tokens": -4}}',
+        {},
+    ),
     "null-content": (200, b'{"choices": [{"message": {"content": null}}]}', {}),
     "body-is-a-list": (200, b"[1, 2]", {}),
     "malformed-echoing-key": (200, f'{{"oops": "{API_KEY}"'.encode(), {}),
@@ -391,6 +397,14 @@ async def test_wrongly_typed_metadata_is_dropped(
 ) -> None:
     completion = await call(make_client(http, odd_base_url), "odd-field-types")
     assert completion == Completion("hi", None, None, None, None)
+
+
+async def test_token_counts_that_cannot_be_are_dropped(
+    http: aiohttp.ClientSession, odd_base_url: str
+) -> None:
+    # (Negative, or too big for the jobs table's INTEGER columns: PostgreSQL would refuse it.)
+    completion = await call(make_client(http, odd_base_url), "usage-out-of-range")
+    assert completion == Completion("hi", "stop", None, None, None)
 
 
 @pytest.mark.parametrize(
