@@ -532,7 +532,7 @@ class JobStore:
             if job.status == JobStatus.RUNNING and lease is not None and lease > now:
                 return Busy((lease - now).total_seconds())
             if job.status == JobStatus.RUNNING:
-                await self._interrupt_open_attempts(session, job_id, now, "worker lost")
+                await self._interrupt_attempt(session, job_id, job.attempts, now, "worker lost")
                 seen_status = JobStatus.RUNNING
                 interrupted = 1
             else:
@@ -541,13 +541,16 @@ class JobStore:
             if job.cancel_requested_at is not None:
                 # Its cancel came as it stopped running (the attempt failed, or its worker was
                 # lost or stopping): it is not started again.
-                await session.execute(
+                cancelled = await session.execute(
                     update(Job)
                     .where(
                         Job.id == job_id, Job.status == seen_status, Job.attempts == job.attempts
                     )
                     .values(**cancelled_values(now), interruptions=Job.interruptions + interrupted)
                 )
+                if cancelled.rowcount != 1:  # type: ignore[attr-defined]
+                    await session.rollback()  # another worker moved it first: leave it be
+                    return None
                 logger.info(
                     "job %s cancelled on request before attempt %d", job_id, job.attempts + 1
                 )
@@ -731,13 +734,16 @@ class JobStore:
             return await move_job(session, claim.job_id, claim.number, job_values, cancelled)
 
     @staticmethod
-    async def _interrupt_open_attempts(
-        session: AsyncSession, job_id: str, now: datetime, reason: str
+    async def _interrupt_attempt(
+        session: AsyncSession, job_id: str, number: int, now: datetime, reason: str
     ) -> None:
+        """Record attempt `number` (the one whose lease ran out) as interrupted, if still open;
+        only that one: a newer attempt may be another worker's, alive."""
         await session.execute(
             update(JobAttempt)
             .where(
                 JobAttempt.job_id == job_id,
+                JobAttempt.number == number,
                 JobAttempt.outcome == AttemptOutcome.RUNNING,
             )
             .values(outcome=AttemptOutcome.INTERRUPTED, finished_at=now, error=reason)

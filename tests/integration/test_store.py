@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -13,7 +14,7 @@ from promptq.errors import IdempotencyConflict
 from promptq.models import AttemptOutcome, Job, JobStatus
 from promptq.schemas import PromptJobCreate
 from promptq.service import JobService
-from promptq.store import AttemptResult, Busy, Claim
+from promptq.store import AttemptResult, Busy, Claim, JobStore
 from promptq.testing.fake_llm import FakeLLM
 from tests.conftest import WorkerFactory, wait_terminal
 from worker.reconcile import GRACE, Reconciler
@@ -141,6 +142,52 @@ async def _age(service: JobService, job_id: str) -> None:
 
 async def _expire_lease(service: JobService, job_id: str) -> None:
     await _set(service, job_id, lease_expires_at=clock.now() - timedelta(seconds=1))
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_a_cancelled_takeover_that_loses_the_race_leaves_the_winners_attempt_alone(
+    service: JobService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose worker was lost (its lease ran out)
+    job, _ = await service.submit(request())
+    assert isinstance(await service.store.claim(job.id, worker="lost", lease_s=60), Claim)
+    await _expire_lease(service, job.id)
+    # And two workers taking it over at once, paused where each records the lost attempt: Y
+    # read it before a cancel was asked for, X after; Y commits its takeover while X waits
+    y_paused, x_paused = asyncio.Event(), asyncio.Event()
+    interrupt = JobStore._interrupt_attempt
+    calls = 0
+
+    async def paused(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # Y's
+            y_paused.set()
+            await x_paused.wait()
+        else:  # X's: Y goes first, then X
+            x_paused.set()
+            await y_claim
+        await interrupt(*args)
+
+    monkeypatch.setattr(JobStore, "_interrupt_attempt", staticmethod(paused))
+    y_claim = asyncio.ensure_future(service.store.claim(job.id, worker="Y", lease_s=60))
+    async with asyncio.timeout(10):
+        await y_paused.wait()
+        await _set(service, job.id, cancel_requested_at=clock.now())
+        x_claim = await service.store.claim(job.id, worker="X", lease_s=60)
+
+    # Then Y runs attempt 2, X gives up, and attempt 2 is still Y's and running
+    y_won = await y_claim
+    assert isinstance(y_won, Claim) and y_won.number == 2 and x_claim is None
+    attempts = await service.store.list_attempts(job.id)
+    assert [(a.outcome, a.worker) for a in attempts] == [
+        (AttemptOutcome.INTERRUPTED, "lost"),
+        (AttemptOutcome.RUNNING, "Y"),
+    ]
+    row = await service.store.get_job(job.id)
+    assert row is not None and row.status == JobStatus.RUNNING and row.attempts == 2
 
 
 async def test_nul_characters_in_model_output_are_stored_replaced(service: JobService) -> None:
