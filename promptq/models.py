@@ -283,6 +283,14 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_batch_id_batch_index", "batch_id", "batch_index"),
+        # A batch's jobs, newest first (list_jobs); single jobs, most of them, are left out.
+        Index(
+            "ix_jobs_batch_id_id",
+            "batch_id",
+            "id",
+            sqlite_where=text("batch_id IS NOT NULL"),
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
         Index("ix_jobs_request_hash", "request_hash"),
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_owner_key_id_id", "owner_key_id", "id"),

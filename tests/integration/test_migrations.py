@@ -435,3 +435,43 @@ CHUNK_ROW = (
     "INSERT INTO job_chunks (job_id, level, chunk_index, text_hash, attempts, status, "
     "updated_at) VALUES ('j1', 0, 0, 'h', 1, 'done', '2026-01-01 00:00:00+00')"
 )
+
+
+def test_0008_indexes_a_batchs_jobs_by_id_and_the_listing_uses_it(settings: Settings) -> None:
+    # Given a database at 0007 holding a job
+    migrate.upgrade(settings, "0007")
+    execute(settings, *JOB_ROWS)
+
+    # When 0008 runs, the index is there and the job stays
+    migrate.upgrade(settings)
+    migrate.check(settings)
+    assert "ix_jobs_batch_id_id" in describe(settings)["indexes"]
+    assert execute(settings, "SELECT id FROM jobs")[0] == [("j1",)]
+
+    # And undoing it drops only the index
+    migrate.downgrade(settings, "0007")
+    assert "ix_jobs_batch_id_id" not in describe(settings)["indexes"]
+    assert execute(settings, "SELECT id FROM jobs")[0] == [("j1",)]
+    migrate.upgrade(settings)
+    if not settings.resolved_database_url.startswith("postgresql"):
+        return
+
+    # And on PostgreSQL, listing an old, big batch's jobs newest first (as list_jobs does, under
+    # 20,000 newer single jobs) reads that index: not the primary key backwards, through all the
+    # newer jobs, nor the whole batch to sort it
+    fill = (
+        "INSERT INTO jobs (id, kind, status, model, input, attempts, interruptions, "
+        "max_attempts, attempt_budget, batch_id, created_at, updated_at) "
+        "SELECT 'j' || lpad(n::text, 6, '0'), 'prompt', 'succeeded', 'm', '{}', 1, 0, 3, 3, "
+        "CASE WHEN n <= 5001 THEN 'old-batch' END, now(), now() FROM generate_series(2, 25001) n"
+    )
+    batch = (
+        "INSERT INTO batches (id, api, status, job_count, created_at, updated_at) "
+        "VALUES ('old-batch', 'native', 'created', 5000, now(), now())"
+    )
+    execute(settings, batch, fill, "ANALYZE jobs")
+    plan = execute(
+        settings,
+        "EXPLAIN SELECT * FROM jobs WHERE batch_id = 'old-batch' ORDER BY id DESC LIMIT 50",
+    )[0]
+    assert "ix_jobs_batch_id_id" in " ".join(str(row[0]) for row in plan), plan
