@@ -29,8 +29,15 @@ MESSAGE_OVERHEAD_TOKENS = 4
 TOKENS_PER_WORD = 1.4
 #: Output reserved per call when neither `params.max_tokens` nor `target_words` says otherwise.
 DEFAULT_OUTPUT_TOKENS = 512
-#: No call may reserve more than this fraction of the window for its output.
+#: No intermediate (map or combine) call may reserve more than this fraction of the window for
+#: its output. The user's own `params.max_tokens` on the final call is never capped.
 MAX_OUTPUT_FRACTION = 0.25
+#: Intermediate summaries are asked to stay this far under their token cap, in words.
+WORDS_MARGIN = 0.8
+#: Fewest words an intermediate summary is asked for; a smaller cap is an error, not a summary.
+MIN_SUMMARY_WORDS = 20
+#: The cap that lets an intermediate call ask for MIN_SUMMARY_WORDS within WORDS_MARGIN.
+MIN_SUMMARY_TOKENS = math.ceil(MIN_SUMMARY_WORDS * TOKENS_PER_WORD / WORDS_MARGIN)
 #: A chunk smaller than this carries too little text to be worth a call of its own.
 MIN_CHUNK_TOKENS = 64
 #: Put between summaries joined into one reduce input.
@@ -64,15 +71,35 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def output_tokens(*, window_tokens: int, max_tokens: int | None, target_words: int | None) -> int:
-    """Tokens to reserve for one call's answer, capped at a quarter of the window."""
-    if max_tokens is not None:
-        wanted = max_tokens
-    elif target_words is not None:
+def summary_tokens(*, window_tokens: int, target_words: int | None) -> int:
+    """The answer cap of an intermediate (map or combine) call: about 1.4 tokens per
+    `target_words`, else the default; at most a quarter of the window, at least
+    MIN_SUMMARY_TOKENS. The user's `params.max_tokens` is for the final summary and plays no
+    part: an intermediate summary needs room to carry its part's facts."""
+    wanted = DEFAULT_OUTPUT_TOKENS
+    if target_words is not None:
         wanted = math.ceil(target_words * TOKENS_PER_WORD)
-    else:
-        wanted = DEFAULT_OUTPUT_TOKENS
-    return max(1, min(wanted, int(window_tokens * MAX_OUTPUT_FRACTION)))
+    wanted = min(wanted, int(window_tokens * MAX_OUTPUT_FRACTION))
+    return max(MIN_SUMMARY_TOKENS, wanted)
+
+
+def final_output_tokens(
+    *, window_tokens: int, max_tokens: int | None, target_words: int | None
+) -> int:
+    """Tokens to reserve for the answer of the final (or only) call.
+
+    That call is sent the user's own parameters, so a `params.max_tokens` is reserved whole,
+    however much of the window it takes (a server refuses prompt + max_tokens > window).
+    Without one, the reserve is an intermediate call's.
+    """
+    if max_tokens is not None:
+        return max_tokens
+    return summary_tokens(window_tokens=window_tokens, target_words=target_words)
+
+
+def summary_words(cap_tokens: int) -> int:
+    """Words an intermediate call capped at `cap_tokens` is asked for: WORDS_MARGIN under it."""
+    return math.floor(cap_tokens / TOKENS_PER_WORD * WORDS_MARGIN)
 
 
 def input_budget(

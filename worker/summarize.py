@@ -16,18 +16,33 @@ the job cancelled or taken over, the attempt stops at once (ClaimLost) instead o
 rest of its calls. A job's deadline applies to every call: none starts once it has passed, and
 each call's timeout is cut to the time left.
 
+Output budgets: the final call (or the only one) is sent the user's own parameters, and its
+prompt is budgeted as the window less the `params.max_tokens` actually sent (whole, however much
+of the window it takes) and the prompt's overhead, so prompt + max_tokens always fits; a
+max_tokens that leaves too little room to merge even two summaries fails the job at once with
+`summary_failed`. Map and combine calls get their own cap, never the user's max_tokens: about
+1.4 tokens per `target_words`, else 512; at most a quarter of the window and half the final
+call's input; at least enough to ask for 20 words. They are asked for 80% of that cap in words.
+An intermediate answer the model ended with finish_reason "length" is never kept: the call is
+asked again once with twice the cap (or what the window leaves, if at least 25% more), and a
+second cut-off, or no room for a larger cap, fails the job with `summary_failed`. The final
+summary is the user's, cut by their own max_tokens if they chose one; its finish_reason is the
+job's.
+
 Silent truncation: some servers (Ollama's OpenAI-compatible API) cut a prompt that does not fit
 their context and still answer 200. The only evidence is the `prompt_tokens` they report, so each
 call compares it with the local estimate. A call that evidently lost part of its prompt is thrown
-away, the job's chunk scale shrinks, and the attempt fails transiently. (Ollama's native
-`/api/chat` can refuse instead, with `"truncate": false`; promptq speaks the OpenAI API.)
+away, the job's chunk scale shrinks, and the attempt fails transiently. A 400 "maximum context
+length" counts the same. Truncation seen at a reduce level shrinks the reduce groups only: the
+document's chunks are re-cut only after truncation at level 0, so saved map summaries survive.
+(Ollama's native `/api/chat` can refuse instead, with `"truncate": false`; promptq speaks the
+OpenAI API.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,12 +51,15 @@ from promptq import events
 from promptq.checkpoints import ChunkKey
 from promptq.chunking import (
     MIN_CHUNK_TOKENS,
-    TOKENS_PER_WORD,
+    MIN_SUMMARY_TOKENS,
+    MIN_SUMMARY_WORDS,
+    final_output_tokens,
     input_budget,
     messages_tokens,
-    output_tokens,
     pack,
     split_text,
+    summary_tokens,
+    summary_words,
     text_hash,
     token_counter,
 )
@@ -72,8 +90,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Map and intermediate summaries are asked to stay this far under their token reserve.
-WORDS_MARGIN = 0.8
+#: An intermediate answer cut off at its cap is asked again once with a cap this much larger,
+#: or with what the window leaves, if that is at least LENGTH_RETRY_MIN_GROWTH times the cap.
+LENGTH_RETRY_FACTOR = 2
+LENGTH_RETRY_MIN_GROWTH = 1.25
 
 _SINGLE, _MAP, _COMBINE, _FINAL = "single", "map", "combine", "final"
 #: The error of a call not made because the job's deadline had passed.
@@ -125,13 +145,23 @@ class Summarizer:
         self.request = SummaryRequest.from_input(claim.input)
         self.counter = token_counter(settings.chars_per_token)
         self.window_tokens = self.request.context_window or settings.context_window_tokens
-        self.output_tokens = output_tokens(
+        max_tokens = self.request.params.get("max_tokens")
+        self.max_tokens: int | None = max_tokens if isinstance(max_tokens, int) else None
+        #: The answer reserve of the final (or only) call: the user's max_tokens, sent as is.
+        self.final_tokens = final_output_tokens(
             window_tokens=self.window_tokens,
-            max_tokens=self.request.params.get("max_tokens"),
+            max_tokens=self.max_tokens,
             target_words=self.request.target_words,
         )
-        self.words = max(20, math.floor(self.output_tokens / TOKENS_PER_WORD * WORDS_MARGIN))
+        #: The cap sent on map and combine calls, and the words they are asked for; run()
+        #: lowers them if the final call could not otherwise take two summaries.
+        self.summary_tokens = summary_tokens(
+            window_tokens=self.window_tokens, target_words=self.request.target_words
+        )
+        self.words = summary_words(self.summary_tokens)
+        #: The chunk scale of reduce levels, and (see _map_scale) of the document's chunks.
         self.scale = scale
+        self.map_scale = scale
         self.fanout = settings.summary_fanout
         self.max_depth = settings.summary_max_depth
         self.overlap_tokens = settings.summary_overlap_tokens
@@ -141,63 +171,112 @@ class Summarizer:
 
     async def run(self) -> Completion:
         """Summarize the document: one call if it fits, else map and reduce level by level."""
-        budget = self._budget_tokens()
         document = self.request.document
-        if self.counter(document, self.claim.model) <= budget:
+        model = self.claim.model
+        self.map_scale = await self._map_scale()
+        size = self.counter(document, model)
+        if size <= self._budget(_SINGLE, self.map_scale):
             (summary,) = await self._level(0, [document], _SINGLE)
             return await self._result(summary)
+        self._fit_summaries(size)
+        chunk_budget = self._checked_budget(_MAP, self.map_scale)
+        combine_budget = self._checked_budget(_COMBINE, self.scale)
+        final_budget = self._checked_budget(_FINAL, self.scale)
         chunks = await asyncio.to_thread(
             split_text,
             document,
-            max_tokens=budget,
+            max_tokens=chunk_budget,
             overlap_tokens=self.overlap_tokens,
-            model=self.claim.model,
+            model=model,
             counter=self.counter,
             markdown=self.request.markdown,
         )
         logger.info(
-            "job %s: %d chunks of at most %d tokens", self.claim.job_id, len(chunks), budget
+            "job %s: %d chunks of at most %d tokens", self.claim.job_id, len(chunks), chunk_budget
         )
         summaries = await self._level(0, [c.text for c in chunks], _MAP)
         level = 1
         while True:
-            groups = pack(
-                summaries, max_tokens=budget, model=self.claim.model, counter=self.counter
-            )
+            groups = pack(summaries, max_tokens=final_budget, model=model, counter=self.counter)
             final = len(groups) == 1
-            if not final and level >= self.max_depth:
-                raise SummaryFailed(
-                    f"after {self.max_depth} levels of reduce calls {len(groups)} summaries "
-                    "still do not fit one call; raise PROMPTQ_SUMMARY_MAX_DEPTH or the job's "
-                    "context_window, or ask for a shorter target_words"
+            if not final:
+                if level >= self.max_depth:
+                    raise SummaryFailed(
+                        f"after {self.max_depth} levels of reduce calls {len(groups)} summaries "
+                        "still do not fit one call; raise PROMPTQ_SUMMARY_MAX_DEPTH or the job's "
+                        "context_window, or ask for a shorter target_words"
+                    )
+                groups = pack(
+                    summaries, max_tokens=combine_budget, model=model, counter=self.counter
                 )
             summaries = await self._level(level, groups, _FINAL if final else _COMBINE)
             if final:
                 return await self._result(summaries[0])
             level += 1
 
-    def _budget_tokens(self) -> int:
-        """Tokens of text one call may carry at the job's current scale."""
-        overhead = max(
-            messages_tokens(messages, self.claim.model, self.counter)
-            for messages in (
-                single_messages(self.request, ""),
-                map_messages(self.request, "", index=99_999, total=99_999, words=self.words),
-                combine_messages(self.request, "", words=self.words),
-                final_messages(self.request, ""),
-            )
-        )
-        budget = input_budget(
+    async def _map_scale(self) -> float:
+        """The chunk scale of the document's chunks (level 0).
+
+        A prompt cut or refused at a reduce level says nothing against the map calls, which
+        all succeeded before any reduce call was made: it shrinks the reduce groups only, so
+        the saved map summaries stay in the plan. Only truncation seen at level 0 shrinks the
+        document's chunks. (A job truncated at level 0 and later at a reduce level too re-cuts
+        its chunks at the combined scale: the job keeps one scale.)
+        """
+        if self.scale >= 1:
+            return self.scale
+        rows = await self.ctx["checkpoints"].list_chunks(self.claim.job_id)
+        if any(r.level == 0 and r.status == ChunkStatus.TRUNCATED for r in rows):
+            return self.scale
+        return 1.0
+
+    def _overhead(self, kind: str) -> int:
+        """Tokens the prompt of a `kind` call takes besides the text it carries."""
+        messages = self._messages(kind, "", index=99_999, total=99_999)
+        return messages_tokens(messages, self.claim.model, self.counter)
+
+    def _reserve(self, kind: str) -> int:
+        return self.final_tokens if kind in (_SINGLE, _FINAL) else self.summary_tokens
+
+    def _budget(self, kind: str, scale: float) -> int:
+        """Tokens of text one `kind` call may carry: its window less prompt and answer cap."""
+        return input_budget(
             window_tokens=self.window_tokens,
-            output_tokens=self.output_tokens,
-            overhead_tokens=overhead,
-            scale=self.scale,
+            output_tokens=self._reserve(kind),
+            overhead_tokens=self._overhead(kind),
+            scale=scale,
         )
+
+    def _fit_summaries(self, document_tokens: int) -> None:
+        """Make intermediate summaries small enough that the final call takes two of them, or
+        fail at once (SummaryFailed) when the user's max_tokens leaves no room for that."""
+        room = self._budget(_FINAL, 1.0)
+        fitting = min(self.summary_tokens, room // 2)
+        if fitting < MIN_SUMMARY_TOKENS:
+            raise SummaryFailed(
+                f"params.max_tokens={self.max_tokens} leaves {max(room, 0)} tokens of the "
+                f"{self.window_tokens}-token context window for the final call's input: the "
+                f"document ({document_tokens} tokens) does not fit one call, and merging "
+                f"summaries of at least {MIN_SUMMARY_WORDS} words needs {2 * MIN_SUMMARY_TOKENS}; "
+                "lower params.max_tokens or raise the job's context_window"
+            )
+        if fitting < self.summary_tokens:
+            self.summary_tokens = fitting
+            self.words = summary_words(fitting)
+
+    def _checked_budget(self, kind: str, scale: float) -> int:
+        """`_budget`, or SummaryFailed when it is too small to be worth a call."""
+        budget = self._budget(kind, scale)
         if budget < MIN_CHUNK_TOKENS:
-            shrunk = f" shrunk to {self.scale:.0%} by truncated prompts" if self.scale < 1 else ""
+            shrunk = f" shrunk to {scale:.0%} by truncated prompts" if scale < 1 else ""
+            answer = (
+                f"the answer {self.final_tokens} (params.max_tokens)"
+                if kind == _FINAL and self.max_tokens is not None
+                else f"the answer {self._reserve(kind)}"
+            )
             raise SummaryFailed(
                 f"a context window of {self.window_tokens} tokens{shrunk} leaves {budget} tokens "
-                f"per chunk (the prompt takes {overhead}, the answer {self.output_tokens}); the "
+                f"per {kind} call (the prompt takes {self._overhead(kind)}, {answer}); the "
                 "model's real window is smaller than that: set the job's context_window or "
                 "PROMPTQ_CONTEXT_WINDOW_TOKENS to match it"
             )
@@ -254,51 +333,109 @@ class Summarizer:
                 raise ClaimLost(f"job {key.job_id} was re-planned by another attempt")
             return saved.summary
         messages = self._messages(kind, text, key.index, total)
-        try:
-            completion = await self._complete(messages, final=kind in (_SINGLE, _FINAL))
-        except LLMError as exc:
-            if is_context_overflow(exc):
-                exc = PromptTruncated(exc.message, status_code=exc.status_code)
-            failures.append(_Failure(key.index, exc))
-            status = ChunkStatus.TRUNCATED if isinstance(exc, PromptTruncated) else None
-            await store.fail(key, status=status or ChunkStatus.FAILED, error=exc.message)
-            return None
+        final = kind in (_SINGLE, _FINAL)
         estimated = messages_tokens(messages, self.claim.model, self.counter)
-        ratio = truncation_ratio(
-            estimated_tokens=estimated,
-            reported_tokens=completion.prompt_tokens,
-            min_ratio=self.min_ratio,
-        )
-        if ratio is not None:
-            error = PromptTruncated(
-                f"the model reported {completion.prompt_tokens} prompt tokens for a prompt of "
-                f"about {estimated}: it silently cut the prompt, so its real context window is "
-                f"smaller than the {self.window_tokens} tokens assumed"
+        cap = None if final else self.summary_tokens
+        prompt_tokens = completion_tokens = 0  # of every call made for this key here
+        while True:
+            try:
+                completion = await self._complete(messages, final=final, cap=cap)
+            except LLMError as exc:
+                if is_context_overflow(exc):
+                    exc = PromptTruncated(exc.message, status_code=exc.status_code)
+                failures.append(_Failure(key.index, exc))
+                status = ChunkStatus.TRUNCATED if isinstance(exc, PromptTruncated) else None
+                await store.fail(
+                    key,
+                    status=status or ChunkStatus.FAILED,
+                    error=exc.message,
+                    prompt_tokens=prompt_tokens or None,
+                    completion_tokens=completion_tokens or None,
+                )
+                return None
+            prompt_tokens += completion.prompt_tokens or 0
+            completion_tokens += completion.completion_tokens or 0
+            ratio = truncation_ratio(
+                estimated_tokens=estimated,
+                reported_tokens=completion.prompt_tokens,
+                min_ratio=self.min_ratio,
             )
-            failures.append(_Failure(key.index, error, ratio, completion.prompt_tokens))
-            await store.fail(
-                key,
-                status=ChunkStatus.TRUNCATED,
-                error=error.message,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
+            if ratio is not None:
+                error = PromptTruncated(
+                    f"the model reported {completion.prompt_tokens} prompt tokens for a prompt "
+                    f"of about {estimated}: it silently cut the prompt, so its real context "
+                    f"window is smaller than the {self.window_tokens} tokens assumed"
+                )
+                failures.append(_Failure(key.index, error, ratio, completion.prompt_tokens))
+                await store.fail(
+                    key,
+                    status=ChunkStatus.TRUNCATED,
+                    error=error.message,
+                    prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens,
+                )
+                return None
+            if cap is None or completion.finish_reason != "length":
+                break
+            # An intermediate summary cut off at its cap lost the end of its part: never kept.
+            bigger = self._length_retry_cap(cap, estimated)
+            if bigger is None:
+                cut_off = self._cut_off_error(kind, cap, completion.completion_tokens)
+                failures.append(_Failure(key.index, cut_off))
+                await store.fail(
+                    key,
+                    status=ChunkStatus.FAILED,
+                    error=cut_off.message,
+                    prompt_tokens=prompt_tokens or None,
+                    completion_tokens=completion_tokens or None,
+                )
+                return None
+            logger.info(
+                "job %s: level %d call %d was cut off at %d tokens; asking again with %d",
+                key.job_id,
+                key.level,
+                key.index,
+                cap,
+                bigger,
             )
-            return None
+            cap = bigger
         # The answer is in hand: keep it through a database outage, as run_job does its result.
         await retry_db(
             lambda: store.finish(
                 key,
                 completion.content,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
+                prompt_tokens=prompt_tokens if completion.prompt_tokens is not None else None,
+                completion_tokens=(
+                    completion_tokens if completion.completion_tokens is not None else None
+                ),
             ),
             what=f"saving call {key.index} at level {key.level} of job {key.job_id}",
             give_up_after_s=self.ctx["settings"].db_retry_s,
             rng=self.ctx.get("rng"),
         )
-        if kind in (_SINGLE, _FINAL):
+        if final:
             self.final = completion
         return completion.content
+
+    def _length_retry_cap(self, cap: int, estimated_prompt_tokens: int) -> int | None:
+        """The cap to ask a cut-off intermediate call again with: twice `cap`, or what the
+        window leaves after the prompt if less; None when that is no real improvement (the
+        window is full) or the call was already asked again."""
+        if cap != self.summary_tokens:
+            return None
+        bigger = min(LENGTH_RETRY_FACTOR * cap, self.window_tokens - estimated_prompt_tokens)
+        return bigger if bigger >= LENGTH_RETRY_MIN_GROWTH * cap else None
+
+    def _cut_off_error(self, kind: str, cap: int, written: int | None) -> SummaryFailed:
+        what = "part summary" if kind == _MAP else "merged summary"
+        return SummaryFailed(
+            f"the model's {what} was cut off at {written or cap} tokens (finish_reason "
+            f'"length", max_tokens={cap}) although it was asked for at most {self.words} '
+            "words; a cut-off summary loses the end of its part, so it is never kept. The "
+            "model does not keep to the length it is asked for (or spends its answer on "
+            "reasoning): use one that does, or give a larger target_words (intermediate "
+            f"summaries may take {MIN_SUMMARY_TOKENS} tokens up to a quarter of the window)"
+        )
 
     def _messages(self, kind: str, text: str, index: int, total: int) -> Messages:
         if kind == _SINGLE:
@@ -309,18 +446,20 @@ class Summarizer:
             return combine_messages(self.request, text, words=self.words)
         return final_messages(self.request, text)
 
-    async def _complete(self, messages: Messages, *, final: bool) -> Completion:
+    async def _complete(self, messages: Messages, *, final: bool, cap: int | None) -> Completion:
         llm, model = self.ctx["llm"], self.claim.model
         timeout_s = self.claim.seconds_left()  # a deadline cuts every call short
         if final:
-            # The user's own parameters, as a one-call summary always had them.
+            # The user's own parameters, as a one-call summary always had them: its budget
+            # reserved their max_tokens whole (see run()).
             params = self.request.params
             if self.stream_final:
                 return await llm.chat_stream(
                     model, list(messages), params, self._delta, timeout_s=timeout_s
                 )
             return await llm.chat(model, list(messages), params, timeout_s=timeout_s)
-        params = self.request.params | {"max_tokens": self.output_tokens}
+        # Map and combine calls have their own cap, whatever the user's max_tokens.
+        params = self.request.params | {"max_tokens": cap or self.summary_tokens}
         return await llm.chat(model, list(messages), params, timeout_s=timeout_s)
 
     async def _delta(self, text: str) -> None:
@@ -367,7 +506,9 @@ class Summarizer:
         """Shrink the job's chunks for the next attempt and explain why.
 
         A model that cut one prompt at N tokens cut every prompt that reached N, even those
-        within the tolerance: their summaries are thrown away too.
+        within the tolerance: their summaries are thrown away too. The scale shrinks the
+        document's chunks only if the truncation was at level 0 (see _map_scale); at a reduce
+        level it shrinks the reduce groups and the map summaries are kept.
         """
         checkpoints = self.ctx["checkpoints"]
         reported = [f.reported_tokens for f in truncated if f.reported_tokens is not None]

@@ -9,12 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from promptq.chunking import (
+    MIN_SUMMARY_TOKENS,
+    MIN_SUMMARY_WORDS,
     SUMMARY_SEPARATOR,
+    TOKENS_PER_WORD,
     count_tokens,
+    final_output_tokens,
     input_budget,
-    output_tokens,
     pack,
     split_text,
+    summary_tokens,
+    summary_words,
     text_hash,
     token_counter,
 )
@@ -33,12 +38,27 @@ def test_count_tokens_is_characters_over_the_calibration_rounded_up() -> None:
     assert token_counter(2.0)("abcd", "m") == 2
 
 
-def test_output_reserve_follows_max_tokens_then_target_words_then_the_default() -> None:
-    assert output_tokens(window_tokens=8192, max_tokens=300, target_words=1000) == 300
-    assert output_tokens(window_tokens=8192, max_tokens=None, target_words=100) == 140
-    assert output_tokens(window_tokens=8192, max_tokens=None, target_words=None) == 512
-    # never more than a quarter of the window
-    assert output_tokens(window_tokens=1024, max_tokens=5000, target_words=None) == 256
+def test_the_final_reserve_is_the_users_max_tokens_whole_else_the_summary_cap() -> None:
+    assert final_output_tokens(window_tokens=8192, max_tokens=300, target_words=1000) == 300
+    # the user's max_tokens is sent as is, so it is reserved whole, even over a quarter
+    assert final_output_tokens(window_tokens=4096, max_tokens=2000, target_words=None) == 2000
+    assert final_output_tokens(window_tokens=8192, max_tokens=None, target_words=100) == 140
+    assert final_output_tokens(window_tokens=8192, max_tokens=None, target_words=None) == 512
+    assert final_output_tokens(window_tokens=1024, max_tokens=None, target_words=None) == 256
+
+
+def test_the_summary_cap_follows_target_words_then_the_default_within_bounds() -> None:
+    assert summary_tokens(window_tokens=8192, target_words=100) == 140
+    assert summary_tokens(window_tokens=8192, target_words=None) == 512
+    # never more than a quarter of the window, never below what 20 words need
+    assert summary_tokens(window_tokens=1024, target_words=5000) == 256
+    assert summary_tokens(window_tokens=8192, target_words=10) == MIN_SUMMARY_TOKENS
+
+
+@pytest.mark.parametrize("cap", [MIN_SUMMARY_TOKENS, 36, 100, 140, 512, 2048])
+def test_the_words_asked_for_fit_the_cap(cap: int) -> None:
+    words = summary_words(cap)
+    assert words >= MIN_SUMMARY_WORDS and words * TOKENS_PER_WORD <= cap
 
 
 def test_input_budget_is_what_the_prompt_and_answer_leave_scaled() -> None:
