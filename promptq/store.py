@@ -408,7 +408,9 @@ class JobStore:
         """Send failed or cancelled jobs back to `queued` with a fresh attempt budget.
 
         Old attempts stay; new ones continue the numbering. A job with a deadline gets its
-        deadline_s again, counted from now. Returns the ids that were re-queued.
+        deadline_s again, counted from now. A summarize job cuts full-size chunks again (its
+        chunk_scale, shrunk by truncated prompts, is reset: the retry may follow a fix of the
+        model's window, and if not, it learns the scale again). Returns the ids re-queued.
         """
         now = clock.now()
         requeued: list[str] = []
@@ -437,6 +439,7 @@ class JobStore:
                             next_attempt_at=None,
                             lease_expires_at=None,
                             cancel_requested_at=None,
+                            chunk_scale=1.0,
                             updated_at=now,
                         )
                         .returning(Job.id)

@@ -285,6 +285,32 @@ async def test_silent_truncation_shrinks_the_chunks_and_is_never_kept(
     assert {r.text_hash for r in final_plan}.isdisjoint(first_plan)
 
 
+async def test_a_retry_after_the_model_window_was_raised_cuts_full_size_chunks_again(
+    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a job that failed on its one attempt because the model silently cut its prompts
+    fake_llm.config.context_window_tokens = 1500
+    request = summarize(generate_document(6_000, seed=11), context_window=3000, max_attempts=1)
+    failed = await run_to_end(service, start_worker, request)
+    assert failed.status == JobStatus.FAILED and failed.chunk_scale == pytest.approx(0.5)
+    first_plan = {r.text_hash for r in await service.checkpoints.list_chunks(failed.id)}
+
+    # When the operator raises the model's window, and retries the job
+    fake_llm.config.context_window_tokens = None
+    retried = await service.retry_one(failed.id)
+
+    # Then the retry starts from full-size chunks again (those of the first plan), and succeeds
+    assert retried.chunk_scale == pytest.approx(1.0)
+    await wait_terminal(service.store, [failed.id], timeout_s=60)
+    await wait_settled(service)
+    done = await service.store.get_job(failed.id)
+    assert done is not None and done.status == JobStatus.SUCCEEDED, done and done.error
+    level_0 = {
+        r.text_hash for r in current(await service.checkpoints.list_chunks(done.id)) if r.level == 0
+    }
+    assert level_0 <= first_plan
+
+
 async def test_a_context_length_error_shrinks_the_chunks_instead_of_failing_the_job(
     service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
 ) -> None:
