@@ -662,10 +662,13 @@ class JobStore:
         job_status: JobStatus,
         next_attempt_at: datetime | None = None,
         job_error: tuple[str, str] | None = None,
+        job_usage: tuple[int, int] | None = None,
     ) -> bool:
         """Close the attempt and move the job to `job_status`, if the claim still holds.
 
         `job_error` (message, code) overrides the error the job row gets from the attempt.
+        `job_usage` (prompt, completion tokens) is the job's usage so far, written whatever the
+        status (a summarize job's calls cost tokens even when the job then fails).
         Returns False when the job moved on without us (cancelled, or reclaimed elsewhere).
         """
         now = clock.now()
@@ -694,12 +697,15 @@ class JobStore:
             job_values["next_attempt_at"] = next_attempt_at
         if result.outcome == AttemptOutcome.INTERRUPTED:
             job_values["interruptions"] = Job.interruptions + 1
+        if job_usage is not None and job_status != JobStatus.SUCCEEDED:
+            job_values["prompt_tokens"], job_values["completion_tokens"] = job_usage
         # Going back to wait (retrying, queued): a cancel asked for meanwhile ends it instead.
         cancelled = None
         if not job_status.is_terminal:
             cancelled = cancelled_values(now)
-            if "interruptions" in job_values:
-                cancelled["interruptions"] = job_values["interruptions"]
+            for carried in ("interruptions", "prompt_tokens", "completion_tokens"):
+                if carried in job_values:
+                    cancelled[carried] = job_values[carried]
         if self._fast is not None and self._fast.available:
             done = Outcome(
                 outcome=result.outcome,

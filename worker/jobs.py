@@ -326,9 +326,14 @@ async def _finish(
     job_error: tuple[str, str] | None = None,
     give_up_after_s: float | None = None,
 ) -> bool:
-    """store.finish_attempt, retried through a database outage (see worker.db_retry)."""
+    """store.finish_attempt, retried through a database outage (see worker.db_retry).
+
+    A summarize job that did not succeed still gets the usage of the calls it made so far
+    (its checkpoints'), as a succeeded one does from its result.
+    """
     store = ctx["store"]
     record_attempt(ctx, claim, result, retrying=job_status == JobStatus.RETRYING)
+    spent = claim.kind == JobKind.SUMMARIZE and job_status != JobStatus.SUCCEEDED
 
     async def write() -> bool:
         return await store.finish_attempt(
@@ -337,6 +342,7 @@ async def _finish(
             job_status=job_status,
             next_attempt_at=next_attempt_at,
             job_error=job_error,
+            job_usage=await ctx["checkpoints"].usage(claim.job_id) if spent else None,
         )
 
     return await retry_db(

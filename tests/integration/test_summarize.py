@@ -311,6 +311,28 @@ async def test_a_retry_after_the_model_window_was_raised_cuts_full_size_chunks_a
     assert level_0 <= first_plan
 
 
+async def test_a_failed_job_reports_the_usage_of_the_calls_it_made(
+    service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given a long document one of whose parts the model refuses for good (a 403)
+    paragraphs = generate_document(6_000, seed=5).split("\n\n")
+    middle = len(paragraphs) // 2
+    paragraphs[middle] += " [[fake: 403]]"
+    request = summarize("\n\n".join(paragraphs), context_window=3000)
+
+    # When a worker runs it
+    job = await run_to_end(service, start_worker, request)
+
+    # Then it failed, and its usage is every token the model reported for the other parts
+    assert job.status == JobStatus.FAILED and job.error is not None and "403" in job.error
+    stats = fake_llm.stats
+    assert stats.prompt_tokens_total > 0
+    assert (job.prompt_tokens, job.completion_tokens) == (
+        stats.prompt_tokens_total,
+        stats.completion_tokens_total,
+    )
+
+
 async def test_a_context_length_error_shrinks_the_chunks_instead_of_failing_the_job(
     service: JobService, start_worker: WorkerFactory, fake_llm: FakeLLM
 ) -> None:
