@@ -58,13 +58,16 @@ async def overview(request: web.Request) -> web.Response:
 async def jobs(request: web.Request) -> web.Response:
     """Jobs, newest first, filtered by status, kind, model and batch."""
     query = request.query
-    where = JobFilter(
-        status=choice(query.get("status"), "status", STATUSES),
-        kind=choice(query.get("kind"), "kind", [k.value for k in JobKind]),
-        model=query.get("model") or None,
-        batch_id=_uuid(query.get("batch"), "batch"),
-    )
-    cursor = _uuid(query.get("cursor"), "cursor")
+    try:
+        where = JobFilter(
+            status=choice(query.get("status"), "status", STATUSES),
+            kind=choice(query.get("kind"), "kind", [k.value for k in JobKind]),
+            model=query.get("model") or None,
+            batch_id=_uuid(query.get("batch"), "batch"),
+        )
+        cursor = _uuid(query.get("cursor"), "cursor")
+    except InvalidRequest as exc:  # a filter typed into the address bar: a page, not JSON
+        return render(request, "bad_request.html", {"message": exc.message}, status=422)
     rows = await reader(request).jobs(
         where, owned_by=principal(request).owner_filter, limit=PAGE_SIZE + 1, before_id=cursor
     )

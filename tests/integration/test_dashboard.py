@@ -159,12 +159,15 @@ async def test_pages_render_and_filters_narrow_the_listing(
     assert status == 200 and listed_ids(html) == set(small)
 
 
-async def test_bad_filters_are_a_clear_422_and_unknown_ids_a_404(start_api: ApiStarter) -> None:
+async def test_bad_filters_are_a_clear_422_page_and_unknown_ids_a_404(start_api: ApiStarter) -> None:
     api = await start_api(auth_disabled=True)
     for query, word in (("status=bogus", "status"), ("batch=nope", "batch"), ("kind=x", "kind")):
-        async with api.get(f"/jobs?{query}") as response:
-            assert response.status == 422, query
-            assert word in (await response.json())["error"]["message"]
+        status, html = await page(api, f"/jobs?{query}")
+        assert status == 422 and "<html" in html and "Bad request" in html, query
+        assert re.search(rf'id="bad-request">[^<]*\b{word}\b', html), html
+    # And the value typed is shown escaped, never as markup
+    status, html = await page(api, "/jobs?status=%3Cscript%3Ex%3C/script%3E")
+    assert status == 422 and "<script>x" not in html and "&lt;script&gt;x" in html
     async with api.get("/ui/chart?window=7y") as response:
         assert response.status == 422
     for path in ("/jobs/not-an-id", f"/jobs/{clock.new_id()}", "/batches/x", "/batches/" + "0" * 8):
