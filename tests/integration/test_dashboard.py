@@ -159,7 +159,9 @@ async def test_pages_render_and_filters_narrow_the_listing(
     assert status == 200 and listed_ids(html) == set(small)
 
 
-async def test_bad_filters_are_a_clear_422_page_and_unknown_ids_a_404(start_api: ApiStarter) -> None:
+async def test_bad_filters_are_a_clear_422_page_and_unknown_ids_a_404(
+    start_api: ApiStarter,
+) -> None:
     api = await start_api(auth_disabled=True)
     for query, word in (("status=bogus", "status"), ("batch=nope", "batch"), ("kind=x", "kind")):
         status, html = await page(api, f"/jobs?{query}")
