@@ -10,6 +10,8 @@ It runs one event loop in a background thread and forwards every attribute of th
 to it: coroutine methods become blocking calls, async generators become iterators. Methods
 added to PromptQClient later appear here without any change. Callbacks (such as `wait`'s
 `progress`) run on that background thread, so they may not call the client (RuntimeError).
+A client nobody closed is closed when it is garbage-collected, or at interpreter exit: its HTTP
+session and thread do not outlive it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import functools
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -55,10 +58,22 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
-        """Stop the loop and its thread."""
+        """Stop the loop and its thread (from the loop's own thread: stop it only)."""
+        if self.loop.is_closed():
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is self._thread:
+            return
         self._thread.join()
         self.loop.close()
+
+    def shut_down(self, client: PromptQClient) -> None:
+        """Close `client`'s HTTP session on the loop, then stop the loop."""
+        try:
+            if threading.current_thread() is not self._thread and not self.loop.is_closed():
+                self.run(client.close())
+        finally:
+            self.stop()
 
 
 class SyncPromptQClient:
@@ -72,6 +87,9 @@ class SyncPromptQClient:
 
         self._client = self._loop.run(make())
         self._closed = False
+        # Closes the session and stops the thread when close() is called, or else when this
+        # client is collected (or the interpreter exits); it holds no reference to the client.
+        self._finalizer = weakref.finalize(self, self._loop.shut_down, self._client)
 
     @property
     def async_client(self) -> PromptQClient:
@@ -117,13 +135,8 @@ class SyncPromptQClient:
 
     def close(self) -> None:
         """Close the HTTP session and stop the background loop (idempotent)."""
-        if self._closed:
-            return
-        try:
-            self._loop.run(self._client.close())
-        finally:
-            self._closed = True
-            self._loop.stop()
+        self._closed = True
+        self._finalizer()
 
     def __enter__(self) -> SyncPromptQClient:
         return self

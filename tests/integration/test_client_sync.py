@@ -9,6 +9,7 @@ streams a job's events to its terminal status, and gets API errors as the mapped
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import threading
 from collections.abc import AsyncIterator
@@ -189,3 +190,28 @@ async def test_a_callback_that_calls_the_client_gets_an_error_not_a_hang(
     await asyncio.to_thread(pq.close)
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.to_thread(pq.get, job["id"])
+
+
+def loop_threads() -> int:
+    """Live background threads of sync clients."""
+    return sum(t.name == "promptq-client-loop" and t.is_alive() for t in threading.enumerate())
+
+
+@SQLITE_ONLY
+async def test_a_client_nobody_closed_is_closed_when_collected(api: tuple[str, str]) -> None:
+    # Given a blocking client that was used, then dropped without close()
+    url, key = api
+    before = loop_threads()
+
+    def use_and_drop() -> PromptQClient:
+        pq = SyncPromptQClient(url, api_key=key, timeout_s=10)
+        assert pq.list_batches()["batches"] == []  # its HTTP session is open now
+        assert loop_threads() == before + 1
+        return pq.async_client
+
+    inner = await asyncio.to_thread(use_and_drop)
+    gc.collect()
+
+    # Then its HTTP session is closed and its thread is gone
+    assert inner._session is None
+    assert loop_threads() == before
