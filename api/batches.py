@@ -45,7 +45,7 @@ from promptq.batch_items import (
     validate_list,
 )
 from promptq.batch_schemas import BatchCreatedOut, BatchOut, BatchPage, ComparePage
-from promptq.batches import BatchCreated, BatchService, summarize_models
+from promptq.batches import BatchCreated, BatchService
 from promptq.errors import BatchTooLarge, InvalidBatch, InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -408,21 +408,14 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     tags=("batches",),
 )
 async def compare_batch(request: web.Request) -> web.Response:
-    """Each item with every model's answer, latency and tokens side by side (paginated)."""
+    """Each item with every model's answer, latency and tokens side by side (paginated), and
+    per model a summary of the whole batch."""
     batches = BatchService(request.app[SERVICE])
     batch_id = batch_id_param(request)
     batch = await batches.get_row(batch_id, owned_by=principal(request).owner_filter)
     limit = page_limit(request.query.get("limit"))
     after_index = index_cursor_param(request.query.get("cursor"))
-    rows, next_cursor = await batches.compare(batch, after_index=after_index, limit=limit)
-    models = batch.models or sorted({m for row in rows for m in row.answers})
-    page = ComparePage(
-        batch_id=batch.id,
-        models=models,
-        rows=rows,
-        summary=summarize_models(models, rows),
-        next_cursor=next_cursor,
-    )
+    page = await batches.compare_page(batch, after_index=after_index, limit=limit)
     return json_response(page)
 
 

@@ -145,7 +145,7 @@ class CompareRow(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    """How one model did over a page of a comparison."""
+    """How one model did over the whole comparison batch (not only the page)."""
 
     model: str
     succeeded: int
@@ -153,6 +153,18 @@ class ModelSummary(BaseModel):
     mean_latency_ms: float | None
     prompt_tokens: int
     completion_tokens: int
+
+    @classmethod
+    def empty(cls, model: str) -> ModelSummary:
+        """A model with no jobs in the batch."""
+        return cls(
+            model=model,
+            succeeded=0,
+            failed=0,
+            mean_latency_ms=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+        )
 
 
 class ComparePage(BaseModel):

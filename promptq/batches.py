@@ -51,6 +51,7 @@ from promptq.batch_schemas import (
     BatchCounts,
     BatchOut,
     BatchUsage,
+    ComparePage,
     CompareRow,
     ModelAnswer,
     ModelSummary,
@@ -510,26 +511,53 @@ class BatchService:
             )
         return [by_index[i] for i in page if i in by_index], page[-1] if more else None
 
-
-def summarize_models(models: list[str], rows: list[CompareRow]) -> list[ModelSummary]:
-    """Per model: how many answers succeeded or failed, mean latency and tokens."""
-    out = []
-    for model in models:
-        answers = [row.answers[model] for row in rows if model in row.answers]
-        latencies = [
-            a.latency_ms for a in answers if a.status == JobStatus.SUCCEEDED and a.latency_ms
-        ]
-        out.append(
-            ModelSummary(
-                model=model,
-                succeeded=sum(a.status == JobStatus.SUCCEEDED for a in answers),
-                failed=sum(a.status == JobStatus.FAILED for a in answers),
-                mean_latency_ms=round(sum(latencies) / len(latencies), 1) if latencies else None,
-                prompt_tokens=sum(a.prompt_tokens or 0 for a in answers),
-                completion_tokens=sum(a.completion_tokens or 0 for a in answers),
-            )
+    async def compare_page(
+        self, batch: Batch, *, after_index: int | None, limit: int
+    ) -> ComparePage:
+        """A page of the comparison, with the summary of the whole batch per model."""
+        rows, next_cursor = await self.compare(batch, after_index=after_index, limit=limit)
+        summary = await self.model_summary(batch.id)
+        models = batch.models or sorted(summary)
+        return ComparePage(
+            batch_id=batch.id,
+            models=models,
+            rows=rows,
+            summary=[summary.get(m) or ModelSummary.empty(m) for m in models],
+            next_cursor=next_cursor,
         )
-    return out
+
+    async def model_summary(self, batch_id: str) -> dict[str, ModelSummary]:
+        """Per model, over the whole batch: answers succeeded and failed, the mean latency of
+        the attempts that answered, and tokens (one aggregate query)."""
+        succeeded = Job.status == JobStatus.SUCCEEDED
+        query = (
+            select(
+                Job.model,
+                func.count().filter(succeeded),
+                func.count().filter(Job.status == JobStatus.FAILED),
+                func.avg(case((and_(succeeded, JobAttempt.latency_ms > 0), JobAttempt.latency_ms))),
+                func.coalesce(func.sum(Job.prompt_tokens), 0),
+                func.coalesce(func.sum(Job.completion_tokens), 0),
+            )
+            .outerjoin(
+                JobAttempt, and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempts)
+            )
+            .where(Job.batch_id == batch_id)
+            .group_by(Job.model)
+        )
+        async with self.sessionmaker() as session:
+            found = await session.execute(query)
+        return {
+            model: ModelSummary(
+                model=model,
+                succeeded=ok,
+                failed=failed,
+                mean_latency_ms=None if latency is None else round(float(latency), 1),
+                prompt_tokens=int(prompt_tokens),
+                completion_tokens=int(completion_tokens),
+            )
+            for model, ok, failed, latency, prompt_tokens, completion_tokens in found
+        }
 
 
 def _results_query(batch_id: str, *, with_input: bool = False) -> Any:

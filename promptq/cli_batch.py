@@ -26,7 +26,7 @@ from promptq import batch_export
 from promptq import cli_support as cli
 from promptq.batch_items import ItemSpec, check_models, check_name, read_spool, validate_jsonl
 from promptq.batch_schemas import BatchOut, ComparePage
-from promptq.batches import BatchService, summarize_models
+from promptq.batches import BatchService
 from promptq.cancel import Canceller
 from promptq.cli_progress import progress_bars
 from promptq.errors import InvalidRequest, PromptQError
@@ -290,15 +290,7 @@ def compare(
         async with cli.open_service(settings, read_only=True) as service:
             batches = BatchService(service)
             batch = await batches.get_row(_id(batch_id), owned_by=None)
-            rows, next_cursor = await batches.compare(batch, after_index=None, limit=limit)
-            models = batch.models or sorted({m for row in rows for m in row.answers})
-            return ComparePage(
-                batch_id=batch.id,
-                models=models,
-                rows=rows,
-                summary=summarize_models(models, rows),
-                next_cursor=next_cursor,
-            )
+            return await batches.compare_page(batch, after_index=None, limit=limit)
 
     page = cli.run(go())
     if as_json:
@@ -327,7 +319,7 @@ def compare(
                 f"\nmean {mean}, {item.prompt_tokens}/{item.completion_tokens} tok",
             )
         )
-    table.add_row("", Text("all shown", "bold"), *summary)
+    table.add_row("", Text("whole batch", "bold"), *summary)
     cli.console.print(table)
     if page.next_cursor is not None:
         cli.err_console.print(f"showing the first {limit} items; use --limit for more")

@@ -71,7 +71,15 @@ async def test_compare_models_side_by_side(
             assert answer["result"] == expected_reply(model, messages)
             assert answer["latency_ms"] is not None
             assert answer["prompt_tokens"] > 0 and answer["completion_tokens"] > 0
-    assert {s["model"]: s["succeeded"] for s in page["summary"]} == dict.fromkeys(MODELS, 3)
+    # And each page's summary is of the whole batch, as its rows add up
+    assert page["summary"] == rest["summary"]
+    for summary in page["summary"]:
+        answers = [row["answers"][summary["model"]] for row in rows]
+        latencies = [a["latency_ms"] for a in answers]
+        assert (summary["succeeded"], summary["failed"]) == (4, 0)
+        assert summary["prompt_tokens"] == sum(a["prompt_tokens"] for a in answers)
+        assert summary["completion_tokens"] == sum(a["completion_tokens"] for a in answers)
+        assert summary["mean_latency_ms"] == pytest.approx(sum(latencies) / 4, abs=0.1)  # rounded
 
     results = [record async for record in pq.batch_results(batch["id"])]
     assert [r["index"] for r in results] == [0, 0, 1, 1, 2, 2, 3, 3]
