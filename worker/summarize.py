@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -327,7 +327,7 @@ class Summarizer:
         if left_s is not None and left_s <= 0:
             failures.append(_Failure(key.index, TransientLLMError(DEADLINE_PASSED)))
             return None
-        if not await store.start(key):
+        if not await self._durably(lambda: store.start(key), "starting", key):
             saved = await store.saved(key)
             if saved is None:
                 raise ClaimLost(f"job {key.job_id} was re-planned by another attempt")
@@ -343,15 +343,10 @@ class Summarizer:
             except LLMError as exc:
                 if is_context_overflow(exc):
                     exc = PromptTruncated(exc.message, status_code=exc.status_code)
-                failures.append(_Failure(key.index, exc))
-                status = ChunkStatus.TRUNCATED if isinstance(exc, PromptTruncated) else None
-                await store.fail(
-                    key,
-                    status=status or ChunkStatus.FAILED,
-                    error=exc.message,
-                    prompt_tokens=prompt_tokens or None,
-                    completion_tokens=completion_tokens or None,
-                )
+                truncated = isinstance(exc, PromptTruncated)
+                status = ChunkStatus.TRUNCATED if truncated else ChunkStatus.FAILED
+                failure = _Failure(key.index, exc)
+                await self._fail(key, failures, failure, status, prompt_tokens, completion_tokens)
                 return None
             prompt_tokens += completion.prompt_tokens or 0
             completion_tokens += completion.completion_tokens or 0
@@ -366,13 +361,9 @@ class Summarizer:
                     f"of about {estimated}: it silently cut the prompt, so its real context "
                     f"window is smaller than the {self.window_tokens} tokens assumed"
                 )
-                failures.append(_Failure(key.index, error, ratio, completion.prompt_tokens))
-                await store.fail(
-                    key,
-                    status=ChunkStatus.TRUNCATED,
-                    error=error.message,
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
+                failure = _Failure(key.index, error, ratio, completion.prompt_tokens)
+                await self._fail(
+                    key, failures, failure, ChunkStatus.TRUNCATED, prompt_tokens, completion_tokens
                 )
                 return None
             if cap is None or completion.finish_reason != "length":
@@ -380,14 +371,11 @@ class Summarizer:
             # An intermediate summary cut off at its cap lost the end of its part: never kept.
             bigger = self._length_retry_cap(cap, estimated)
             if bigger is None:
-                cut_off = self._cut_off_error(kind, cap, completion.completion_tokens)
-                failures.append(_Failure(key.index, cut_off))
-                await store.fail(
-                    key,
-                    status=ChunkStatus.FAILED,
-                    error=cut_off.message,
-                    prompt_tokens=prompt_tokens or None,
-                    completion_tokens=completion_tokens or None,
+                failure = _Failure(
+                    key.index, self._cut_off_error(kind, cap, completion.completion_tokens)
+                )
+                await self._fail(
+                    key, failures, failure, ChunkStatus.FAILED, prompt_tokens, completion_tokens
                 )
                 return None
             logger.info(
@@ -400,7 +388,7 @@ class Summarizer:
             )
             cap = bigger
         # The answer is in hand: keep it through a database outage, as run_job does its result.
-        await retry_db(
+        await self._durably(
             lambda: store.finish(
                 key,
                 completion.content,
@@ -409,13 +397,45 @@ class Summarizer:
                     completion_tokens if completion.completion_tokens is not None else None
                 ),
             ),
-            what=f"saving call {key.index} at level {key.level} of job {key.job_id}",
-            give_up_after_s=self.ctx["settings"].db_retry_s,
-            rng=self.ctx.get("rng"),
+            "saving",
+            key,
         )
         if final:
             self.final = completion
         return completion.content
+
+    async def _fail(
+        self,
+        key: ChunkKey,
+        failures: list[_Failure],
+        failure: _Failure,
+        status: ChunkStatus,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        """Note why call `key` produced no summary, in `failures` and in its checkpoint row."""
+        failures.append(failure)
+        await self._durably(
+            lambda: self.ctx["checkpoints"].fail(
+                key,
+                status=status,
+                error=failure.error.message,
+                prompt_tokens=prompt_tokens or None,
+                completion_tokens=completion_tokens or None,
+            ),
+            "recording the failure of",
+            key,
+        )
+
+    async def _durably(self, write: Callable[[], Awaitable[T]], doing: str, key: ChunkKey) -> T:
+        """A checkpoint write, retried through a database outage (worker.db_retry): one blip
+        must not fail the call, which would cancel the level's other calls in flight."""
+        return await retry_db(
+            write,
+            what=f"{doing} call {key.index} at level {key.level} of job {key.job_id}",
+            give_up_after_s=self.ctx["settings"].db_retry_s,
+            rng=self.ctx.get("rng"),
+        )
 
     def _length_retry_cap(self, cap: int, estimated_prompt_tokens: int) -> int | None:
         """The cap to ask a cut-off intermediate call again with: twice `cap`, or what the
