@@ -39,12 +39,12 @@ def setup(app: web.Application) -> None:
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    session = aiohttp.ClientSession()
     settings = app[SETTINGS]
     sources = [
         ModelSource(e.name, e.base_url, e.api_key, e.patterns)
         for e in load_endpoints(settings).endpoints  # routed as the workers route calls
     ]
+    session = aiohttp.ClientSession()
     app[openai_chat.CATALOG] = ModelCatalog(session, sources, ttl_s=settings.models_cache_s)
     app[openai_chat.CHAT] = ChatService(app[SERVICE])
     sweeper = asyncio.create_task(_sweep_batches(app), name="promptq-openai-batch-sweep")

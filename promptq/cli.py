@@ -31,6 +31,7 @@ from promptq.cli_support import (
     open_database,
     open_service,
     open_store,
+    preflight,
     print_columns,
     run,
 )
@@ -239,6 +240,7 @@ def api(
     settings = load_settings(log_format)
     if port is not None:
         settings = settings.with_overrides(api_port=port)
+    run(preflight(settings))
     use_fast_event_loop(settings)
     host = host or settings.api_host
     with listening_on(host, settings.api_port):
@@ -305,6 +307,7 @@ def worker(
         overrides["worker_metrics_port"] = metrics_port
     if overrides:
         settings = settings.with_overrides(**overrides)
+    run(preflight(settings))
     if settings.log_level.upper() != "DEBUG":
         # arq logs two INFO lines per job besides promptq's one; at hundreds of jobs/s they
         # cost more CPU than the rest of the job's bookkeeping.

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from arq.connections import ArqRedis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy.engine import make_url
@@ -27,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from promptq.db import create_engine, create_sessionmaker, redact_url
 from promptq.errors import ConfigError, InvalidRequest, NotFound, PromptQError, ServiceUnavailable
-from promptq.queue import QueueClient
+from promptq.queue import QueueClient, redis_unreachable
 from promptq.service import JobService
 from promptq.settings import Settings
 from promptq.store import JobStore
@@ -198,3 +199,17 @@ def print_columns(header: list[str], rows: list[list[str]]) -> None:
     for line in table:
         cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
         print("  ".join(cells).rstrip())
+
+
+async def preflight(settings: Settings) -> None:
+    """What a long-running service needs before it starts, each problem raised as one clear
+    PromptQError: a valid endpoints config, the database reachable and at the newest
+    migration, and Redis."""
+    from promptq.endpoints import load_endpoints
+
+    load_endpoints(settings)
+    async with open_service(settings, read_only=True) as service:
+        try:
+            await service.queue.redis.ping()
+        except (RedisError, OSError) as exc:  # at once, without arq's retries
+            raise redis_unreachable(settings) from exc

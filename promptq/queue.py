@@ -117,10 +117,7 @@ class QueueClient:
                 default_queue_name=settings.queue_name,
             )
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"Redis at {redis_settings(settings).host}:{redis_settings(settings).port} is "
-                "unreachable; start it or set PROMPTQ_REDIS_URL"
-            ) from exc
+            raise redis_unreachable(settings) from exc
         return cls(pool, settings.queue_name)
 
     async def close(self) -> None:
@@ -268,3 +265,11 @@ class RedisState:
     marker_ttl_s: float | None
     #: When arq will hand the job out (its score in the queue, Unix ms), None if not queued.
     due_at_ms: float | None
+
+
+def redis_unreachable(settings: Settings) -> ServiceUnavailable:
+    """The error for a Redis that does not answer, saying where it was looked for."""
+    where = redis_settings(settings)
+    return ServiceUnavailable(
+        f"Redis at {where.host}:{where.port} is unreachable; start it or set PROMPTQ_REDIS_URL"
+    )

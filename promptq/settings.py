@@ -13,7 +13,11 @@ class Settings(BaseSettings):
     """All of promptq's configuration. Nothing else reads the environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PROMPTQ_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="PROMPTQ_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        allow_inf_nan=False,  # an infinite timeout overflows aiohttp's timers; NaN is no number
     )
 
     data_dir: Path = Path(".promptq")

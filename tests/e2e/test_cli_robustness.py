@@ -39,6 +39,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("database_url", ["sqlite"
 MODEL = "[/]"
 BATCH_NAME = "weird [/] name"
 ANSWER = "use an array[/i] [citation needed] :smile: [fake-small]"
+#: An endpoints config with a misspelt key.
+BAD_ENDPOINTS = '[{{"name": "a", "models": ["x*"], "base_url": "http://h/v1", "limts": {{}}}}]'
 UNREACHABLE_PG = "postgresql+asyncpg://postgres:hunter2@127.0.0.1:{port}/nope"
 
 
@@ -201,12 +203,26 @@ def test_api_on_a_taken_port(cli_settings: Settings, taken_port: int, tmp_path: 
         (("list",), {"WORKER_CONCURRENCY": "abc"}, ["PROMPTQ_WORKER_CONCURRENCY"]),
         (("list",), {"API_PORT": "99999"}, ["PROMPTQ_API_PORT"]),
         (("list",), {"LOG_LEVEL": "LOUD"}, ["PROMPTQ_LOG_LEVEL=LOUD", "INFO"]),
+        (("worker",), {"LLM_TIMEOUT_S": "inf"}, ["PROMPTQ_LLM_TIMEOUT_S", "finite"]),
+        (("api",), {"LEASE_S": "nan"}, ["PROMPTQ_LEASE_S", "finite"]),
+        # The services check what they need before they start serving
+        (("api",), {"DATABASE_URL": UNREACHABLE_PG}, ["cannot use the database"]),
+        (("worker",), {"DATABASE_URL": UNREACHABLE_PG}, ["cannot use the database"]),
+        (("api",), {"DATABASE_URL": "sqlite+aiosqlite:///{tmp}/new.db"}, ["db upgrade"]),
+        (("worker",), {"DATABASE_URL": "sqlite+aiosqlite:///{tmp}/new.db"}, ["db upgrade"]),
+        (("api",), {"ENDPOINTS": BAD_ENDPOINTS}, ["PROMPTQ_ENDPOINTS", "limts"]),
+        (("worker",), {"ENDPOINTS": BAD_ENDPOINTS}, ["PROMPTQ_ENDPOINTS", "limts"]),
+        (("api",), {"REDIS_URL": "redis://127.0.0.1:{port}/0"}, ["PROMPTQ_REDIS_URL"]),
     ],
 )
 def test_unusable_database_or_settings_is_one_error_line(
-    cli_settings: Settings, command: tuple[str, ...], env: dict[str, str], expected: list[str]
+    cli_settings: Settings,
+    command: tuple[str, ...],
+    env: dict[str, str],
+    expected: list[str],
+    tmp_path: Path,
 ) -> None:
-    values = {f"PROMPTQ_{k}": v.format(port=free_port()) for k, v in env.items()}
+    values = {f"PROMPTQ_{k}": v.format(port=free_port(), tmp=tmp_path) for k, v in env.items()}
     result = invoke(cli_settings, *command, **values)
     assert_one_error(result, *expected)
     assert "hunter2" not in result.output
