@@ -56,8 +56,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+from collections.abc import Coroutine
 from typing import Any
 
 from arq.connections import log_redis_info
@@ -137,6 +139,9 @@ class FastPollWorker(ResilientWorker):
         self._next_due_ms: float | None = None
         self._next_due_known = False
         self._finishes: BatchedFinish | None = None
+        #: Jobs whose run here put them back on the queue and is ending. A claim that takes
+        #: such a job again starts its next run after that one.
+        self._requeued: set[str] = set()
 
     def wake(self) -> None:
         """Make the main loop poll now."""
@@ -255,7 +260,9 @@ class FastPollWorker(ResilientWorker):
         for i in range(0, len(claimed), 4):
             job_id, score = claimed[i].decode(), int(float(claimed[i + 1]))
             running = self.tasks.get(job_id)
-            if running is not None and not running.done():
+            if running is not None and running.done():
+                running = None
+            if running is not None and job_id not in self._requeued:
                 # Already running here (its lease lapsed and the reconciler freed it): the
                 # marker we just set is this run's; don't start a second one.
                 continue
@@ -263,8 +270,13 @@ class FastPollWorker(ResilientWorker):
             self.job_counter += 1
             # Job, try count, EXPIRE's reply: what run_job's start transaction would get.
             with started([claimed[i + 2], claimed[i + 3], True]):
-                task = self.loop.create_task(self.run_job(job_id, score))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                run = self.run_job(job_id, score)
+                # A run that put the job back (a retry due at once) may not have ended yet:
+                # this one follows it. (Skipped, it would leave the marker just set, and the
+                # job would wait for the reconciler to clear it.)
+                task = self.loop.create_task(run if running is None else _after(running, run))
+            self._requeued.discard(job_id)
+            task.add_done_callback(functools.partial(self._run_ended, job_id))
             self.tasks[job_id] = task
 
     async def _seconds_until_next_due(self) -> float:
@@ -306,6 +318,10 @@ class FastPollWorker(ResilientWorker):
                 logger.exception("wake-up listener failed; re-subscribing")
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
+    def _run_ended(self, job_id: str, _: asyncio.Task[Any]) -> None:
+        self._requeued.discard(job_id)
+        self._release_sem_dec_counter_on_complete()
+
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: refill it now
@@ -330,6 +346,8 @@ class FastPollWorker(ResilientWorker):
                 self._finishes = BatchedFinish(self.pool, self.queue_name)
             await self._finishes.finish(job_id)
             return
+        if not finish:  # from now until its run_job task ends (_run_ended)
+            self._requeued.add(job_id)
         await super().finish_job(
             job_id,
             finish,
@@ -344,3 +362,13 @@ class FastPollWorker(ResilientWorker):
                 await self.pool.publish(self.wake_channel, b"")
             except (RedisError, OSError):
                 logger.debug("could not publish a wake-up for re-queued job %s", job_id)
+
+
+async def _after(previous: asyncio.Task[Any], run: Coroutine[Any, Any, Any]) -> None:
+    """Run `run` once `previous` (the job's last run here, ending) is over."""
+    try:
+        await asyncio.wait([previous])
+    except BaseException:
+        run.close()  # cancelled while waiting: never started
+        raise
+    await run

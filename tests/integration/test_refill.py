@@ -128,6 +128,27 @@ async def test_a_deferred_retry_runs_when_due_without_a_poll(
     ]
 
 
+async def test_a_retry_due_at_once_runs_again_here_while_its_last_run_is_ending(
+    service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
+) -> None:
+    # Given an idle worker that retries at once, and whose reconciler never runs during the
+    # test (it would free a job's stale in-progress marker after some seconds)
+    await start_idle_worker(retry_base_s=0, retry_cap_s=0, reconcile_interval_s=3600)
+
+    # When jobs fail once with a 500: each goes back on the queue due now, and the worker's
+    # claim takes it again while the run that put it back is still ending
+    jobs = [(await service.submit(prompt(f"again {i} [[fake: 500, ok]]")))[0] for i in range(12)]
+
+    # Then each runs again here, once, and succeeds
+    await wait_terminal(service.store, [job.id for job in jobs], timeout_s=WAIT_S)
+    for job in jobs:
+        attempts = await service.store.list_attempts(job.id)
+        assert [(a.outcome, a.status_code) for a in attempts] == [
+            (AttemptOutcome.TRANSIENT_ERROR, 500),
+            (AttemptOutcome.SUCCEEDED, 200),
+        ]
+
+
 async def test_a_job_deferred_by_the_producer_runs_when_due_without_a_poll(
     service: JobService, start_idle_worker: IdleWorkerFactory, fake_llm: FakeLLM
 ) -> None:
