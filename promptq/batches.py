@@ -266,8 +266,13 @@ class BatchService:
     ) -> Iterator[dict[str, Any]]:
         max_attempts = spec.max_attempts or self.settings.max_attempts
         deadline_at = None if spec.deadline_s is None else now + timedelta(seconds=spec.deadline_s)
-        input_json = orjson.dumps(spec.input).decode()
         prompt = spec.kind == JobKind.PROMPT
+        # A prompt's `cache` choice is kept with its input, as JobService.submit does, so
+        # that an idempotency key sent again with another choice is a conflict.
+        job_input = (
+            spec.input if spec.cache is None or not prompt else spec.input | {"cache": spec.cache}
+        )
+        input_json = orjson.dumps(job_input).decode()
         for model in models or [spec.model or self.settings.default_model]:
             key = spec.idempotency_key
             if key is not None and models:
@@ -736,15 +741,28 @@ async def _drop_reused(
         return rows
     owner = Job.owner_key_id.is_(None) if owner_key_id is None else Job.owner_key_id == owner_key_id
     query = select(
-        Job.id, Job.idempotency_key, Job.kind, Job.model, Job.input, Job.max_attempts, Job.batch_id
+        Job.id,
+        Job.idempotency_key,
+        Job.kind,
+        Job.model,
+        Job.input,
+        Job.max_attempts,
+        Job.deadline_s,
+        Job.batch_id,
     ).where(owner, Job.idempotency_key.in_(list(keyed)))
     existing = list(await conn.execute(query))
     if not existing:
         return rows
     for job in existing:
         row = keyed[job.idempotency_key]
-        mine = (row["kind"], row["model"], orjson.loads(row["input_json"]), row["max_attempts"])
-        if (job.kind, job.model, job.input, job.max_attempts) != mine:
+        mine = (
+            row["kind"],
+            row["model"],
+            orjson.loads(row["input_json"]),
+            row["max_attempts"],
+            row["deadline_s"],
+        )
+        if (job.kind, job.model, job.input, job.max_attempts, job.deadline_s) != mine:
             raise IdempotencyConflict(
                 f"idempotency_key {job.idempotency_key!r} was already used by job {job.id} for "
                 "a different request; nothing was created: use a new key for a new request"

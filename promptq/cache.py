@@ -1,7 +1,11 @@
 """The result cache: an identical earlier request's stored answer instead of a model call.
 
-Two prompt requests are identical when their kind, model, messages and params are; they then
-share `jobs.request_hash`. A request may reuse a stored result when it is deterministic
+Two prompt requests are identical when their kind, model, messages, params and fallback models
+are; they then share `jobs.request_hash`. The fallback models are part of it because a job's
+answer may come from one of them (worker.prompt_call): an answer that `fake-large` gave to a
+request on `fake-small` with fallback `fake-large` must not answer a request on `fake-small`
+alone. (The job row does not record which model answered, only its attempt rows do, so the
+hash is what keeps them apart.) A request may reuse a stored result when it is deterministic
 (temperature 0, or a seed) or asks for it (`cache: true`), unless it says `cache: false` or
 `PROMPTQ_CACHE_ENABLED=false`. The cache is per owner: a key never gets another key's answer.
 A hit is resolved at submit: its job is written already succeeded, with `cached_from` naming
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -28,12 +32,20 @@ from promptq.models import Job, JobKind, JobStatus
 logger = logging.getLogger(__name__)
 
 
-def request_hash(kind: str, model: str, messages: Any, params: dict[str, Any]) -> str:
-    """sha256 hex of what decides a model's answer: kind, model, messages and params."""
-    canonical = orjson.dumps(
-        {"kind": kind, "model": model, "messages": messages, "params": params},
-        option=orjson.OPT_SORT_KEYS,
-    )
+def request_hash(
+    kind: str,
+    model: str,
+    messages: Any,
+    params: dict[str, Any],
+    fallback_models: Sequence[str] = (),
+) -> str:
+    """sha256 hex of what decides a model's answer: kind, model, messages, params and the
+    fallback models that may answer instead of `model` (left out when there are none, so the
+    hash of a request without them is what it always was)."""
+    request: dict[str, Any] = {"kind": kind, "model": model, "messages": messages, "params": params}
+    if fallback_models:
+        request["fallback_models"] = list(fallback_models)
+    canonical = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -50,8 +62,15 @@ def wants_cache(params: dict[str, Any], cache: bool | None, *, enabled: bool) ->
 
 
 def prompt_hash(model: str, job_input: dict[str, Any]) -> str:
-    """The request hash of a prompt job's input (`messages` + `params`) on `model`."""
-    return request_hash(JobKind.PROMPT, model, job_input["messages"], job_input["params"])
+    """The request hash of a prompt job's input (`messages`, `params` and any
+    `fallback_models`) on `model`."""
+    return request_hash(
+        JobKind.PROMPT,
+        model,
+        job_input["messages"],
+        job_input["params"],
+        job_input.get("fallback_models") or (),
+    )
 
 
 #: The statuses of a job still on its way to an answer.

@@ -104,6 +104,10 @@ class JobService:
         job_input = request.job_input()
         digest = answer = leader_id = None
         if isinstance(request, PromptJobCreate):
+            if request.cache is not None:
+                # Kept with the request, so that an idempotency key sent again with another
+                # `cache` choice is a conflict (JobStore._check_same); the hash leaves it out.
+                job_input["cache"] = request.cache
             digest, answer, leader_id = await self.cache.lookup(
                 model, job_input, request.cache, owner_key_id, follow_at=Priority.BULK
             )

@@ -106,6 +106,9 @@ async def take_answer(
             Job.attempts == job.attempts,
             Job.cancel_requested_at.is_(None),
         )
-        .values(updated_at=now, **hit_values(leader, now))
+        # It is done: nothing is due any more (`wait_longer` set when it would look again).
+        .values(
+            updated_at=now, next_attempt_at=None, lease_expires_at=None, **hit_values(leader, now)
+        )
     )
     return bool(answered.rowcount == 1)  # type: ignore[attr-defined]

@@ -205,7 +205,9 @@ class JobStore:
         if idempotency_key is not None:
             existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is not None:
-                return self._check_same(existing, kind, model, input, max_attempts), False
+                return self._check_same(
+                    existing, kind, model, input, max_attempts, deadline_s
+                ), False
         now = clock.now()
         job = Job(
             id=clock.new_id(),
@@ -240,7 +242,7 @@ class JobStore:
             existing = await self._by_idempotency_key(idempotency_key, owner_key_id)
             if existing is None:
                 raise
-            return self._check_same(existing, kind, model, input, max_attempts), False
+            return self._check_same(existing, kind, model, input, max_attempts, deadline_s), False
         if answer_from is not None:
             logger.info("job %s answered from the cache (job %s)", job.id, job.cached_from)
         elif leader_id is not None:
@@ -259,13 +261,22 @@ class JobStore:
 
     @staticmethod
     def _check_same(
-        job: Job, kind: str, model: str, input: dict[str, Any], max_attempts: int
+        job: Job,
+        kind: str,
+        model: str,
+        input: dict[str, Any],
+        max_attempts: int,
+        deadline_s: float | None,
     ) -> Job:
-        if (job.kind, job.model, job.input, job.max_attempts) != (
+        """`job` if it was made by the same request, else IdempotencyConflict. The request is
+        its kind, model, input (a prompt's `cache` choice is part of it: JobService.submit),
+        max_attempts and deadline_s."""
+        if (job.kind, job.model, job.input, job.max_attempts, job.deadline_s) != (
             kind,
             model,
             input,
             max_attempts,
+            deadline_s,
         ):
             raise IdempotencyConflict(
                 f"idempotency_key {job.idempotency_key!r} was already used by job {job.id} "

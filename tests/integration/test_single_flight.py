@@ -184,11 +184,11 @@ async def test_a_follower_is_woken_when_its_leader_is_done(
     await wait_terminal(service.store, [job["id"] for job in leaders + followers])
 
     # Then each follower was woken when its leader was done (long before it would have looked
-    # again: the first was put back for ten minutes), the first took the answer, the second
-    # made its own call
+    # again: the first was put back for ten minutes), the first took the answer, with nothing
+    # left due, the second made its own call
     row = await service.store.get_job(followers[0]["id"])
-    assert row is not None and row.finished_at is not None and row.next_attempt_at is not None
-    assert row.next_attempt_at > row.finished_at + timedelta(minutes=5)
+    assert row is not None and row.finished_at is not None and row.next_attempt_at is None
+    assert row.finished_at < row.created_at + timedelta(minutes=5)
     answered, ran = [await get(api, job["id"]) for job in followers]
     assert answered["status"] == "succeeded" and answered["attempts"] == 0
     assert answered["result"] == (await get(api, leaders[0]["id"]))["result"]
@@ -285,6 +285,7 @@ async def test_the_claim_of_a_follower_waits_answers_or_runs(service: JobService
     assert job is not None and job.status == JobStatus.SUCCEEDED
     assert (job.result, job.prompt_tokens, job.completion_tokens) == ("the leader's answer", 3, 4)
     assert job.cached_from == leader_id and job.attempts == 0
+    assert job.next_attempt_at is None and job.lease_expires_at is None
     assert await store.list_attempts(follower_id) == []
     # and a later repeat is a plain cache hit of the job that ran
     hit, _ = await service.submit(service_request(prompt("claimed in turn", params=DETERMINISTIC)))

@@ -10,7 +10,7 @@ import pytest
 
 from api.openai_errors import error_type
 from promptq import clock
-from promptq.cache import request_hash, wants_cache
+from promptq.cache import prompt_hash, request_hash, wants_cache
 from promptq.models import Batch
 from promptq.openai_batch import batch_object
 from promptq.openai_batch_input import check_input
@@ -45,6 +45,18 @@ def test_the_request_hash_ignores_key_order_but_not_content() -> None:
     assert one == request_hash("prompt", "m", MESSAGES, {"seed": 1, "temperature": 0})
     assert one != request_hash("prompt", "m2", MESSAGES, {"temperature": 0, "seed": 1})
     assert one != request_hash("prompt", "m", MESSAGES, {"temperature": 0, "seed": 2})
+
+
+def test_the_prompt_hash_tells_fallback_models_apart() -> None:
+    plain = {"messages": MESSAGES, "params": {"temperature": 0}}
+    # No fallback models: the hash is the one such a request always had
+    assert prompt_hash("m", plain) == request_hash("prompt", "m", MESSAGES, {"temperature": 0})
+    assert prompt_hash("m", plain | {"fallback_models": []}) == prompt_hash("m", plain)
+    with_fallback = prompt_hash("m", plain | {"fallback_models": ["f"]})
+    assert with_fallback != prompt_hash("m", plain)
+    assert with_fallback != prompt_hash("m", plain | {"fallback_models": ["f", "g"]})
+    # Nor do how the job is run, or its cache choice, change it
+    assert prompt_hash("m", plain | {"stream": True, "cache": False}) == prompt_hash("m", plain)
 
 
 def test_promptq_fields_are_not_sent_to_the_model_but_openai_extras_are() -> None:
