@@ -18,6 +18,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from promptq.db import redact_url
 from promptq.errors import ServiceUnavailable
 from promptq.settings import Settings
 
@@ -104,11 +105,13 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
 async def resolve_redis(settings: Settings) -> AsyncIterator[Settings]:
     """Settings whose redis_url points at a live Redis, starting one if need be (and logging)."""
     if "redis_url" in settings.model_fields_set:
-        logger.warning("redis: %s (from PROMPTQ_REDIS_URL)", settings.redis_url)
+        logger.warning("redis: %s (from PROMPTQ_REDIS_URL)", redact_url(settings.redis_url))
         yield settings
         return
     if await _answers(settings.redis_url):
-        logger.warning("redis: using the server already running at %s", settings.redis_url)
+        logger.warning(
+            "redis: using the server already running at %s", redact_url(settings.redis_url)
+        )
         yield settings
         return
     async with embedded_redis(settings.data_dir) as url:

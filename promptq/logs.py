@@ -43,7 +43,8 @@ _SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str], str], ...] = (
         re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+"),
         r"\1***",
     ),
-    ("@", re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), r"\1:***@"),
+    # user:password@ and :password@ (Redis's usual form, with no user name)
+    ("@", re.compile(r"(://[^/\s:@]*):[^/\s@]+@"), r"\1:***@"),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,18 @@ async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
         await client.aclose()
 
 
-async def test_an_explicit_redis_url_is_used_as_is(tmp_path: Path) -> None:
+async def test_an_explicit_redis_url_is_used_as_is_and_logged_without_its_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = base_settings(tmp_path, "sqlite+aiosqlite:///x.db", redis_url=REDIS_TEST_URL)
     async with resolve_redis(settings) as resolved:
         assert resolved.redis_url == REDIS_TEST_URL
+    # A password in the URL (Redis's usual form has no user name) is never logged
+    with_password = REDIS_TEST_URL.replace("redis://", "redis://:hunter2pw@")
+    caplog.set_level(logging.INFO, logger="promptq.embedded")
+    async with resolve_redis(settings.with_overrides(redis_url=with_password)) as resolved:
+        assert resolved.redis_url == with_password
+    assert "redis://:***@" in caplog.text and "hunter2pw" not in caplog.text
 
 
 async def test_without_a_url_or_a_local_server_an_embedded_one_starts(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ KEY = "pq_" + "A1b2C3d4" * 5 + "xyz"
         ("{'Authorization': 'Bearer abc.def-ghi'}", "abc.def-ghi"),
         ("calling with sk-proj-0123456789abcdefXYZ", "0123456789abcdefXYZ"),
         ("postgresql+asyncpg://promptq:hunter2pw@db:5432/promptq", "hunter2pw"),
+        ("redis: redis://:hunter2pw@127.0.0.1:6379/1", "hunter2pw"),
+        ("rediss://:hunter2pw@cache.internal:6380/0", "hunter2pw"),
         ("the configured key is my-own-llm-secret", "my-own-llm-secret"),
     ],
 )
