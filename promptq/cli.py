@@ -36,7 +36,7 @@ from promptq.cli_support import (
     run,
 )
 from promptq.db import create_sessionmaker, redact_url
-from promptq.errors import ConfigError, InvalidRequest, PromptQError
+from promptq.errors import InvalidRequest, PromptQError
 from promptq.models import TERMINAL_STATUSES, ApiKey, Job, JobKind, JobStatus
 from promptq.schemas import AttemptOut, JobOut
 from promptq.service import JobService, parse_job_request
@@ -315,9 +315,9 @@ def worker(
     use_fast_event_loop(settings)
     try:
         worker = create_worker(settings, burst=burst)
-    except ConfigError as exc:
+        worker.run()
+    except PromptQError as exc:  # a bad config, a metrics port in use...
         fail(exc.message)
-    worker.run()
 
 
 @app.command()

@@ -189,6 +189,17 @@ def test_api_on_a_taken_port(cli_settings: Settings, taken_port: int, tmp_path: 
     assert "Traceback" not in result.stderr
 
 
+def test_worker_metrics_on_a_taken_port(
+    cli_settings: Settings, taken_port: int, tmp_path: Path
+) -> None:
+    result = Procs(cli_settings, tmp_path).run_sync(
+        "worker", "--metrics-port", str(taken_port), "--burst"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "error: " in result.stderr and str(taken_port) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "env", "expected"),
     [
