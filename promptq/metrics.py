@@ -13,6 +13,8 @@ Series (all prefixed `promptq_`):
 * `retries_total{reason}`: attempts that failed and scheduled another.
 * `llm_request_duration_seconds{model,endpoint,outcome}`: each call to the model endpoint.
 * `llm_tokens_total{model,type}`: prompt and completion tokens the endpoint reported.
+  (`model` is chosen by whoever submits a job: past MAX_MODEL_LABELS distinct models in one
+  process, the rest are counted as `other`, so no client can grow the series without bound.)
 * `llm_requests_in_flight{endpoint}`: calls this process has open right now.
 * `worker_jobs_running`, `worker_concurrency`: a worker's busy and total job slots.
 * `limiter_waits_total{limit}`, `limiter_wait_seconds_total{limit}`, `limit_in_flight{limit}`,
@@ -69,6 +71,11 @@ LimitsSource = Callable[[], Awaitable[Sequence[LimitReading]]]
 Refresher = Callable[[], Awaitable[None]]
 
 
+#: Most distinct `model` label values one process reports; later models count as OTHER_MODEL.
+MAX_MODEL_LABELS = 100
+OTHER_MODEL = "other"
+
+
 def endpoint_label(base_url: str) -> str:
     """The host[:port] of an endpoint URL, without credentials or path: a safe label."""
     parts = urlsplit(base_url)
@@ -89,6 +96,9 @@ class Metrics:
     def __init__(self, *, refresh_s: float = DEFAULT_REFRESH_S) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.refresh_s = refresh_s
+        #: The `model` label values given out so far (at most MAX_MODEL_LABELS).
+        self._models: set[str] = set()
+        self._models_capped = False
         r = self.registry
         self.jobs = Gauge("promptq_jobs", "Jobs in the database by status.", ["status"], registry=r)
         self.queue_depth = Gauge(
@@ -184,6 +194,22 @@ class Metrics:
         if retrying:
             self.retries.labels(reason).inc()
 
+    def _model_label(self, model: str) -> str:
+        """`model`, or OTHER_MODEL once MAX_MODEL_LABELS others have been seen (said once)."""
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        if not self._models_capped:
+            self._models_capped = True
+            logger.warning(
+                "metrics: more than %d models called; further ones are labelled %r",
+                MAX_MODEL_LABELS,
+                OTHER_MODEL,
+            )
+        return OTHER_MODEL
+
     def llm_call(
         self,
         *,
@@ -195,6 +221,7 @@ class Metrics:
         completion_tokens: int | None = None,
     ) -> None:
         """Record one call to the model endpoint."""
+        model = self._model_label(model)
         self.llm_latency.labels(model, endpoint, outcome).observe(duration_s)
         if prompt_tokens:
             self.tokens.labels(model, "prompt").inc(prompt_tokens)
