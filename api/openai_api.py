@@ -9,16 +9,15 @@ from contextlib import suppress
 
 import aiohttp
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from api import openai_batches, openai_chat, openai_files
 from api.openai_errors import openai_error_middleware
 from api.state import SERVICE, SETTINGS
 from promptq.chat import ChatService
-from promptq.db import is_db_unavailable
 from promptq.endpoints import load_endpoints
 from promptq.model_catalog import ModelCatalog, ModelSource
 from promptq.openai_batch import OpenAIBatches
+from promptq.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +61,12 @@ async def _sweep_batches(app: web.Application) -> None:
     service = app[SERVICE]
     interval_s = service.settings.reconcile_interval_s
     batches = OpenAIBatches(service, app[openai_chat.CATALOG])
+    outage = OutageLog(logger, "OpenAI batch sweep")
     while True:
         await asyncio.sleep(interval_s)
         try:
             if await service.queue.try_lock(SWEEP_LOCK, owner="api", ttl_s=interval_s * 0.9):
                 await batches.sweep()
+            outage.ok()
         except Exception as exc:  # the database or Redis is away; try again next interval
-            if is_db_unavailable(exc) or isinstance(exc, RedisError | OSError):
-                logger.warning("OpenAI batch sweep skipped: %s", exc.__class__.__name__)
-            else:
-                logger.warning("OpenAI batch sweep failed", exc_info=True)
+            outage.failed(exc, "trying again next interval")

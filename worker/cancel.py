@@ -21,12 +21,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from promptq.cancel import cancel_channel
 from promptq.models import Job, JobStatus
+from promptq.outage import OutageLog
 from promptq.store import IDS_PER_STATEMENT, Claim
 from worker.background import Background
 
@@ -122,16 +122,15 @@ class CancelWatcher(Background):
         self.request(job_id, int(number) if number.isdigit() else None)
 
     async def _run(self) -> None:
+        outage = OutageLog(logger, "cancel subscription")
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
+                    outage.ok()
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._on_message(message["data"])
-            except (RedisError, OSError) as exc:
-                logger.warning("cancel subscription lost (%r); leases are the fallback", exc)
-                await asyncio.sleep(RESUBSCRIBE_DELAY_S)
-            except Exception:  # never let the listener die
-                logger.exception("cancel listener failed; re-subscribing")
+            except Exception as exc:  # never let the listener die
+                outage.failed(exc, "re-subscribing; leases are the fallback meanwhile")
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)

@@ -68,6 +68,7 @@ from arq.utils import timestamp_ms
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from promptq.outage import OutageLog
 from promptq.queue import wake_channel
 from worker.finishes import BatchedFinish
 from worker.job_start import ARQ_TRY_TTL_S, answer_job_starts, started
@@ -303,6 +304,7 @@ class FastPollWorker(ResilientWorker):
 
         `main` cancels this when it ends, which is before `close()` closes the pool.
         """
+        outage = OutageLog(logger, "wake-up subscription")
         while self._pool is not None:  # arq's close() drops the pool
             try:
                 async with self._pool.pubsub() as pubsub:
@@ -310,12 +312,10 @@ class FastPollWorker(ResilientWorker):
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":
                             subscribed.set()
+                            outage.ok()
                         self._wake.set()  # on (re)subscribing too: we may have missed some
-            except (RedisError, OSError) as exc:
-                logger.warning("wake-up subscription lost (%r); polling until it is back", exc)
-                await asyncio.sleep(RESUBSCRIBE_DELAY_S)
-            except Exception:  # never let the listener die: without it we only poll
-                logger.exception("wake-up listener failed; re-subscribing")
+            except Exception as exc:  # never let the listener die: without it we only poll
+                outage.failed(exc, "polling until it is back")
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
     def _run_ended(self, job_id: str, _: asyncio.Task[Any]) -> None:

@@ -23,6 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from promptq.outage import OutageLog
 from promptq.settings import Settings
 from worker.background import Background
 
@@ -70,17 +71,13 @@ class Heartbeat(Background):
             await self._redis.delete(self.key)
 
     async def _run(self) -> None:
-        failing = False
+        outage = OutageLog(logger, "heartbeat")
         while True:
             try:
                 await self.beat()
-                if failing:
-                    logger.info("heartbeat: Redis answers again")
-                failing = False
+                outage.ok()
             except (RedisError, OSError) as exc:
-                if not failing:
-                    logger.warning("heartbeat: cannot reach Redis (%s)", exc.__class__.__name__)
-                failing = True
+                outage.failed(exc)
             await asyncio.sleep(self.interval_s)
 
 

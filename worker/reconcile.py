@@ -28,6 +28,7 @@ from datetime import timedelta
 
 from promptq import clock
 from promptq.batches import settle_finished
+from promptq.outage import OutageLog
 from promptq.queue import QueueClient, priority_due_ms
 from promptq.store import JobStore
 
@@ -128,10 +129,12 @@ class Reconciler:
 
     async def run_forever(self, *, interval_s: float, owner: str) -> None:
         """A pass every interval_s on whichever worker takes the lock; errors are logged."""
+        outage = OutageLog(logger, "reconciler pass")
         while True:
             try:
                 if await self.queue.try_lock(LOCK_NAME, owner=owner, ttl_s=interval_s * 0.9):
                     await self.run_once()
-            except Exception:  # Redis or the database is away; try again next interval
-                logger.warning("reconciler pass failed", exc_info=True)
+                outage.ok()
+            except Exception as exc:  # Redis or the database is away; try again next interval
+                outage.failed(exc, "trying again next interval")
             await asyncio.sleep(interval_s)
