@@ -14,7 +14,13 @@ from rich.table import Table
 from rich.text import Text
 
 from promptq.cli_support import console, fail, load_settings
-from promptq.endpoints import DEFAULT_ENDPOINT, Endpoint, EndpointTable, load_endpoints
+from promptq.endpoints import (
+    DEFAULT_ENDPOINT,
+    Endpoint,
+    EndpointTable,
+    load_endpoints,
+    redact_url,
+)
 from promptq.errors import ConfigError
 from promptq.limits import RedisLimits, ScopeState
 from promptq.settings import Settings
@@ -43,7 +49,7 @@ async def read_states(
             }
             scopes = sorted(found)
         states[endpoint.name] = [
-            await limits.state(scope, window_s=endpoint.limits.window_s) for scope in scopes
+            await limits.state(scope, endpoint.limits.scope_limits()) for scope in scopes
         ]
     return states
 
@@ -54,7 +60,7 @@ def show_endpoints(
     """Show where each model goes, each endpoint's limits, and what Redis says now.
 
     From Redis: calls in flight and the adaptive limit. API keys are never shown, only whether
-    their env var is set.
+    their env var is set (nor a password in a base_url).
     """
     settings = load_settings()
     try:
@@ -115,10 +121,19 @@ def _row(endpoint: Endpoint, states: list[ScopeState] | None) -> dict[str, Any]:
             parts.append(f"in flight adaptive {limits.min_in_flight}..{limits.max_in_flight}")
         else:
             parts.append(f"in flight {limits.max_in_flight}")
-    if limits.rpm is not None:
-        parts.append(f"rpm {limits.rpm}")
-    if limits.tpm is not None:
-        parts.append(f"tpm {limits.tpm}")
+    effective = {}
+    for field in ("rpm", "tpm"):
+        rate = getattr(limits, field)
+        if rate is None:
+            continue
+        effective[field] = limits.effective_per_minute(rate)
+        text = f"{field} {rate}"
+        if limits.window_s != 60.0:
+            text += f" ({limits.per_window(rate)} per {limits.window_s:g} s"
+            if effective[field] != rate:  # rounded down to whole requests/tokens per window
+                text += f", {effective[field]:.6g}/min"
+            text += ")"
+        parts.append(text)
     if parts and limits.per == "model":
         parts.append("per model")
     now = []
@@ -132,12 +147,13 @@ def _row(endpoint: Endpoint, states: list[ScopeState] | None) -> dict[str, Any]:
     return {
         "name": endpoint.name,
         "models": list(endpoint.patterns),
-        "base_url": endpoint.base_url,
+        "base_url": redact_url(endpoint.base_url),
         "api_key_env": key_env or None,
         "api_key_set": endpoint.key_is_set,
         "api_key": key,
         "timeout_s": endpoint.timeout_s,
         "limits": limits.model_dump(),
+        "effective_per_minute": effective,
         "limits_text": ", ".join(parts) or "none",
         "scopes": [
             {

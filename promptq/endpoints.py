@@ -24,28 +24,46 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from promptq.errors import ConfigError
+from promptq.limits import ScopeLimits
 from promptq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 #: The name of the endpoint built from PROMPTQ_LLM_* (and of the catch-all route).
 DEFAULT_ENDPOINT = "default"
+#: Longest per-call timeout an endpoint may set (a day; more is a mistake, and an infinite one
+#: cannot be scheduled at all).
+MAX_TIMEOUT_S = 86_400.0
+#: Most of its configured rate a rpm/tpm limit may lose to whole requests/tokens per window
+#: (see LimitsConfig.per_window); a window that would lose more is refused.
+MAX_RATE_LOSS = 0.01
 
 
 class LimitsConfig(BaseModel):
     """Global limits of one endpoint, shared by every worker through Redis."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     #: Requests in flight at once (with `adaptive`, the upper bound of the adaptive limit).
     max_in_flight: int | None = Field(default=None, ge=1, le=100_000)
@@ -57,7 +75,7 @@ class LimitsConfig(BaseModel):
     #: `endpoint`: one set of counters for all the endpoint's models; `model`: one per model.
     per: Literal["endpoint", "model"] = "endpoint"
     #: The window rpm and tpm are counted over; a shorter one spreads requests more evenly
-    #: (with 10 s, at most rpm/6 requests in any 10 s).
+    #: (with 10 s, at most rpm/6 requests in any 10 s; see per_window for the rounding).
     window_s: float = Field(default=60.0, ge=1.0, le=3600.0)
     #: Completion tokens reserved for a call that sets no max_tokens.
     assumed_max_tokens: int = Field(default=512, ge=0)
@@ -69,7 +87,7 @@ class LimitsConfig(BaseModel):
     #: The adaptive limit is multiplied by this after a window with repeated overload.
     decrease_factor: float = Field(default=0.9, ge=0.5, lt=1.0)
     #: A window whose mean latency exceeds the best seen by this factor counts as overload.
-    latency_ratio: float = Field(default=2.0, gt=1.0)
+    latency_ratio: float = Field(default=2.0, gt=1.0, le=100.0)
 
     @model_validator(mode="after")
     def _check_adaptive(self) -> LimitsConfig:
@@ -80,6 +98,9 @@ class LimitsConfig(BaseModel):
         initial = self.initial_in_flight
         if initial is not None and not self.min_in_flight <= initial <= (self.max_in_flight or 0):
             raise ValueError("initial_in_flight must lie between min_in_flight and max_in_flight")
+        for field, rate, unit in (("rpm", self.rpm, "requests"), ("tpm", self.tpm, "tokens")):
+            if rate is not None:
+                _check_rate(field, rate, unit, self.window_s)
         return self
 
     @property
@@ -88,24 +109,96 @@ class LimitsConfig(BaseModel):
         return any(v is not None for v in (self.max_in_flight, self.rpm, self.tpm))
 
     def per_window(self, per_minute: int | None) -> int | None:
-        """A per-minute limit scaled to `window_s` (at least 1)."""
+        """A per-minute limit scaled to `window_s`, rounded down to whole requests (tokens),
+        so that the configured rate is never exceeded. The validator makes sure this is at
+        least 1 and loses at most MAX_RATE_LOSS of the rate."""
         if per_minute is None:
             return None
-        return max(1, int(per_minute * self.window_s / 60.0))
+        return max(1, _whole(per_minute * self.window_s / 60.0))
+
+    def effective_per_minute(self, per_minute: int | None) -> float | None:
+        """The rate `per_window` really allows, per minute (at most `per_minute`)."""
+        window = self.per_window(per_minute)
+        return None if window is None else window * 60.0 / self.window_s
+
+    def scope_limits(self) -> ScopeLimits:
+        """These limits as the Redis scripts take them."""
+        return ScopeLimits(
+            max_in_flight=self.max_in_flight,
+            rpm_per_window=self.per_window(self.rpm),
+            tpm_per_window=self.per_window(self.tpm),
+            window_s=self.window_s,
+            adaptive=self.adaptive,
+            min_in_flight=self.min_in_flight,
+            initial_in_flight=self.initial_in_flight or self.min_in_flight,
+            decrease_factor=self.decrease_factor,
+            latency_ratio=self.latency_ratio,
+        )
+
+
+def _whole(value: float) -> int:
+    """`value` rounded down, forgiving float noise (600 * 0.1 is not quite 60)."""
+    return math.floor(value + 1e-9)
+
+
+def _check_rate(field: str, rate: int, unit: str, window_s: float) -> None:
+    """Refuse a rate that window_s turns into less than one per window, or into a whole
+    number per window that loses more than MAX_RATE_LOSS of it."""
+    exact = rate * window_s / 60.0
+    if exact < 1.0 - 1e-9:
+        raise ValueError(
+            f"{field} = {rate} with window_s = {window_s:g} allows {exact:.3g} {unit} per window, "
+            f"less than one: raise window_s to at least {_window_for(1, rate):g} "
+            f"(60 / {field}) or {field} to at least {math.ceil(60.0 / window_s - 1e-9)} "
+            "(60 / window_s)"
+        )
+    whole = _whole(exact)
+    if whole < exact * (1.0 - MAX_RATE_LOSS):
+        effective = whole * 60.0 / window_s
+        windows = {_window_for(n, rate) for n in (whole, whole + 1)}
+        choices = sorted(w for w in windows if 1.0 <= w <= 3600.0)
+        raise ValueError(
+            f"{field} = {rate} with window_s = {window_s:g} allows {exact:.4g} {unit} per window; "
+            f"counted whole that is {whole} per {window_s:g} s, {effective:.4g} per minute "
+            f"instead of {rate}: use window_s = {' or '.join(f'{w:g}' for w in [*choices, 60])}, "
+            f"so that {field} * window_s / 60 is whole"
+        )
+
+
+def _window_for(per_window: int, rate: int) -> float:
+    """The window (s, rounded up to 0.1 ms) in which `rate` per minute is `per_window`."""
+    return math.ceil(per_window * 60.0 / rate * 10_000 - 1e-6) / 10_000
 
 
 class EndpointConfig(BaseModel):
     """One entry of the endpoints file, as written."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     models: list[str] = Field(min_length=1)
-    base_url: str = Field(pattern=r"^https?://")
+    #: An http:// or https:// URL with a host.
+    base_url: str
     #: The name of the environment variable that holds the API key (no key if unset).
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
     limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        # The message never repeats the URL: it may carry credentials.
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError for a bad port)
+        except ValueError:
+            parts = SplitResult("", "", "", "", "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "base_url must be an http:// or https:// URL with a host, "
+                "like http://localhost:11434/v1"
+            )
+        return value
 
 
 class EndpointsFile(BaseModel):
@@ -217,11 +310,37 @@ def load_endpoints(settings: Settings, environ: Mapping[str, str] | None = None)
     return EndpointTable((*endpoints, default), source)
 
 
+def redact_url(url: str) -> str:
+    """`url` with any password in it replaced by `***` (safe to print)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(unparseable URL)"
+
+
+def _endpoints_file(settings: Settings) -> Path | None:
+    """PROMPTQ_ENDPOINTS_FILE, or None if unset or empty (as an empty PROMPTQ_ENDPOINTS)."""
+    path = settings.endpoints_file
+    if path is None or str(path) in ("", "."):
+        return None
+    return path
+
+
 def _read_config(settings: Settings) -> tuple[EndpointsFile, str]:
-    if settings.endpoints_file is not None and settings.endpoints:
+    endpoints_file = _endpoints_file(settings)
+    if endpoints_file is not None and settings.endpoints:
         raise ConfigError("set either PROMPTQ_ENDPOINTS_FILE or PROMPTQ_ENDPOINTS, not both")
-    if settings.endpoints_file is not None:
-        path = settings.endpoints_file
+    if endpoints_file is not None:
+        path = endpoints_file
         source = str(path)
         try:
             data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -240,6 +359,12 @@ def _read_config(settings: Settings) -> tuple[EndpointsFile, str]:
             raise ConfigError(f"PROMPTQ_ENDPOINTS is not valid JSON: {exc}") from None
         if isinstance(data, list):  # a bare list of endpoints is accepted too
             data = {"endpoints": data}
+        elif not isinstance(data, dict) or "endpoints" not in data:
+            raise ConfigError(
+                "PROMPTQ_ENDPOINTS must be a JSON list of endpoints "
+                '([{"name": ..., "models": [...], "base_url": ...}, ...]), '
+                f"not a single {'object' if isinstance(data, dict) else type(data).__name__}"
+            )
     else:
         return EndpointsFile(), "defaults (PROMPTQ_LLM_*)"
     try:

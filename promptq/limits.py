@@ -1,13 +1,18 @@
 """Global limits in Redis, shared by every worker on every machine: atomic Lua scripts.
 
-Each limit scope (an endpoint, or one model of an endpoint) has four keys under
+Each limit scope (an endpoint, or one model of an endpoint) has these keys (and two for
+the line of jobs waiting) under
 `<queue_name>:limits:<scope>:`
 
 * `inflight`: a sorted set of permits, scored by when their lease runs out (Redis time, ms).
   A worker renews the leases of the calls it is making; a dead worker's permits lapse and are
   dropped by the next acquire, so they come back by themselves.
-* `rpm` and `tpm`: hashes of counts per time bucket (a window is WINDOW_BUCKETS buckets); the
-  window sum counts one bucket more than the window, so a limit is never exceeded.
+* `rpm` and `tpm`: hashes of counts per time bucket (a window is WINDOW_BUCKETS buckets), each
+  field named by the Redis time (ms) its bucket ends at: a bucket counts while its end is less
+  than a window ago, so a limit is never exceeded, and buckets written under another
+  `window_s` (other sizes) still count for exactly the calls they hold, and leave in time.
+* `tpm_hold`: the call first refused for tokens (its id and tokens): later calls leave room for
+  it, so a big call is not starved by a stream of small ones.
 * `aimd`: the adaptive in-flight limit and its current window of observations.
 
 Every decision is one script run, so two workers can never both take the last permit. Time is
@@ -16,7 +21,6 @@ Redis's own (`TIME`), so workers' clocks don't matter.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,9 @@ from redis.asyncio import Redis
 
 #: Buckets per rate window (rpm/tpm); the window is counted with one bucket to spare.
 WINDOW_BUCKETS = 20
+#: How long the call first refused for tokens keeps its place (`tpm_hold`) without trying
+#: again; a job handed back keeps it until it is due, and this long after.
+HOLD_S = 5.0
 #: Smallest number of calls an adaptive window holds before it is judged.
 AIMD_MIN_SAMPLES = 5
 #: A window with at least this many overload responses, and OVERLOAD_SHARE of its calls, is
@@ -31,14 +38,21 @@ AIMD_MIN_SAMPLES = 5
 AIMD_MIN_OVERLOADS = 2
 AIMD_OVERLOAD_SHARE = 0.1
 
-# KEYS: inflight, rpm, tpm, aimd, grants, waiters
+# KEYS: inflight, rpm, tpm, aimd, grants, waiters, tpm_hold
 # ARGV: permit id, lease ms, max in flight (0: none), adaptive (1/0), min, initial,
-#       rpm per window (0: none), tpm per window (0: none), tokens, window ms, job id ('': none)
-# Returns {1, bucket} when granted, {0, reason, wait ms} when not.
+#       rpm per window (0: none), tpm per window (0: none), tokens, window ms, job id ('': none),
+#       waiter id (the same on every try of one call), hold ms
+# A call needing more tokens than the whole tpm budget reserves the budget (it runs once the
+# window is empty). The first call refused for tokens holds its place (`tpm_hold`, for hold
+# ms, renewed by each of its tries): later calls only go while they leave room for it.
+# Returns {1, bucket, tokens reserved} when granted, {0, reason, wait ms} when not.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[3])
+if ARGV[12] ~= '' and redis.call('HGET', KEYS[7], 'id') == ARGV[12] then
+  redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[13]))  -- the holder is still trying
+end
 if ARGV[4] == '1' then
   local lo, hi = tonumber(ARGV[5]), limit
   local cur = tonumber(redis.call('HGET', KEYS[4], 'limit'))
@@ -46,8 +60,9 @@ if ARGV[4] == '1' then
     cur = tonumber(ARGV[6])
     redis.call('HSET', KEYS[4], 'limit', cur)
   end
-  cur = math.max(lo, math.min(hi, cur))
-  limit = math.floor(cur)
+  local clamped = math.max(lo, math.min(hi, cur))
+  if clamped ~= cur then redis.call('HSET', KEYS[4], 'limit', tostring(clamped)) end
+  limit = math.floor(clamped)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if limit > 0 then
@@ -59,14 +74,15 @@ if limit > 0 then
 end
 local window = tonumber(ARGV[10])
 local bucket_ms = window / 20
-local bucket = math.floor(now / bucket_ms)
-local oldest = bucket - 20
+-- a bucket is named by when it ends: it counts while that is less than a window ago
+local bucket = math.ceil((math.floor(now / bucket_ms) + 1) * bucket_ms)
+local cutoff = now - window
 local function used(key)
   local sum, first = 0, nil
   local fields = redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
     local b = tonumber(fields[i])
-    if b < oldest then
+    if b == nil or b <= cutoff then
       redis.call('HDEL', key, fields[i])
     else
       local v = tonumber(fields[i + 1])
@@ -75,7 +91,7 @@ local function used(key)
     end
   end
   local wait = 1
-  if first ~= nil then wait = math.max(1, (first + 21) * bucket_ms - now) end
+  if first ~= nil then wait = math.max(1, first + window - now) end
   return sum, wait
 end
 local rpm, tpm, tokens = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -84,8 +100,22 @@ if rpm > 0 then
   if sum + 1 > rpm then return {0, 'rpm', math.ceil(wait)} end
 end
 if tpm > 0 then
+  tokens = math.min(tokens, tpm)
   local sum, wait = used(KEYS[3])
-  if sum > 0 and sum + tokens > tpm then return {0, 'tpm', math.ceil(wait)} end
+  local waiter = ARGV[12]
+  local holder = redis.call('HGET', KEYS[7], 'id')
+  local ahead = 0
+  if holder and holder ~= waiter then
+    ahead = tonumber(redis.call('HGET', KEYS[7], 'tokens')) or 0
+  end
+  if sum + tokens + ahead > tpm then
+    if (not holder or holder == waiter) and waiter ~= '' then
+      redis.call('HSET', KEYS[7], 'id', waiter, 'tokens', tokens)
+      redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[13]))
+    end
+    return {0, 'tpm', math.ceil(wait)}
+  end
+  if holder and holder == waiter then redis.call('DEL', KEYS[7]) end
 end
 local lease = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
@@ -110,14 +140,16 @@ if redis.call('HLEN', KEYS[5]) > 60 then
   end
 end
 if ARGV[11] ~= '' then redis.call('ZREM', KEYS[6], ARGV[11]) end
-return {1, bucket}
+return {1, bucket, tokens}
 """
 
-# KEYS: waiters, grants; ARGV: job id, shortest defer ms, longest defer ms.
+# KEYS: waiters, grants, tpm_hold; ARGV: job id, shortest defer ms, longest defer ms, hold ms.
 # A job handed back joins the scope's waiters, due when the calls granted lately (the rate over
 # the last 10 s) would have served the waiters ahead of it: a long line waits long, instead of
 # every waiting job coming back (and being refused again) every fraction of a second. A job
-# handed back again keeps its place in the line.
+# handed back again keeps its place in the line. A job holding the scope's tpm_hold is first in
+# line for tokens: it is due as soon as there may be room (the shortest defer), and keeps the
+# hold until then (and hold ms more).
 # Returns the defer in ms.
 _DEFER = """
 local t = redis.call('TIME')
@@ -145,7 +177,8 @@ for i = 1, #fields, 2 do
   end
 end
 local defer = shortest
-if granted > 0 then
+local holder = redis.call('HGET', KEYS[3], 'id') == ARGV[1]
+if granted > 0 and not holder then
   -- the rate over the time grants were seen, not the whole window (it may have just begun)
   local span = math.max(bucket_ms, now - first * bucket_ms)
   -- a little early rather than late: the line must never run dry while calls could start
@@ -154,6 +187,9 @@ end
 defer = math.min(defer, longest)
 redis.call('ZADD', KEYS[1], now + defer, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], longest * 3)
+if holder then
+  redis.call('PEXPIRE', KEYS[3], defer + tonumber(ARGV[4]))
+end
 return defer
 """
 
@@ -202,7 +238,11 @@ _OBSERVE = """
 local lo, hi = tonumber(ARGV[1]), tonumber(ARGV[2])
 local factor, ratio = tonumber(ARGV[6]), tonumber(ARGV[7])
 local latency, overload = tonumber(ARGV[4]), tonumber(ARGV[5])
-local limit = tonumber(redis.call('HGET', KEYS[1], 'limit')) or tonumber(ARGV[3])
+local stored = tonumber(redis.call('HGET', KEYS[1], 'limit'))
+local limit = stored or tonumber(ARGV[3])
+-- bounds may have changed since it was stored (a new config): the limit always lies in them
+limit = math.max(lo, math.min(hi, limit))
+if stored ~= nil and stored ~= limit then redis.call('HSET', KEYS[1], 'limit', tostring(limit)) end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -265,6 +305,8 @@ class Grant:
 
     granted: bool
     bucket: int = 0
+    #: Tokens reserved: those asked for, at most the whole tpm budget.
+    tokens: int = 0
     #: What is full (`max_in_flight`, `rpm`, `tpm`) and when it may have room, if not granted.
     reason: str = ""
     wait_s: float = 0.0
@@ -305,9 +347,9 @@ class RedisLimits:
         return f"{self.prefix}:limits:freed"
 
     def keys(self, scope: str) -> list[str]:
-        """The scope's keys: inflight, rpm, tpm, aimd, grants, waiters."""
+        """The scope's keys: inflight, rpm, tpm, aimd, grants, waiters, tpm_hold."""
         base = f"{self.prefix}:limits:{scope}"
-        names = ("inflight", "rpm", "tpm", "aimd", "grants", "waiters")
+        names = ("inflight", "rpm", "tpm", "aimd", "grants", "waiters", "tpm_hold")
         return [f"{base}:{name}" for name in names]
 
     async def acquire(
@@ -319,9 +361,15 @@ class RedisLimits:
         lease_s: float,
         tokens: int,
         job_id: str = "",
+        waiter: str = "",
     ) -> Grant:
-        """Take a permit for one call counting `tokens`, if every limit allows it now (and
-        take `job_id` off the scope's waiters)."""
+        """Take a permit for one call counting `tokens` (at most the whole tpm budget), if
+        every limit allows it now (and take `job_id` off the scope's waiters).
+
+        `waiter` names the call across its tries (default: `job_id`; none: it takes no place
+        in line): the first call refused for tokens holds its place, and later calls leave
+        room for it until it has its permit (or stops trying for HOLD_S).
+        """
         result: list[Any] = await self._acquire(
             keys=self.keys(scope),
             args=[
@@ -336,17 +384,20 @@ class RedisLimits:
                 max(0, tokens),
                 _ms(limits.window_s),
                 job_id,
+                waiter or job_id,
+                _ms(HOLD_S),
             ],
         )
         if int(result[0]) == 1:
-            return Grant(True, bucket=int(result[1]))
+            return Grant(True, bucket=int(result[1]), tokens=int(result[2]))
         return Grant(False, reason=_text(result[1]), wait_s=int(result[2]) / 1000)
 
     async def defer(self, scope: str, job_id: str, *, shortest_s: float, longest_s: float) -> float:
         """Put a job handed back in the scope's line; returns in how many seconds it is due."""
-        waiters, grants = self.keys(scope)[5], self.keys(scope)[4]
+        keys = self.keys(scope)
         defer_ms = await self._defer(
-            keys=[waiters, grants], args=[job_id, _ms(shortest_s), _ms(longest_s)]
+            keys=[keys[5], keys[4], keys[6]],
+            args=[job_id, _ms(shortest_s), _ms(longest_s), _ms(HOLD_S)],
         )
         return int(defer_ms) / 1000
 
@@ -388,9 +439,19 @@ class RedisLimits:
         )
         return float(_text(result))
 
-    async def state(self, scope: str, *, window_s: float = 60.0) -> ScopeState:
-        """The scope's current in-flight count, adaptive limit and window usage."""
-        inflight, rpm, tpm, aimd, _, waiters = self.keys(scope)
+    async def state(
+        self, scope: str, limits: ScopeLimits | None = None, *, window_s: float | None = None
+    ) -> ScopeState:
+        """The scope's current in-flight count, adaptive limit and window usage.
+
+        With `limits` (the scope's config now), the adaptive limit is reported only if it is
+        adaptive, within its bounds as the scripts apply them (a value stored under another
+        config is not shown raw); without, as stored. The window is `window_s`, else that of
+        `limits`, else 60 s.
+        """
+        if window_s is None:
+            window_s = limits.window_s if limits is not None else 60.0
+        inflight, rpm, tpm, aimd, _, waiters, _ = self.keys(scope)
         now_ms = await self._now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(inflight, f"({now_ms}", "+inf")
@@ -399,13 +460,16 @@ class RedisLimits:
             pipe.hmget(aimd, ["limit", "decreases"])
             pipe.zcard(waiters)
             count, rpm_buckets, tpm_buckets, (limit, decreases), waiting = await pipe.execute()
-        oldest = math.floor(now_ms / (window_s * 1000 / WINDOW_BUCKETS)) - WINDOW_BUCKETS
+        cutoff = now_ms - _ms(window_s)
+        adaptive = None if limit is None else float(_text(limit))
+        if limits is not None:
+            adaptive = _adaptive_limit(adaptive, limits)
         return ScopeState(
             scope=scope,
             in_flight=int(count),
-            adaptive_limit=None if limit is None else float(_text(limit)),
-            requests_in_window=_window_sum(rpm_buckets, oldest),
-            tokens_in_window=_window_sum(tpm_buckets, oldest),
+            adaptive_limit=adaptive,
+            requests_in_window=_window_sum(rpm_buckets, cutoff),
+            tokens_in_window=_window_sum(tpm_buckets, cutoff),
             decreases=int(decreases or 0),
             waiting=int(waiting),
         )
@@ -415,8 +479,26 @@ class RedisLimits:
         return int(seconds) * 1000 + int(micros) // 1000
 
 
-def _window_sum(buckets: dict[Any, Any], oldest: int) -> int:
-    return sum(int(v) for k, v in buckets.items() if int(k) >= oldest)
+def _adaptive_limit(stored: float | None, limits: ScopeLimits) -> float | None:
+    """The adaptive limit as the scripts apply it: None unless adaptive, else the stored
+    value (the initial one if none) within [min_in_flight, max_in_flight]."""
+    if not limits.adaptive:
+        return None
+    value = limits.initial_in_flight if stored is None else stored
+    high = limits.max_in_flight or limits.min_in_flight
+    return float(max(limits.min_in_flight, min(high, value)))
+
+
+def _window_sum(buckets: dict[Any, Any], cutoff: int) -> int:
+    """Counts of the buckets that end after `cutoff` (fields of another format are ignored)."""
+    total = 0
+    for key, value in buckets.items():
+        try:
+            if int(key) > cutoff:
+                total += int(value)
+        except ValueError:
+            continue
+    return total
 
 
 def _ms(seconds: float) -> int:

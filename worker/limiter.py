@@ -136,18 +136,7 @@ class _Scope:
 
 def scope_limits(endpoint: Endpoint) -> ScopeLimits:
     """The script arguments of an endpoint's limits."""
-    cfg = endpoint.limits
-    return ScopeLimits(
-        max_in_flight=cfg.max_in_flight,
-        rpm_per_window=cfg.per_window(cfg.rpm),
-        tpm_per_window=cfg.per_window(cfg.tpm),
-        window_s=cfg.window_s,
-        adaptive=cfg.adaptive,
-        min_in_flight=cfg.min_in_flight,
-        initial_in_flight=cfg.initial_in_flight or cfg.min_in_flight,
-        decrease_factor=cfg.decrease_factor,
-        latency_ratio=cfg.latency_ratio,
-    )
+    return endpoint.limits.scope_limits()
 
 
 def estimate_tokens(
@@ -356,9 +345,10 @@ class Limiter:
         readings = []
         for name, scope in list(self._scopes.items()):
             try:
-                state = await self.redis.state(name, window_s=scope.limits.window_s)
+                state = await self.redis.state(name, scope.limits)
             except (RedisError, OSError):
-                in_flight, limit = None, scope.stats.adaptive_limit
+                in_flight = None
+                limit = scope.stats.adaptive_limit if scope.limits.adaptive else None
             else:
                 in_flight, limit = state.in_flight, state.adaptive_limit
             if limit is None and scope.limits.max_in_flight is not None:
@@ -438,6 +428,7 @@ class Limiter:
         name = endpoint.scope(model)
         started = time.monotonic()
         waited = False
+        waiter = job_id or uuid.uuid4().hex  # the same on every try (the tpm line)
         while True:
             permit_id = uuid.uuid4().hex
             try:
@@ -448,13 +439,14 @@ class Limiter:
                     lease_s=self.lease_s,
                     tokens=tokens,
                     job_id=job_id,
+                    waiter=waiter,
                 )
             except (RedisError, OSError) as exc:
                 # Limits can't be checked: wait (never call past them) until Redis is back.
                 logger.warning("limits of %s unreachable (%r); waiting", name, exc)
                 grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
             if grant.granted:
-                permit = Permit(name, permit_id, grant.bucket, tokens)
+                permit = Permit(name, permit_id, grant.bucket, grant.tokens)
                 scope.held[permit_id] = permit
                 scope.stats.in_flight += 1
                 if waited:
@@ -482,6 +474,10 @@ class Limiter:
 
     async def _correct(self, permit: Permit, tokens: int) -> None:
         """Re-reserve a held permit's tokens for the call it is used for."""
+        scope = self._scopes.get(permit.scope)
+        budget = scope.limits.tpm_per_window if scope is not None else None
+        if budget is not None:
+            tokens = min(tokens, budget)  # as acquire reserves it
         if tokens == permit.tokens:
             return
         try:
