@@ -45,6 +45,7 @@ from promptq.endpoints import Endpoint, EndpointTable
 from promptq.limits import Grant, RedisLimits, ScopeLimits
 from promptq.metrics import LimitReading
 from promptq.models import Job, Priority
+from promptq.outage import OutageLog
 from promptq.settings import Settings
 from promptq.store import CLAIMABLE, JobStore
 
@@ -177,6 +178,8 @@ class Limiter:
         self.rng = rng or random.Random()
         self._scopes: dict[str, _Scope] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: The limit checks of every waiting call: one line when Redis goes, not one per try.
+        self._checks = OutageLog(logger, "checking the limits in Redis")
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -377,10 +380,12 @@ class Limiter:
         """Wake one of this process's calls waiting on a scope whenever any worker frees one
         of its permits (without this a call would only see it at its next try, up to
         IN_FLIGHT_POLL_S later); re-subscribe after a failure (the tries go on meanwhile)."""
+        outage = OutageLog(logger, "freed-permits subscription")
         while True:
             try:
                 async with self.redis.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.redis.freed_channel)
+                    outage.ok()
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
@@ -388,20 +393,19 @@ class Limiter:
                         scope = self._scopes.get(name.decode() if isinstance(name, bytes) else name)
                         if scope is not None:
                             _wake(scope)
-            except (RedisError, OSError) as exc:
-                logger.warning("lost the freed-permits subscription (%r); re-subscribing", exc)
-                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
-            except Exception:  # never let it die: without it, waiting calls only poll
-                logger.exception("freed-permits listener failed; re-subscribing")
+            except Exception as exc:  # never let it die: without it, waiting calls only poll
+                outage.failed(exc, "re-subscribing")
                 await asyncio.sleep(REDIS_DOWN_PAUSE_S)
 
     async def _renew_forever(self) -> None:
+        outage = OutageLog(logger, "renewing limit permits")
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self.renew()
-            except Exception:  # Redis may be briefly away; the next tick tries again
-                logger.warning("could not renew limit permits", exc_info=True)
+                outage.ok()
+            except Exception as exc:  # Redis may be briefly away; the next tick tries again
+                outage.failed(exc, "trying again next tick")
 
     # -- internals -------------------------------------------------------------------------
 
@@ -443,8 +447,10 @@ class Limiter:
                 )
             except (RedisError, OSError) as exc:
                 # Limits can't be checked: wait (never call past them) until Redis is back.
-                logger.warning("limits of %s unreachable (%r); waiting", name, exc)
+                self._checks.failed(exc, "calls wait until Redis is back")
                 grant = Grant(False, reason="redis", wait_s=REDIS_DOWN_PAUSE_S)
+            else:
+                self._checks.ok()
             if grant.granted:
                 permit = Permit(name, permit_id, grant.bucket, grant.tokens)
                 scope.held[permit_id] = permit
