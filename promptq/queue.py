@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -105,6 +109,7 @@ class QueueClient:
         self._states_script = redis.register_script(STATES_SCRIPT)
         self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
         self._wake_script = redis.register_script(WAKE_SCRIPT)
+        self._release_script = redis.register_script(RELEASE_SCRIPT)
 
     @classmethod
     async def connect(cls, settings: Settings) -> QueueClient:
@@ -236,11 +241,46 @@ class QueueClient:
             await self.redis.delete(*(in_progress_key_prefix + job_id for job_id in job_ids))
             await self.wake_workers()  # the unblocked jobs can start now
 
+    @asynccontextmanager
+    async def exclusive(self, name: str, *, hold_s: float, wait_s: float) -> AsyncIterator[bool]:
+        """Hold `<queue>:<name>` while the block runs, waiting up to `wait_s` for whoever
+        holds it (a holder that died lets go after `hold_s`). Yields whether it is held: with
+        Redis away, or still taken after `wait_s`, the block runs anyway, unserialized."""
+        key, token = f"{self.queue_name}:{name}", uuid.uuid4().hex
+        deadline, pause_s = time.monotonic() + wait_s, LOCK_POLL_S[0]
+        held = False
+        try:
+            while not (
+                held := bool(await self.redis.set(key, token, nx=True, px=round(hold_s * 1000)))
+            ):
+                if time.monotonic() >= deadline:
+                    logger.debug("lock %s still taken after %g s; going on without it", key, wait_s)
+                    break
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 1.5, LOCK_POLL_S[1])
+        except (RedisError, OSError):
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                with suppress(RedisError, OSError):
+                    await self._release_script(keys=[key], args=[token])
+
     async def try_lock(self, name: str, *, owner: str, ttl_s: float) -> bool:
         """Take `<queue>:<name>` for ttl_s unless someone holds it; True if we took it."""
         key = f"{self.queue_name}:{name}"
         taken = await self.redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000)))
         return bool(taken)
+
+
+#: Delete KEYS[1] if it still holds ARGV[1] (the lock is still ours).
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: How long `exclusive` waits between tries: from the first, growing to the second.
+LOCK_POLL_S = (0.002, 0.05)
 
 
 #: How far back one unit of priority moves a job's score. A bulk job waits at most

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from pydantic import ValidationError
 
-from promptq.cache import ResultCache
+from promptq.cache import ResultCache, prompt_hash
 from promptq.checkpoints import ChunkStore
 from promptq.documents import check_size
 from promptq.errors import InvalidRequest, ServiceUnavailable
@@ -24,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 #: Deepest JSON nesting accepted in a request (orjson can't write beyond 254 levels).
 MAX_JSON_DEPTH = 64
+#: Identical requests of one key take turns to look for an answer or a leader and to write
+#: their job (a turn is a few ms); a turn is given up after SINGLE_FLIGHT_HOLD_S if its holder
+#: died, and a request waits at most SINGLE_FLIGHT_WAIT_S for its turn, then goes on without.
+SINGLE_FLIGHT_HOLD_S = 5.0
+SINGLE_FLIGHT_WAIT_S = 2.0
 
 
 def parse_job_request(payload: Any) -> PromptJobCreate | SummarizeJobCreate:
@@ -103,26 +109,38 @@ class JobService:
         model = request.model or self.settings.default_model
         job_input = request.job_input()
         digest = answer = leader_id = None
+        one_at_a_time: AbstractAsyncContextManager[object] = nullcontext()
         if isinstance(request, PromptJobCreate):
             if request.cache is not None:
                 # Kept with the request, so that an idempotency key sent again with another
                 # `cache` choice is a conflict (JobStore._check_same); the hash leaves it out.
                 job_input["cache"] = request.cache
-            digest, answer, leader_id = await self.cache.lookup(
-                model, job_input, request.cache, owner_key_id, follow_at=Priority.BULK
+            digest = prompt_hash(model, job_input)
+            if self.cache.wants(job_input["params"], request.cache):
+                # Identical requests sent at the same moment would each find no leader yet
+                # and each call the model: they look and write one at a time instead.
+                one_at_a_time = self.queue.exclusive(
+                    f"single-flight:{owner_key_id or '-'}:{digest}",
+                    hold_s=SINGLE_FLIGHT_HOLD_S,
+                    wait_s=SINGLE_FLIGHT_WAIT_S,
+                )
+        async with one_at_a_time:
+            if isinstance(request, PromptJobCreate):
+                digest, answer, leader_id = await self.cache.lookup(
+                    model, job_input, request.cache, owner_key_id, follow_at=Priority.BULK
+                )
+            job, created = await self.store.create_job(
+                kind=request.kind,
+                model=model,
+                input=job_input,
+                max_attempts=request.max_attempts or self.settings.max_attempts,
+                idempotency_key=request.idempotency_key,
+                owner_key_id=owner_key_id,
+                deadline_s=request.deadline_s,
+                request_hash=digest,
+                answer_from=answer,
+                leader_id=leader_id,
             )
-        job, created = await self.store.create_job(
-            kind=request.kind,
-            model=model,
-            input=job_input,
-            max_attempts=request.max_attempts or self.settings.max_attempts,
-            idempotency_key=request.idempotency_key,
-            owner_key_id=owner_key_id,
-            deadline_s=request.deadline_s,
-            request_hash=digest,
-            answer_from=answer,
-            leader_id=leader_id,
-        )
         if job.status == JobStatus.QUEUED:
             await self._enqueue(job.id)
         return job, created

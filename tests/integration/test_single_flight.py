@@ -10,6 +10,7 @@ completion never follow.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -109,6 +110,26 @@ async def test_a_repeat_of_a_queued_job_waits_for_its_answer(
     assert fake_llm.stats.total_requests == 1 + len(strangers)
     async with api.get(f"/api/jobs/{follower['id']}/attempts") as response:
         assert (await response.json())["attempts"] == []
+
+
+async def test_identical_requests_sent_at_the_same_moment_make_one_call(
+    api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
+) -> None:
+    # Given 40 identical deterministic requests sent all at once (no worker yet)
+    body = prompt("all at once", params=DETERMINISTIC)
+    jobs = await asyncio.gather(*(submit(api, body) for _ in range(40)))
+
+    # Then one of them leads and the others wait for its answer
+    leaders = [job for job in jobs if job["cached_from"] is None]
+    assert len(leaders) == 1, [job["cached_from"] for job in jobs]
+    assert all(job["cached_from"] == leaders[0]["id"] for job in jobs if job is not leaders[0])
+
+    # And once a worker runs, the model is called once, and every job has its answer
+    await start_worker()
+    await wait_terminal(service.store, [job["id"] for job in jobs])
+    assert fake_llm.stats.total_requests == 1
+    results = {(await get(api, job["id"]))["result"] for job in jobs}
+    assert len(results) == 1 and None not in results
 
 
 async def test_identical_batch_items_make_one_call_each(
