@@ -91,12 +91,23 @@ def read_document(
     else:
         text = _plain_text(filename, data)
     text = clean_text(text)
-    if not text.strip():
+    if not has_text(text):
         hint = " (a scanned PDF? promptq does no OCR)" if kind == "pdf" else ""
         raise UnsupportedDocument(f"{filename!r} contains no text{hint}")
     return Document(
         filename=filename, format="markdown" if kind == "markdown" else "text", text=text
     )
+
+
+#: Characters that show nothing and are not whitespace to str.isspace: zero-width space,
+#: (non-)joiners, word joiner, byte-order mark.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def has_text(text: str) -> bool:
+    """True if the text holds something to read: not only whitespace and invisible characters."""
+    visible = text.translate(_INVISIBLE)
+    return bool(visible) and not visible.isspace()
 
 
 def clean_text(text: str) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from promptq.documents import has_text
 from promptq.models import Job, JobAttempt
 
 MAX_ATTEMPTS_LIMIT = 100
@@ -92,8 +93,11 @@ class SummarizeJobCreate(_JobCreateBase):
     @field_validator("document")
     @classmethod
     def _has_text(cls, document: str) -> str:
-        if document.isspace():
-            raise ValueError("the document is only whitespace; there is nothing to summarize")
+        if document and not has_text(document):
+            raise ValueError(
+                "the document is only whitespace (or invisible characters); there is nothing "
+                "to summarize"
+            )
         return document
 
     def job_input(self) -> dict[str, Any]:

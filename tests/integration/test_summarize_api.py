@@ -199,11 +199,13 @@ async def test_json_documents_and_non_multipart_uploads_are_checked_too(
         assert response.status == 413
         assert (await response.json())["error"]["code"] == "document_too_large"
 
-    # A JSON document of only whitespace is refused: there is nothing to summarize
-    blank = {"kind": "summarize", "document": " \n\t\n "}
-    async with api.post("/api/jobs", json=blank) as response:
-        assert response.status == 422
-        assert "only whitespace" in (await response.json())["error"]["message"]
+    # A JSON document of only whitespace (or invisible characters) is refused: there is
+    # nothing to summarize
+    for document in (" \n\t\n ", "\u200b\u200b \ufeff\n\u2060"):
+        blank = {"kind": "summarize", "document": document}
+        async with api.post("/api/jobs", json=blank) as response:
+            assert response.status == 422, document
+            assert "only whitespace" in (await response.json())["error"]["message"]
 
     # A JSON body sent to the upload route is told to use multipart
     async with api.post(UPLOAD, json=body) as response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from promptq.documents import clean_text, detect_format, read_document
+from promptq.documents import clean_text, detect_format, has_text, read_document
 from promptq.errors import DocumentTooLarge, UnsupportedDocument
 from tests.summaries import minimal_pdf
 
@@ -45,3 +45,11 @@ def test_read_document_refuses_what_it_cannot_use() -> None:
         read_document("a.html", b"<script>only()</script>", max_bytes=100)
     with pytest.raises(UnsupportedDocument, match="OCR"):
         read_document("a.pdf", minimal_pdf([]), max_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", False), (" \n\t", False), ("\u200b\ufeff \u2060", False), ("\u200bx", True), ("é", True)],
+)
+def test_has_text_ignores_whitespace_and_invisible_characters(text: str, expected: bool) -> None:
+    assert has_text(text) is expected
