@@ -1,8 +1,8 @@
 """`GET /metrics` on the API: Prometheus metrics, open like /healthz (counts only, no content).
 
-The API's registry holds what the API can see: jobs by status (SQL), the queue's depth (Redis)
-and the global limiter's state, all read at scrape time (cached for `metrics_refresh_s`).
-Per-call and per-attempt series (latency, tokens, retries) live in each worker's registry:
+The API's registry holds what the API can see: jobs by status (SQL) and the queue's depth
+(Redis), read at scrape time (cached for `metrics_refresh_s`). Per-call and per-attempt series
+(latency, tokens, retries) and the global limiter's state live in each worker's registry:
 scrape the workers' `--metrics-port` for those.
 """
 
@@ -42,7 +42,7 @@ def setup_metrics(app: web.Application, settings: Settings) -> Metrics:
     metrics.add_refresher("queue", queue)
     document = openapi.operation(
         responses={200: openapi.Content(CONTENT_TYPE_LATEST.split(";")[0])},
-        summary="Prometheus metrics: jobs by status, queue depth, limiter state",
+        summary="Prometheus metrics: jobs by status and queue depth",
         public=True,
         tags=("health",),
     )
