@@ -6,30 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from promptq.cli_endpoints import _row, read_states
 from promptq.endpoints import load_endpoints
 from promptq.limits import RedisLimits, ScopeLimits
 from promptq.settings import Settings
+from tests.integration.conftest import pid
 from worker.limiter import Limiter
-
-
-@pytest.fixture
-async def limits(redis_url: str) -> AsyncIterator[RedisLimits]:
-    client = Redis.from_url(redis_url)
-    yield RedisLimits(client, "promptq:test")
-    await client.aclose()
-
-
-def pid() -> str:
-    return uuid.uuid4().hex
 
 
 async def take(limits: RedisLimits, cfg: ScopeLimits, n: int) -> int:

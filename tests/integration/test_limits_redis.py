@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from promptq.limits import RedisLimits, ScopeLimits
 from tests.conftest import wait_for
-
-
-@pytest.fixture
-async def limits(redis_url: str) -> AsyncIterator[RedisLimits]:
-    client = Redis.from_url(redis_url)
-    yield RedisLimits(client, "promptq:test")
-    await client.aclose()
-
-
-def pid() -> str:
-    return uuid.uuid4().hex
+from tests.integration.conftest import pid
 
 
 async def test_in_flight_is_atomic_under_concurrent_acquires(limits: RedisLimits) -> None:

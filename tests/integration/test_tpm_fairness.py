@@ -6,29 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from promptq.endpoints import load_endpoints
 from promptq.limits import HOLD_S, RedisLimits, ScopeLimits
 from promptq.settings import Settings
+from tests.integration.conftest import pid
 from worker.limiter import Limiter
-
-
-@pytest.fixture
-async def limits(redis_url: str) -> AsyncIterator[RedisLimits]:
-    client = Redis.from_url(redis_url)
-    yield RedisLimits(client, "promptq:test")
-    await client.aclose()
-
-
-def pid() -> str:
-    return uuid.uuid4().hex
-
 
 CFG = ScopeLimits(tpm_per_window=100, window_s=1.0)
 
