@@ -37,11 +37,14 @@ AIMD_MIN_SAMPLES = 5
 #: overloaded: one error (or one unlucky burst) never lowers the limit on its own.
 AIMD_MIN_OVERLOADS = 2
 AIMD_OVERLOAD_SHARE = 0.1
+#: An adaptive limit (and the latency it learnt) is forgotten after this long without a call:
+#: the backend may have changed meanwhile, so it starts again from `initial_in_flight`.
+ADAPTIVE_MEMORY_S = 86400.0
 
 # KEYS: inflight, rpm, tpm, aimd, grants, waiters, tpm_hold
 # ARGV: permit id, lease ms, max in flight (0: none), adaptive (1/0), min, initial,
 #       rpm per window (0: none), tpm per window (0: none), tokens, window ms, job id ('': none),
-#       waiter id (the same on every try of one call), hold ms
+#       waiter id (the same on every try of one call), hold ms, adaptive memory ms
 # A call needing more tokens than the whole tpm budget reserves the budget (it runs once the
 # window is empty). The first call refused for tokens holds its place (`tpm_hold`, for hold
 # ms, renewed by each of its tries): later calls only go while they leave room for it.
@@ -59,6 +62,7 @@ if ARGV[4] == '1' then
   if cur == nil then
     cur = tonumber(ARGV[6])
     redis.call('HSET', KEYS[4], 'limit', cur)
+    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[14]))
   end
   local clamped = math.max(lo, math.min(hi, cur))
   if clamped ~= cur then redis.call('HSET', KEYS[4], 'limit', tostring(clamped)) end
@@ -229,11 +233,12 @@ return 1
 """
 
 # KEYS: aimd, inflight; ARGV: min, max, initial, latency ms (-1: none), overload (1/0),
-#       decrease factor, latency ratio.
+#       decrease factor, latency ratio, memory ms.
 # Windowed AIMD: observations add up in the current window; once it holds max(MIN_SAMPLES,
 # limit) calls it is judged once: repeated overload (or a latency rise) multiplies the limit
 # by the factor; a clean window in which the calls in flight reached the limit adds one (an
-# unused limit is not raised). Returns the limit (as a string: Lua drops fractions).
+# unused limit is not raised). Returns the limit (as a string: Lua drops fractions). What was
+# learnt lapses after `memory ms` without a call: the backend may have changed meanwhile.
 _OBSERVE = """
 local lo, hi = tonumber(ARGV[1]), tonumber(ARGV[2])
 local factor, ratio = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -244,6 +249,7 @@ local limit = stored or tonumber(ARGV[3])
 limit = math.max(lo, math.min(hi, limit))
 if stored ~= nil and stored ~= limit then redis.call('HSET', KEYS[1], 'limit', tostring(limit)) end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[8]))
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local busy = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
@@ -343,8 +349,12 @@ class RedisLimits:
 
     @property
     def freed_channel(self) -> str:
-        """The pub/sub channel on which released permits are announced (by scope name)."""
-        return f"{self.prefix}:limits:freed"
+        """The pub/sub channel on which released permits are announced (by scope name).
+
+        Redis pub/sub ignores the database number, so it is part of the name: deployments that
+        share one Redis on different databases do not wake each other's waiting calls."""
+        db = self.redis.connection_pool.connection_kwargs.get("db", 0)
+        return f"{self.prefix}:limits:freed:{db}"
 
     def keys(self, scope: str) -> list[str]:
         """The scope's keys: inflight, rpm, tpm, aimd, grants, waiters, tpm_hold."""
@@ -386,6 +396,7 @@ class RedisLimits:
                 job_id,
                 waiter or job_id,
                 _ms(HOLD_S),
+                _ms(ADAPTIVE_MEMORY_S),
             ],
         )
         if int(result[0]) == 1:
@@ -435,6 +446,7 @@ class RedisLimits:
                 1 if overload else 0,
                 limits.decrease_factor,
                 limits.latency_ratio,
+                _ms(ADAPTIVE_MEMORY_S),
             ],
         )
         return float(_text(result))

@@ -110,3 +110,13 @@ async def test_a_permit_given_back_wakes_one_waiting_call_per_worker(
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     await b.release(done.pop().result(), tokens_used=10, latency_s=0.1, overload=False)
+
+
+async def test_the_freed_channel_is_per_database() -> None:
+    # Pub/sub ignores the database number: two deployments sharing one Redis on databases 1
+    # and 2 (same prefix) must not announce their permits to each other
+    clients = [Redis(db=db) for db in (1, 2)]
+    channels = {RedisLimits(client, "promptq").freed_channel for client in clients}
+    for client in clients:
+        await client.aclose()
+    assert len(channels) == 2

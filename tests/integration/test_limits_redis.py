@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+import promptq.limits
 from promptq.limits import RedisLimits, ScopeLimits
 from tests.conftest import wait_for
 from tests.integration.conftest import pid
@@ -173,6 +174,25 @@ async def test_repeated_overload_decreases_by_the_factor_within_bounds(
     assert await observe_window(limits, 5, overloads=5) == pytest.approx(2.048)
     assert await observe_window(limits, 5, overloads=5) == 2  # the floor
     assert (await limits.state("ep")).decreases == 4
+
+
+async def test_a_learnt_limit_lapses_after_a_quiet_spell(
+    limits: RedisLimits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(promptq.limits, "ADAPTIVE_MEMORY_S", 0.3)
+    assert await observe_window(limits, 5, overloads=2) == pytest.approx(3.2)
+    assert (await limits.state("ep")).adaptive_limit == pytest.approx(3.2)
+
+    async def forgotten() -> bool:
+        return (await limits.state("ep")).adaptive_limit is None
+
+    await wait_for(forgotten, timeout_s=10)
+    # The next calls start again from `initial_in_flight`
+    grants = [
+        await limits.acquire("ep", ADAPTIVE, permit_id=pid(), lease_s=30, tokens=1)
+        for _ in range(6)
+    ]
+    assert sum(g.granted for g in grants) == ADAPTIVE.initial_in_flight
 
 
 async def test_a_latency_rise_decreases(limits: RedisLimits) -> None:
