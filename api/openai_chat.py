@@ -97,7 +97,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return _timed_out(job)
     if job.status != JobStatus.SUCCEEDED:
         return await _job_error(chat, job)
-    model = await _answered_model(chat, job)
+    model = await chat.service.store.answered_model(job)
     return json_response(openai_format.chat_completion(job, model), headers={JOB_ID_HEADER: job.id})
 
 
@@ -132,7 +132,7 @@ async def _stream(
         if not relay.started:
             return await _job_error(chat, finished)
         return await relay.fail(502, finished.error or f"job {job.id} {finished.status}")
-    model = await _answered_model(chat, finished)
+    model = await chat.service.store.answered_model(finished)
     return await relay.finish(finished, model, include_usage=chat_request.include_usage)
 
 
@@ -210,15 +210,6 @@ class _Relay:
     async def _send(self, data: dict[str, Any]) -> None:
         assert self.response is not None
         await self.response.write(b"data: " + orjson.dumps(data) + b"\n\n")
-
-
-async def _answered_model(chat: ChatService, job: Job) -> str:
-    """The model that answered: the job's, unless a fallback model did."""
-    if not job.input.get("fallback_models") or job.cached_from is not None:
-        return job.model
-    attempts = await chat.service.store.list_attempts(job.id)
-    answered = [a.model for a in attempts if a.outcome == "succeeded" and a.model]
-    return answered[-1] if answered else job.model
 
 
 async def _job_error(chat: ChatService, job: Job) -> web.Response:

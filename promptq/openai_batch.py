@@ -41,6 +41,7 @@ from promptq.models import Batch, BatchStatus, Job, JobAttempt, JobKind, JobStat
 from promptq.openai_batch_input import COMPLETION_WINDOWS, ENDPOINTS, BatchRequest, check_input
 from promptq.openai_schemas import BadRequest
 from promptq.service import JobService
+from promptq.store import answered_model
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class OpenAIBatches:
         after: tuple[int, str] | None = None
         while True:
             query = (
-                select(Job, JobAttempt.status_code)
+                select(Job, JobAttempt.status_code, answered_model(Job))
                 .outerjoin(
                     JobAttempt,
                     and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempts),
@@ -308,8 +309,8 @@ class OpenAIBatches:
                 query = query.where(tuple_(Job.batch_index, Job.id) > after)
             async with self.sessionmaker() as session:
                 rows = list(await session.execute(query))
-            for job, status_code in rows:
-                yield output_line(job, status_code, why)
+            for job, status_code, model in rows:
+                yield output_line(job, status_code, model or job.model, why)
             if len(rows) < PAGE:
                 return
             last = rows[-1][0]
@@ -338,11 +339,14 @@ def _final_status(batch: Batch) -> tuple[BatchStatus, str]:
     return BatchStatus.COMPLETED, "completed_at"
 
 
-def output_line(job: Job, status_code: int | None, why: str) -> tuple[dict[str, Any], bool]:
-    """A request's line: `{"id", "custom_id", "response", "error"}`; True for the output file."""
+def output_line(
+    job: Job, status_code: int | None, model: str, why: str
+) -> tuple[dict[str, Any], bool]:
+    """A request's line: `{"id", "custom_id", "response", "error"}`; True for the output file.
+    `model` made the answer (a fallback model, or the job's)."""
     line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
     if job.status == JobStatus.SUCCEEDED:
-        body = openai_format.chat_completion(job, job.model)
+        body = openai_format.chat_completion(job, model)
         line |= {"response": {"status_code": 200, "request_id": job.id, "body": body}}
         return line | {"error": None}, True
     if job.status == JobStatus.FAILED:

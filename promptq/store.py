@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, select, text, tuple_, update
+from sqlalchemy import Row, ScalarSelect, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import aliased, defer
 
 from promptq import clock, single_flight
 from promptq.cache import IN_FLIGHT, hit_values
@@ -130,6 +130,22 @@ class WaitingRequest:
     priority: int
     #: A prompt job's input (messages, params); None for other kinds.
     input: dict[str, Any] | None
+
+
+def answered_model(job: Job | type[Job]) -> ScalarSelect[str | None]:
+    """The model of the last succeeded attempt of the job that made `job`'s answer (itself, or
+    for a cache hit or a follower its `cached_from`); `Job` itself gives a correlated column."""
+    attempt = aliased(JobAttempt)
+    return (
+        select(attempt.model)
+        .where(
+            attempt.job_id == func.coalesce(job.cached_from, job.id),
+            attempt.outcome == AttemptOutcome.SUCCEEDED,
+        )
+        .order_by(attempt.number.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
 
 
 class JobStore:
@@ -374,6 +390,14 @@ class JobStore:
             query = query.join(Job, Job.id == JobAttempt.job_id).where(Job.owner_key_id == owned_by)
         async with self._sessionmaker() as session:
             return list((await session.execute(query)).scalars())
+
+    async def answered_model(self, job: Job) -> str:
+        """The model that made a succeeded job's answer: its own, unless a fallback did."""
+        if not job.input.get("fallback_models"):
+            return job.model
+        async with self._sessionmaker() as session:
+            found = await session.scalar(select(answered_model(job)))
+        return found or job.model
 
     async def expired_leases(self, *, now: datetime, limit: int) -> list[str]:
         """Ids of running jobs whose lease ran out before `now`: their worker is gone."""

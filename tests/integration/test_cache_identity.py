@@ -86,6 +86,8 @@ async def test_a_fallback_models_answer_is_not_reused_for_the_model_alone(
         again = await response.json()
     assert again["choices"][0]["message"]["content"] == expected_reply("fake-large", messages)
     assert fake_llm.stats.total_requests == calls + 1
+    # naming the model that made the answer, as the first response did
+    assert again["model"] == body["model"] == "fake-large"
 
 
 async def test_a_request_does_not_follow_one_with_other_fallback_models(

@@ -145,6 +145,38 @@ async def test_a_batch_from_a_file_runs_to_completion_and_its_output_file_reads_
     assert (await admin.batches.retrieve(batch.id)).status == "completed"
 
 
+async def test_each_output_line_names_the_model_that_answered_it(
+    client: openai.AsyncOpenAI, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    # Given requests that fall back (fake-small refuses each content the first time), two of
+    # them identical and deterministic (the second takes the first's answer)
+    fallback: dict[str, Any] = {"fallback_models": ["fake-large"], "temperature": 0}
+    lines = [
+        request_line("first", "[[fake: 404, ok]] who answers?", **fallback),
+        request_line("same", "[[fake: 404, ok]] who answers?", **fallback),
+        request_line("plain", "nothing special", **fallback),
+    ]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = await wait_status(client, batch.id, {"completed"})
+
+    # Then each answer is labelled with the model whose answer it is
+    output = {
+        line["custom_id"]: line["response"]["body"]
+        for line in await read_lines(client, done.output_file_id)
+    }
+    assert output.keys() == {"first", "same", "plain"}
+    for line in lines:
+        body = output[line["custom_id"]]
+        reply = body["choices"][0]["message"]["content"]
+        assert reply == expected_reply(body["model"], line["body"]["messages"])
+    assert output["first"]["model"] == "fake-large" and output["plain"]["model"] == "fake-small"
+
+
 async def test_a_bad_file_fails_the_batch_with_an_error_per_bad_line(
     client: openai.AsyncOpenAI, service: JobService
 ) -> None:
