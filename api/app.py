@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from api import batches, cancel, dashboard, jobs, openai_api, openapi, stream, uploads
+from api import batches, cancel, dashboard, jobs, openai_api, openapi, shutdown, stream, uploads
 from api.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from api.errors import error_middleware, error_response
 from api.metrics import setup_metrics
@@ -34,6 +34,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
+    shutdown.setup(app, settings.api_shutdown_grace_s)
     app.router.add_get("/healthz", healthz)
     setup_metrics(app, settings)
     app.router.add_routes(uploads.routes)

@@ -18,6 +18,7 @@ import orjson
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from api.shutdown import Shutdown
 from api.sse import close_pubsub
 from promptq import events
 from promptq.errors import NotFound
@@ -65,12 +66,17 @@ class JobListener:
             await close_pubsub(self._pubsub)
             self._pubsub = None
 
-    async def follow(self, timeout_s: float) -> AsyncIterator[Token | Job]:
+    async def follow(
+        self, timeout_s: float, shutdown: Shutdown | None = None
+    ) -> AsyncIterator[Token | Job]:
         """Yield Tokens as they arrive, then the finished job (last). TimeoutError after
-        `timeout_s` without the job finishing."""
+        `timeout_s` without the job finishing; api.shutdown.Stopping when the API stops first.
+        """
         store = self.service.store
         deadline = time.monotonic() + timeout_s
         while True:
+            if shutdown is not None:
+                shutdown.check(f"job {self.job_id} goes on: read it at /api/jobs/{self.job_id}")
             state = (await store.get_states([self.job_id])).get(self.job_id)
             if state is None:
                 raise NotFound(f"job {self.job_id} was deleted")

@@ -20,6 +20,7 @@ from api.auth import principal
 from api.job_listener import JobListener, Token
 from api.jobs import BadJSON, json_response, read_json
 from api.openai_errors import SHOULD_RETRY, openai_error
+from api.shutdown import SHUTDOWN, Stopping
 from promptq import openai_format
 from promptq.chat import ChatService
 from promptq.errors import InvalidRequest
@@ -90,11 +91,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if chat_request.stream:
             return await _stream(request, chat_request, job, listener, wait_s)
         try:
-            async for item in listener.follow(wait_s):
+            async for item in listener.follow(wait_s, request.app[SHUTDOWN]):
                 if isinstance(item, Job):
                     job = item
         except TimeoutError:
             return _timed_out(job)
+        except Stopping as exc:
+            return _stopping(job, exc)
     if job.status != JobStatus.SUCCEEDED:
         return await _job_error(chat, job)
     model = await chat.service.store.answered_model(job)
@@ -113,7 +116,7 @@ async def _stream(
     relay = _Relay(request, job)
     finished: Job | None = None
     try:
-        async for item in listener.follow(wait_s):
+        async for item in listener.follow(wait_s, request.app[SHUTDOWN]):
             if isinstance(item, Token):
                 await relay.token(item)
             else:
@@ -123,6 +126,8 @@ async def _stream(
             return _timed_out(job)
         message = f"job {job.id} is still running; read it at /api/jobs/{job.id}"
         return await relay.fail(504, message)
+    except Stopping as exc:
+        return await relay.fail(503, exc.message) if relay.started else _stopping(job, exc)
     except ConnectionResetError:
         logger.info("stream of job %s: the client went away (the job goes on)", job.id)
         return relay.response or web.Response(status=499)
@@ -223,6 +228,13 @@ async def _job_error(chat: ChatService, job: Job) -> web.Response:
     status = last_status if last_status in PASSED_ON_STATUSES else 502
     message = job.error or f"job {job.id} failed"
     return openai_error(status, message, code=job.error_code, headers=headers)
+
+
+def _stopping(job: Job, exc: Stopping) -> web.Response:
+    """The API stops before the job's answer came: a 503 the SDKs retry on the restarted API
+    (a deterministic request then takes this job's answer; see single flight)."""
+    headers = {JOB_ID_HEADER: job.id, "Retry-After": "1"}
+    return openai_error(503, exc.message, code="shutting_down", headers=headers)
 
 
 def _timed_out(job: Job) -> web.Response:

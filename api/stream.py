@@ -10,6 +10,9 @@ Events, each `data` a JSON object:
 * `revoked`: `{}`, the stream's last event when its API key was revoked while it was open (the
   key is checked again as the stream goes: api.auth.KeyCheck).
 
+A stream open when the API shuts down ends within POLL_S, before its terminal status
+(api.shutdown): open it again on the restarted API.
+
 SQL is the truth: the stream re-reads the job whenever the worker publishes an event on Redis
 and at least every `POLL_S`, so it works (more slowly) with Redis pub/sub unavailable too.
 """
@@ -27,6 +30,7 @@ from api.auth import KeyCheck, key_check, principal
 from api.errors import ErrorOut
 from api.job_listener import JobListener
 from api.jobs import JOB_ID, job_id_param
+from api.shutdown import SHUTDOWN, Shutdown
 from api.sse import send_event
 from api.state import SERVICE
 from promptq.errors import NotFound
@@ -77,7 +81,9 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     async with JobListener(service, job_id) as listener:
         try:
             await response.prepare(request)
-            await _follow(service, job_id, listener, response, key_check(request))
+            await _follow(
+                service, job_id, listener, response, key_check(request), request.app[SHUTDOWN]
+            )
         except ConnectionResetError:
             logger.debug("stream of job %s: the client went away", job_id)
     return response
@@ -89,10 +95,14 @@ async def _follow(
     listener: JobListener,
     response: web.StreamResponse,
     key: KeyCheck,
+    shutdown: Shutdown,
 ) -> None:
     sent: dict[str, Any] = {}
     last_write = time.monotonic()
     while True:
+        if shutdown.stopping:
+            logger.info("stream of job %s: the API is stopping; ending the stream", job_id)
+            return
         if not await key.still_valid():
             logger.info("stream of job %s: the key was revoked; ending the stream", job_id)
             await send_event(response, "revoked", {})

@@ -250,6 +250,7 @@ def api(
             port=settings.api_port,
             print=lambda msg: logging.getLogger("promptq.api").info(msg.strip()),
             access_log=None,
+            shutdown_timeout=settings.api_shutdown_grace_s,
         )
 
 

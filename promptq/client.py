@@ -335,7 +335,8 @@ class PromptQClient:
     ) -> AsyncIterator[ServerEvent]:
         """The server-sent events of a job (`status`, `progress`, `token`), as they come; it
         ends after the terminal `status` event, whose data carries the `result`. Raises
-        Unauthorized if the key is revoked meanwhile."""
+        Unauthorized if the key is revoked meanwhile, and ServiceUnavailable if the stream
+        ends before the job (the API stopped: stream it again, or `wait`)."""
         path = f"/api/jobs/{_id(job_id)}/stream"
         limits = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=self._timeout.total, sock_read=STREAM_SILENCE_S
@@ -345,6 +346,12 @@ class PromptQClient:
                 if event.event == "revoked":
                     raise Unauthorized("the API key was revoked while the stream was open")
                 yield event
+                if event.event == "status" and event.data.get("status") in TERMINAL:
+                    return
+        raise ServiceUnavailable(
+            f"the stream of job {job_id} ended before the job did (did the API at "
+            f"{self.base_url} restart?); stream it again, or wait() for it"
+        )
 
     @asynccontextmanager
     async def _streaming(

@@ -128,7 +128,9 @@ async def local_stack(
         console.print(f"model: [{style}]{escape(llm.summary)}[/]")
         if llm.notice:
             console.print(f"[yellow]{escape(llm.notice)}[/]")
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = web.AppRunner(
+            create_app(settings), access_log=None, shutdown_timeout=settings.api_shutdown_grace_s
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.api_host, api_port)

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     auth_disabled: bool = False
     #: How long the API trusts a key it has looked up; a revoked key works at most this long.
     api_key_cache_s: float = Field(default=30.0, ge=0)
+    #: On SIGTERM, how long requests still running may finish (api.shutdown): below Docker's
+    #: and Kubernetes' 10 s / 30 s before they kill.
+    api_shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
 
     #: Most messages one prompt job may carry.
     max_messages_per_job: int = Field(default=1000, ge=1)

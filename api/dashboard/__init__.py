@@ -28,6 +28,4 @@ def setup(app: web.Application) -> None:
     app.router.add_routes(login.routes)
     app.router.add_routes(pages.routes)
     app.router.add_routes(events.routes)
-    app[events.OPEN_STREAMS] = set()
-    app.on_shutdown.append(events.close_streams)
     app.router.add_static("/static/", STATIC_DIR, name="static")

@@ -10,8 +10,8 @@ the page re-reads itself. A `hello` event opens the stream.
 The key is checked again as the stream goes (api.auth.KeyCheck): once it is revoked the stream
 sends a `revoked` event and ends, and the page goes to the login.
 
-A stream never ends by itself, so the app's shutdown cancels the open ones (`close_streams`)
-rather than wait out its shutdown timeout for them.
+A stream never ends by itself, so the app's shutdown closes the open ones (api.shutdown)
+rather than wait out its grace for them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from contextlib import suppress
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -29,6 +28,7 @@ from redis.exceptions import RedisError
 
 from api import auth
 from api.auth import key_check, principal
+from api.shutdown import SHUTDOWN
 from api.sse import close_pubsub, send_event
 from api.state import SERVICE
 from api.stream import KEEPALIVE_S
@@ -45,15 +45,6 @@ COALESCE_S = 0.2
 POLL_S = 2.0
 #: Most jobs re-read at once; more changes than that wait for the next round.
 MAX_IDS = 500
-#: The tasks serving open streams, cancelled when the app shuts down.
-OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("dashboard_streams")
-
-
-async def close_streams(app: web.Application) -> None:
-    """on_shutdown: end every open event stream now."""
-    streams: set[asyncio.Task[Any]] = app[OPEN_STREAMS]
-    for task in list(streams):
-        task.cancel()
 
 
 @routes.get("/ui/events", name="dashboard:events")
@@ -70,44 +61,39 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
-    task = asyncio.current_task()
-    streams = request.app[OPEN_STREAMS]
-    if task is not None:
-        streams.add(task)
     try:
-        await response.prepare(request)
-        await send_event(response, "hello", {"live": pubsub is not None})
-        while await key.still_valid():
-            if pubsub is None:
-                await _sleep_then_poll(response)
-                continue
-            job_ids = await _changed_jobs(pubsub, min(KEEPALIVE_S, auth.KEY_RECHECK_S))
-            if job_ids is None:  # pub/sub broke: poll from now on
-                await close_pubsub(pubsub)
-                pubsub = None
-                continue
-            if not job_ids:
-                await response.write(b": keep-alive\n\n")
-                continue
-            states = await service.store.get_states(sorted(job_ids), owned_by=owned_by)
-            for state in states.values():
-                await send_event(
-                    response,
-                    "job",
-                    {
-                        "id": state.id,
-                        "status": state.status,
-                        "attempts": state.attempts,
-                        "max_attempts": state.max_attempts,
-                    },
-                )
-        logger.info("dashboard events: the key was revoked; ending the stream")
-        await send_event(response, "revoked", {})
+        with request.app[SHUTDOWN].stream():
+            await response.prepare(request)
+            await send_event(response, "hello", {"live": pubsub is not None})
+            while await key.still_valid():
+                if pubsub is None:
+                    await _sleep_then_poll(response)
+                    continue
+                job_ids = await _changed_jobs(pubsub, min(KEEPALIVE_S, auth.KEY_RECHECK_S))
+                if job_ids is None:  # pub/sub broke: poll from now on
+                    await close_pubsub(pubsub)
+                    pubsub = None
+                    continue
+                if not job_ids:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                states = await service.store.get_states(sorted(job_ids), owned_by=owned_by)
+                for state in states.values():
+                    await send_event(
+                        response,
+                        "job",
+                        {
+                            "id": state.id,
+                            "status": state.status,
+                            "attempts": state.attempts,
+                            "max_attempts": state.max_attempts,
+                        },
+                    )
+            logger.info("dashboard events: the key was revoked; ending the stream")
+            await send_event(response, "revoked", {})
     except ConnectionResetError:
         logger.debug("dashboard events: the client went away")
     finally:
-        if task is not None:
-            streams.discard(task)
         if pubsub is not None:
             await close_pubsub(pubsub)
     return response
