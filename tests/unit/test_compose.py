@@ -83,6 +83,14 @@ def test_stop_grace_outlasts_the_worker_grace(compose: dict[str, Any]) -> None:
     assert float(worker["stop_grace_period"].rstrip("s")) > grace_s
 
 
+def test_stop_grace_outlasts_the_api_grace(compose: dict[str, Any]) -> None:
+    # compose's default before SIGKILL is 10 s
+    api = compose["services"]["api"]
+    stop_s = float(str(api.get("stop_grace_period", "10s")).rstrip("s"))
+    grace_s = float(api.get("environment", {}).get("PROMPTQ_API_SHUTDOWN_GRACE_S", 0) or 0)
+    assert stop_s > (grace_s or Settings.model_fields["api_shutdown_grace_s"].default)
+
+
 def test_environment_names_are_real_settings(compose: dict[str, Any]) -> None:
     fields = {f"PROMPTQ_{name.upper()}" for name in Settings.model_fields}
     for name, service in compose["services"].items():

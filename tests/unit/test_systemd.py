@@ -52,6 +52,19 @@ def test_worker_stop_timeout_outlasts_its_grace_period() -> None:
     assert float(service["TimeoutStopSec"]) > grace_s
 
 
+def test_api_stop_timeout_outlasts_its_grace_period() -> None:
+    service = read_unit("promptq-api.service")["Service"]
+    grace_s = Settings.model_fields["api_shutdown_grace_s"].default
+    assert float(service["TimeoutStopSec"]) > grace_s
+
+
+def test_the_worker_starts_after_the_api_that_migrates_the_database() -> None:
+    # The API unit's ExecStartPre runs `promptq db upgrade`; a worker started before it would
+    # find the database behind (and exit, to be restarted)
+    assert "promptq db upgrade" in read_unit("promptq-api.service")["Service"]["ExecStartPre"]
+    assert "promptq-api.service" in read_unit("promptq-worker.service")["Unit"]["After"].split()
+
+
 def test_example_environment_names_are_real_settings() -> None:
     fields = {f"PROMPTQ_{name.upper()}" for name in Settings.model_fields}
     lines = (DEPLOY / "promptq.env.example").read_text().splitlines()
