@@ -282,7 +282,10 @@ async def _row(client: PromptQClient, job: dict[str, Any], label: str) -> JobRow
 
 def _print_table(console: Console, rows: list[JobRow]) -> None:
     table = Table("job", "status", "attempts", "latency", "tokens in/out")
-    table.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=60)
+    # The answer gets what the other columns leave (rich would squeeze every column alike,
+    # down to nothing, on an 80-column terminal or a pipe).
+    answer_width = max(10, min(60, console.width - 80))
+    table.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=answer_width)
     for row in rows:
         # Text, not markup: answers are the model's, labels carry made-up names.
         status = Text(row.status, style="" if row.status == "succeeded" else "red")
