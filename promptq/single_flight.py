@@ -16,8 +16,14 @@ claim (`JobStore.claim`, general path: the fast path takes no follower) decides 
 * its leader is still on its way: it is not claimed (`Following`), and the worker puts it back
   on the queue to look again later (`recheck_s`, and before its deadline; its
   `next_attempt_at` says when), or as soon as the leader is done (worker.followers);
-* its leader failed, was cancelled, or is gone: it is claimed and makes its own call, and its
-  `cached_from` is cleared.
+* its leader failed, was cancelled, or is gone: it is claimed and makes its own call, its
+  `cached_from` is cleared, and the other followers of that job still waiting (and no more
+  urgent) now follow it (`lead_followers`): one call for them all, not one each. Followers
+  claimed at the same moment take turns on the old leader's row, and each finds it follows
+  the first (`new_leader`) and waits. At worst (a follower's row busy at that very moment, or
+  a deleted leader: no row to take turns on) a few of them run. Never a follower of itself,
+  nor a cycle: the one led to runs, its `cached_from` cleared. If it gets no answer either,
+  one of its followers leads the rest in turn.
 """
 
 from __future__ import annotations
@@ -112,3 +118,49 @@ async def take_answer(
         )
     )
     return bool(answered.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def lock_leader(session: AsyncSession, leader_id: str) -> None:
+    """Hold the row of a leader that got no answer until the transaction ends (PostgreSQL;
+    SQLite writes one transaction at a time anyway): its followers claimed at the same moment
+    take turns, so the first leads the others (`lead_followers`) before they look again."""
+    await session.execute(select(Job.id).where(Job.id == leader_id).with_for_update())
+
+
+async def lead_followers(session: AsyncSession, job: Job, old_leader_id: str, now: datetime) -> int:
+    """Make the followers of `old_leader_id` still waiting follow `job` instead (it now runs in
+    that job's place); how many. Only those at most as urgent as `job` (a follower never waits
+    for a less urgent job), and not rows another transaction holds at this moment (PostgreSQL:
+    skipped, not waited for, so that two followers leading at once cannot deadlock; a skipped
+    one runs itself)."""
+    waiting = (
+        select(Job.id)
+        .where(
+            Job.request_hash == job.request_hash,  # followers share it: indexed, unlike cached_from
+            Job.cached_from == old_leader_id,
+            Job.status.in_((JobStatus.QUEUED, JobStatus.RETRYING)),
+            Job.cancel_requested_at.is_(None),
+            Job.priority <= job.priority,
+            Job.id != job.id,
+        )
+        .with_for_update(skip_locked=True)
+    )
+    led = await session.execute(
+        update(Job)
+        .where(Job.id.in_(waiting))
+        .values(cached_from=job.id, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(led.rowcount)  # type: ignore[attr-defined]
+
+
+async def new_leader(
+    session: AsyncSession, job: Job, seen_status: JobStatus, old_leader_id: str
+) -> str | None:
+    """The job that the follower `job` of `old_leader_id` was made to follow meanwhile (by
+    another follower's `lead_followers`), if it still waits as seen; None otherwise."""
+    query = select(Job.cached_from).where(
+        Job.id == job.id, Job.status == seen_status, Job.attempts == job.attempts
+    )
+    leader_id: str | None = (await session.execute(query)).scalar_one_or_none()
+    return leader_id if leader_id != old_leader_id else None

@@ -609,18 +609,28 @@ class JobStore:
                     else:
                         await session.rollback()
                     return None
+                # No answer will come: it runs itself and leads the other followers (below).
+                # Those claimed at this moment take turns on the old leader's row; each then
+                # finds itself re-pointed (the guard on `won`) instead of running too.
+                old_leader_id = job.cached_from
+                await single_flight.lock_leader(session, old_leader_id)
+            else:
+                old_leader_id = None
             charged = job.attempts - job.interruptions - interrupted + 1
             if charged > job.max_attempts:
                 logger.warning("job %s has no attempts left but is %s", job_id, job.status)
                 await session.rollback()
                 return None
+            still_as_seen = [
+                Job.id == job_id,
+                Job.status == seen_status,
+                Job.attempts == job.attempts,
+            ]
+            if old_leader_id is not None:  # and not made to follow another follower meanwhile
+                still_as_seen.append(Job.cached_from == old_leader_id)
             won = await session.execute(
                 update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.status == seen_status,
-                    Job.attempts == job.attempts,
-                )
+                .where(*still_as_seen)
                 .values(
                     status=JobStatus.RUNNING,
                     attempts=number,
@@ -631,10 +641,27 @@ class JobStore:
                     updated_at=now,
                     cached_from=None,  # a follower whose leader got no answer runs itself
                 )
+                # `job` stays as read: a follower that lost (below) waits as it was seen.
+                .execution_options(synchronize_session=False)
             )
             if won.rowcount != 1:  # type: ignore[attr-defined]
+                if old_leader_id is not None:
+                    # Another follower of the old leader ran first and made this one follow it.
+                    new_leader_id = await single_flight.new_leader(
+                        session, job, seen_status, old_leader_id
+                    )
+                    if new_leader_id is not None:
+                        return await single_flight.wait_longer(session, job, new_leader_id, now)
                 await session.rollback()
                 return None
+            if old_leader_id is not None:
+                led = await single_flight.lead_followers(session, job, old_leader_id, now)
+                logger.info(
+                    "job %s runs in place of job %s, which got no answer; %d jobs follow it now",
+                    job_id,
+                    old_leader_id,
+                    led,
+                )
             session.add(
                 JobAttempt(
                     job_id=job_id,

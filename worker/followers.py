@@ -6,8 +6,9 @@ leaders do not keep claiming. Their answers would then come up to that long afte
 leaders'. `FollowerWaker` notes the followers this worker put back (`watch`) and, every
 POLL_S while it has any, asks the database in one query which of their leaders are no longer
 in flight; their followers are made due at once (`QueueClient.wake`), at their priority's
-place in the queue. A woken follower's claim then takes its leader's answer, or makes its
-own call if the leader got none.
+place in the queue. A woken follower's claim then takes its leader's answer, or, if the
+leader got none, makes its own call or waits for the follower that makes it (and is watched
+again, with that one as its leader).
 
 Best effort: if this worker stops (or Redis or the database is away), the followers look
 again when their time comes. A follower is watched until its own look is due; one that is
@@ -78,10 +79,15 @@ class FollowerWaker(Background):
         self._watched = {k: w for k, w in self._watched.items() if w.until > now}
         pending = {w.leader_id for w in self._watched.values() if not w.leader_done}
         flying = await self.store.in_flight(pending) if pending else set()
+        # Only the leaders just looked up: one watched meanwhile (`watch` while the query ran,
+        # e.g. a follower led to another follower) is looked up at the next pass.
         for watched in self._watched.values():
-            watched.leader_done = watched.leader_id not in flying
-        done = {k: w.priority for k, w in self._watched.items() if w.leader_done}
-        for job_id, code in (await self.queue.wake(done)).items():
-            if code != 0:  # woken, or gone from the queue (it ran already)
+            if watched.leader_id in pending and watched.leader_id not in flying:
+                watched.leader_done = True
+        woken = {k: w for k, w in self._watched.items() if w.leader_done}
+        answers = await self.queue.wake({k: w.priority for k, w in woken.items()})
+        for job_id, code in answers.items():
+            # woken, or gone from the queue (it ran already); unless watched anew meanwhile
+            if code != 0 and self._watched.get(job_id) is woken[job_id]:
                 del self._watched[job_id]
             # 0: not deferred yet (arq puts it back a moment after `watch`): next pass.

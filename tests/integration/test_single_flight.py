@@ -3,9 +3,9 @@
 Given the real API, store, queue and worker on SQLite and PostgreSQL, and the fake LLM, when
 a request that may reuse an answer repeats one still queued or running, then it is written
 as that job's follower (`cached_from`, queued), the model is called once for the pair, and
-the follower ends with the leader's answer and 0 attempts. A follower whose leader failed or
-was cancelled makes its own call; another key's request, a non-deterministic one, and a chat
-completion never follow.
+the follower ends with the leader's answer and 0 attempts. When a leader fails or is
+cancelled, one of its followers makes its own call and the others wait for its answer; another
+key's request, a non-deterministic one, and a chat completion never follow.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from promptq import clock, single_flight
 from promptq.batch_items import ItemSpec
 from promptq.batches import INSERT_CHUNK, BatchService
 from promptq.chat import ChatService
-from promptq.models import AttemptOutcome, Job, JobKind, JobStatus
+from promptq.models import AttemptOutcome, Job, JobKind, JobStatus, Priority
 from promptq.openai_schemas import ChatCompletionRequest
 from promptq.schemas import PromptJobCreate, SummarizeJobCreate, job_create_adapter
 from promptq.service import JobService
@@ -244,6 +244,40 @@ async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
     assert fake_llm.stats.total_requests == 3
 
 
+async def test_one_follower_calls_for_all_when_their_leader_gets_no_answer(
+    api: ApiClient,
+    service: JobService,
+    fake_llm: FakeLLM,
+    start_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given five followers, which would look at their leader again only in ten minutes, of a
+    # leader that the model takes a while to refuse (and answers when asked again)
+    monkeypatch.setattr(single_flight, "RECHECK_MIN_S", 600.0)
+    monkeypatch.setattr(single_flight, "RECHECK_MAX_S", 600.0)
+    fake_llm.config.latency_ms = 1000
+    body = prompt("[[fake: 400, ok]] refused first", params=DETERMINISTIC)
+    leader = await submit(api, body)
+    followers = [await submit(api, body) for _ in range(5)]
+    assert all(job["cached_from"] == leader["id"] for job in followers)
+
+    # When a worker runs them all at once
+    await start_worker(concurrency=8)
+    await wait_terminal(service.store, [leader["id"], *(job["id"] for job in followers)])
+
+    # Then after the leader's refusal one follower made the one call for all, and the others
+    # (woken when the leader was done, then again when the follower was) took its answer
+    assert (await get(api, leader["id"]))["status"] == "failed"
+    done = [await get(api, job["id"]) for job in followers]
+    ran = [job for job in done if job["attempts"] == 1]
+    assert len(ran) == 1 and ran[0]["cached_from"] is None, done
+    for job in done:
+        assert job["status"] == "succeeded" and job["result"] == ran[0]["result"]
+        if job is not ran[0]:
+            assert job["attempts"] == 0 and job["cached_from"] == ran[0]["id"]
+    assert fake_llm.stats.total_requests == 2
+
+
 async def test_chat_completions_never_follow(service: JobService) -> None:
     body = prompt("asked on the line", params=DETERMINISTIC)
     queued, _ = await service.submit(service_request(body))
@@ -311,6 +345,84 @@ async def test_the_claim_of_a_follower_waits_answers_or_runs(service: JobService
     # and a later repeat is a plain cache hit of the job that ran
     hit, _ = await service.submit(service_request(prompt("claimed in turn", params=DETERMINISTIC)))
     assert hit.status == JobStatus.SUCCEEDED and hit.cached_from == leader_id
+
+
+async def cancel_leader_of(service: JobService, content: str, followers: int) -> list[str]:
+    """A leader cancelled while `followers` identical jobs wait for it: their ids."""
+    leader_id = await create(service, content)
+    follower_ids = [await create(service, content) for _ in range(followers)]
+    async with service.store.sessionmaker() as session, session.begin():
+        await session.execute(
+            update(Job)
+            .where(Job.id == leader_id)
+            .values(status=JobStatus.CANCELLED, finished_at=clock.now())
+        )
+    jobs = [await service.store.get_job(job_id) for job_id in follower_ids]
+    assert all(job is not None and job.cached_from == leader_id for job in jobs)
+    return follower_ids
+
+
+async def cached_from(service: JobService, job_id: str) -> str | None:
+    job = await service.store.get_job(job_id)
+    assert job is not None
+    return job.cached_from
+
+
+async def test_a_follower_claimed_without_an_answer_leads_the_others(service: JobService) -> None:
+    store = service.store
+    # Given the followers of a cancelled interactive leader: two bulk ones still waiting, an
+    # interactive one (more urgent than they are), and a cancelled one
+    first, second, third, urgent, gone = await cancel_leader_of(service, "led anew", 5)
+    leader_id = await cached_from(service, first)
+    async with store.sessionmaker() as session, session.begin():
+        await session.execute(
+            update(Job).where(Job.id.in_([leader_id, urgent])).values(priority=Priority.INTERACTIVE)
+        )
+        await session.execute(update(Job).where(Job.id == gone).values(status=JobStatus.CANCELLED))
+
+    # When the first is claimed, then it runs, and the bulk ones wait for it instead
+    claim = await store.claim(first, worker="w", lease_s=30)
+    assert isinstance(claim, Claim) and claim.job_id == first
+    assert await cached_from(service, first) is None
+    assert [await cached_from(service, job_id) for job_id in (second, third)] == [first] * 2
+    waiting = await store.claim(second, worker="w", lease_s=30)
+    assert isinstance(waiting, Following) and waiting.leader_id == first
+    # but not the urgent one (it never waits for a less urgent job), nor the cancelled one
+    assert [await cached_from(service, job_id) for job_id in (urgent, gone)] == [leader_id] * 2
+    assert isinstance(await store.claim(urgent, worker="w", lease_s=30), Claim)
+
+    # And when the first fails for good, the next one claimed leads the last in turn
+    await store.finish_attempt(
+        claim,
+        AttemptResult(outcome=AttemptOutcome.PERMANENT_ERROR, latency_ms=5, error="refused"),
+        job_status=JobStatus.FAILED,
+    )
+    assert isinstance(await store.claim(second, worker="w", lease_s=30), Claim)
+    assert await cached_from(service, third) == second
+    waiting = await store.claim(third, worker="w", lease_s=30)
+    assert isinstance(waiting, Following) and waiting.leader_id == second
+
+
+async def test_followers_claimed_at_once_without_an_answer_make_one_call(
+    service: JobService,
+) -> None:
+    # Given eight followers of a cancelled leader
+    follower_ids = await cancel_leader_of(service, "all claimed at once", 8)
+
+    # When they are all claimed at the same moment
+    claims = await asyncio.gather(
+        *(service.store.claim(job_id, worker="w", lease_s=30) for job_id in follower_ids)
+    )
+
+    # Then one runs, and the others wait for it (none for itself, none for another waiting one)
+    ran = [claim for claim in claims if isinstance(claim, Claim)]
+    assert len(ran) == 1, claims
+    new_leader = ran[0].job_id
+    for job_id, claim in zip(follower_ids, claims, strict=True):
+        if job_id != new_leader:
+            assert isinstance(claim, Following) and claim.leader_id == new_leader
+            assert await cached_from(service, job_id) == new_leader
+    assert await cached_from(service, new_leader) is None
 
 
 async def test_an_old_follower_looks_again_before_its_deadline(service: JobService) -> None:
