@@ -66,17 +66,14 @@ class JobListener:
             await close_pubsub(self._pubsub)
             self._pubsub = None
 
-    async def follow(
-        self, timeout_s: float, shutdown: Shutdown | None = None
-    ) -> AsyncIterator[Token | Job]:
+    async def follow(self, timeout_s: float, shutdown: Shutdown) -> AsyncIterator[Token | Job]:
         """Yield Tokens as they arrive, then the finished job (last). TimeoutError after
         `timeout_s` without the job finishing; api.shutdown.Stopping when the API stops first.
         """
         store = self.service.store
         deadline = time.monotonic() + timeout_s
         while True:
-            if shutdown is not None:
-                shutdown.check(f"job {self.job_id} goes on: read it at /api/jobs/{self.job_id}")
+            shutdown.check(f"job {self.job_id} goes on: read it at /api/jobs/{self.job_id}")
             state = (await store.get_states([self.job_id])).get(self.job_id)
             if state is None:
                 raise NotFound(f"job {self.job_id} was deleted")

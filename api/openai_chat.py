@@ -232,7 +232,7 @@ async def _job_error(chat: ChatService, job: Job) -> web.Response:
 
 def _stopping(job: Job, exc: Stopping) -> web.Response:
     """The API stops before the job's answer came: a 503 the SDKs retry on the restarted API
-    (a deterministic request then takes this job's answer; see single flight)."""
+    (a deterministic request is then answered from the cache if this job has answered)."""
     headers = {JOB_ID_HEADER: job.id, "Retry-After": "1"}
     return openai_error(503, exc.message, code="shutting_down", headers=headers)
 
