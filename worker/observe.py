@@ -1,7 +1,8 @@
 """A worker's observability: metered LLM calls, attempt counters, metrics server, heartbeat.
 
 Everything recorded per job or per call stays in memory (prometheus-client counters), so it
-costs no database or Redis round trip; SQL and Redis are read only when Prometheus scrapes.
+costs no database or Redis round trip; Redis (the queue's length, the limiter) is read only
+when Prometheus scrapes. The jobs table is counted by the API alone (api.metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from promptq.errors import LLMError, PromptQError
 from promptq.metrics import (
     Metrics,
     endpoint_label,
-    jobs_by_status_refresher,
     metrics_app,
     queue_depth_refresher,
 )
@@ -102,8 +102,7 @@ class Observability:
         `slots()` answers (jobs running, concurrency) for this worker.
         """
         settings, metrics = self.settings, self.metrics
-        redis, store = ctx["redis"], ctx["store"]
-        metrics.add_refresher("jobs", jobs_by_status_refresher(metrics, store.sessionmaker))
+        redis = ctx["redis"]
         metrics.add_refresher("queue", queue_depth_refresher(metrics, redis, settings.queue_name))
         _slot_gauges(metrics, slots)
 
