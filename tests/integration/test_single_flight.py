@@ -182,17 +182,20 @@ async def test_identical_batch_items_make_one_call_each(
     assert usage["total_tokens"] == sum(tokens(job) for job in done.values())
 
 
+@pytest.fixture
+def looking_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Followers put back look at their leader again only in ten minutes: only the waker
+    (worker.followers) brings them back sooner."""
+    monkeypatch.setattr(single_flight, "RECHECK_MIN_S", 600.0)
+    monkeypatch.setattr(single_flight, "RECHECK_MAX_S", 600.0)
+
+
+@pytest.mark.usefixtures("looking_late")
 async def test_a_follower_is_woken_when_its_leader_is_done(
-    api: ApiClient,
-    service: JobService,
-    fake_llm: FakeLLM,
-    start_worker: WorkerFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
     # Given followers that would look at their leader again only in ten minutes, of a leader
     # that takes a while, and of one that fails
-    monkeypatch.setattr(single_flight, "RECHECK_MIN_S", 600.0)
-    monkeypatch.setattr(single_flight, "RECHECK_MAX_S", 600.0)
     fake_llm.config.latency_ms = 1500
     slow = prompt("slow to answer", params=DETERMINISTIC)
     failing = prompt("[[fake: 400]] slow to refuse", params=DETERMINISTIC)
@@ -244,17 +247,12 @@ async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
     assert fake_llm.stats.total_requests == 3
 
 
+@pytest.mark.usefixtures("looking_late")
 async def test_one_follower_calls_for_all_when_their_leader_gets_no_answer(
-    api: ApiClient,
-    service: JobService,
-    fake_llm: FakeLLM,
-    start_worker: WorkerFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
     # Given five followers, which would look at their leader again only in ten minutes, of a
     # leader that the model takes a while to refuse (and answers when asked again)
-    monkeypatch.setattr(single_flight, "RECHECK_MIN_S", 600.0)
-    monkeypatch.setattr(single_flight, "RECHECK_MAX_S", 600.0)
     fake_llm.config.latency_ms = 1000
     body = prompt("[[fake: 400, ok]] refused first", params=DETERMINISTIC)
     leader = await submit(api, body)
