@@ -621,9 +621,12 @@ def get(
         tokens = f"{_or_dash(usage.prompt_tokens)} in / {_or_dash(usage.completion_tokens)} out"
         table.add_row("tokens", tokens)
     if job.cached_from is not None:  # a cache hit, or a job waiting for an identical one
-        label = {JobStatus.SUCCEEDED: "cached from", JobStatus.QUEUED: "waits for"}.get(
-            JobStatus(job.status), "waited for"
-        )
+        labels = {
+            JobStatus.SUCCEEDED: "cached from",
+            JobStatus.QUEUED: "waits for",
+            JobStatus.FAILED: "refused like",
+        }
+        label = labels.get(JobStatus(job.status), "waited for")
         table.add_row(label, job.cached_from)
     table.add_row("created", str(job.created_at))
     table.add_row("finished", _or_dash(job.finished_at))

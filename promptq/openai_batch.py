@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 
 from promptq import clock, openai_format
 from promptq.batch_items import ItemSpec
@@ -37,11 +37,11 @@ from promptq.cancel import Canceller
 from promptq.errors import NotCancellable, NotFound
 from promptq.files import OUTPUT_PURPOSE, FileStore, new_file
 from promptq.model_catalog import ModelCatalog
-from promptq.models import Batch, BatchStatus, Job, JobAttempt, JobKind, JobStatus, Priority
+from promptq.models import Batch, BatchStatus, Job, JobKind, JobStatus, Priority
 from promptq.openai_batch_input import COMPLETION_WINDOWS, ENDPOINTS, BatchRequest, check_input
 from promptq.openai_schemas import BadRequest
 from promptq.service import JobService
-from promptq.store import answered_model
+from promptq.store import answered_model, outcome_status_code
 
 logger = logging.getLogger(__name__)
 
@@ -296,11 +296,7 @@ class OpenAIBatches:
         after: tuple[int, str] | None = None
         while True:
             query = (
-                select(Job, JobAttempt.status_code, answered_model(Job))
-                .outerjoin(
-                    JobAttempt,
-                    and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempts),
-                )
+                select(Job, outcome_status_code(Job), answered_model(Job))
                 .where(Job.batch_id == batch.id)
                 .order_by(Job.batch_index, Job.id)
                 .limit(PAGE)

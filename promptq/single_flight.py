@@ -13,17 +13,20 @@ A follower is queued and delivered like any job, so at-least-once delivery is un
 claim (`JobStore.claim`, general path: the fast path takes no follower) decides what it does:
 * its leader succeeded: it is written succeeded with the leader's answer, 0 attempts, like a
   cache hit at submit (`cached_from` then names the job that made the call);
+* its leader failed because the model refused the request itself (its last attempt a permanent
+  error, such as a 400): it is written failed with the same error and error code, 0 attempts,
+  without a call, since the identical request would be refused alike (`settled`);
 * its leader is still on its way: it is not claimed (`Following`), and the worker puts it back
   on the queue to look again later (`recheck_s`, and before its deadline; its
   `next_attempt_at` says when), or as soon as the leader is done (worker.followers);
-* its leader failed, was cancelled, or is gone: it is claimed and makes its own call, its
-  `cached_from` is cleared, and the other followers of that job still waiting (and no more
-  urgent) now follow it (`lead_followers`): one call for them all, not one each. Followers
-  claimed at the same moment take turns on the old leader's row, and each finds it follows
-  the first (`new_leader`) and waits. At worst (a follower's row busy at that very moment, or
-  a deleted leader: no row to take turns on) a few of them run. Never a follower of itself,
-  nor a cycle: the one led to runs, its `cached_from` cleared. If it gets no answer either,
-  one of its followers leads the rest in turn.
+* its leader was cancelled, ran out of retries or past its deadline, or is gone: it is claimed
+  and makes its own call, its `cached_from` is cleared, and the other followers of that job
+  still waiting (and no more urgent) now follow it (`lead_followers`): one call for them all,
+  not one each. Followers claimed at the same moment take turns on the old leader's row, and
+  each finds it follows the first (`new_leader`) and waits. At worst (a follower's row busy at
+  that very moment, or a deleted leader: no row to take turns on) a few of them run. Never a
+  follower of itself, nor a cycle: the one led to runs, its `cached_from` cleared. If it does
+  not settle either, one of its followers leads the rest in turn.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import aliased
 
 from promptq.cache import ANSWER, find_leaders, hit_values
-from promptq.models import Job, JobStatus
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
 #: A follower whose leader is in flight looks again after a quarter of its age, at least
 #: RECHECK_MIN_S and at most RECHECK_MAX_S: often at first, rarely when the leader is slow (in
@@ -78,10 +82,26 @@ async def follow_leaders(
 
 
 async def leader_answer(session: AsyncSession, leader_id: str) -> Row[Any] | None:
-    """The leader's status and answer (ANSWER's fields), None if it is gone."""
-    query = select(Job.status, *ANSWER).where(Job.id == leader_id)
+    """The leader's status, answer (ANSWER's fields) and error, and `refused`: whether its last
+    attempt ended in a permanent error (the model refused the request itself, e.g. a 400);
+    None if it is gone."""
+    last = aliased(JobAttempt)
+    refused = (last.outcome == AttemptOutcome.PERMANENT_ERROR).label("refused")
+    query = (
+        select(Job.status, Job.error, Job.error_code, refused, *ANSWER)
+        .outerjoin(last, and_(last.job_id == Job.id, last.number == Job.attempts))
+        .where(Job.id == leader_id)
+    )
     rows: list[Row[Any]] = list(await session.execute(query))
     return rows[0] if rows else None
+
+
+def settled(leader: Row[Any]) -> bool:
+    """Whether a leader's outcome is its followers' too: an answer, or a refusal of the request
+    itself. (Cancelled, past its deadline or out of retries, it says nothing about theirs.)"""
+    if leader.status == JobStatus.SUCCEEDED:
+        return True
+    return bool(leader.status == JobStatus.FAILED and leader.refused)
 
 
 async def wait_longer(session: AsyncSession, job: Job, leader_id: str, now: datetime) -> Following:
@@ -99,11 +119,22 @@ async def wait_longer(session: AsyncSession, job: Job, leader_id: str, now: date
     return Following(leader_id, retry_in_s, job.priority)
 
 
-async def take_answer(
+async def take_outcome(
     session: AsyncSession, job: Job, seen_status: JobStatus, leader: Row[Any], now: datetime
 ) -> bool:
-    """Write the follower `job` succeeded with its leader's answer, if it is still as seen and
-    not being cancelled; whether it was."""
+    """Write the follower `job` with its `settled` leader's outcome (succeeded with its answer,
+    or failed with its refusal, without a call of its own), if it is still as seen and not
+    being cancelled; whether it was."""
+    if leader.status == JobStatus.SUCCEEDED:
+        outcome = hit_values(leader, now)
+    else:
+        outcome = {
+            "status": JobStatus.FAILED.value,
+            "error": leader.error,
+            "error_code": leader.error_code,
+            "cached_from": leader.id,
+            "finished_at": now,
+        }
     answered = await session.execute(
         update(Job)
         .where(
@@ -113,9 +144,7 @@ async def take_answer(
             Job.cancel_requested_at.is_(None),
         )
         # It is done: nothing is due any more (`wait_longer` set when it would look again).
-        .values(
-            updated_at=now, next_attempt_at=None, lease_expires_at=None, **hit_values(leader, now)
-        )
+        .values(updated_at=now, next_attempt_at=None, lease_expires_at=None, **outcome)
     )
     return bool(answered.rowcount == 1)  # type: ignore[attr-defined]
 

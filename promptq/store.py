@@ -132,20 +132,30 @@ class WaitingRequest:
     input: dict[str, Any] | None
 
 
-def answered_model(job: Job | type[Job]) -> ScalarSelect[str | None]:
-    """The model of the last succeeded attempt of the job that made `job`'s answer (itself, or
-    for a cache hit or a follower its `cached_from`); `Job` itself gives a correlated column."""
+def _of_last_attempt(
+    job: Job | type[Job], column: str, outcome: AttemptOutcome | None = None
+) -> ScalarSelect[Any]:
+    """`column` of the last attempt (with `outcome`, if given) of the job that made `job`'s
+    outcome: itself, or for a cache hit or a follower its `cached_from`. `Job` itself gives a
+    correlated column."""
     attempt = aliased(JobAttempt)
-    return (
-        select(attempt.model)
-        .where(
-            attempt.job_id == func.coalesce(job.cached_from, job.id),
-            attempt.outcome == AttemptOutcome.SUCCEEDED,
-        )
-        .order_by(attempt.number.desc())
-        .limit(1)
-        .scalar_subquery()
+    query = select(getattr(attempt, column)).where(
+        attempt.job_id == func.coalesce(job.cached_from, job.id)
     )
+    if outcome is not None:
+        query = query.where(attempt.outcome == outcome)
+    return query.order_by(attempt.number.desc()).limit(1).scalar_subquery()
+
+
+def answered_model(job: Job | type[Job]) -> ScalarSelect[Any]:
+    """The model that made `job`'s answer (a fallback model, or its own): see _of_last_attempt."""
+    return _of_last_attempt(job, "model", AttemptOutcome.SUCCEEDED)
+
+
+def outcome_status_code(job: Job | type[Job]) -> ScalarSelect[Any]:
+    """The HTTP status the model last gave for `job`'s request (for a follower that took a
+    refusal, its leader's): see _of_last_attempt."""
+    return _of_last_attempt(job, "status_code")
 
 
 class JobStore:
@@ -598,18 +608,23 @@ class JobStore:
                 await self._fail_past_deadline(session, job, seen_status, interrupted, now)
                 return None
             if job.cached_from is not None and seen_status != JobStatus.RUNNING:
-                # A follower (promptq.single_flight): it takes its leader's answer, or waits for
-                # it, or, when the leader did not get one, makes its own call.
+                # A follower (promptq.single_flight): it takes its leader's answer (or refusal),
+                # or waits for it, or, when the leader did not settle, makes its own call.
                 leader = await single_flight.leader_answer(session, job.cached_from)
                 if leader is not None and leader.status in IN_FLIGHT:
                     return await single_flight.wait_longer(session, job, leader.id, now)
-                if leader is not None and leader.status == JobStatus.SUCCEEDED:
-                    if await single_flight.take_answer(session, job, seen_status, leader, now):
-                        logger.info("job %s answered by identical job %s", job_id, job.cached_from)
+                if leader is not None and single_flight.settled(leader):
+                    if await single_flight.take_outcome(session, job, seen_status, leader, now):
+                        logger.info(
+                            "job %s %s by identical job %s",
+                            job_id,
+                            "answered" if leader.status == JobStatus.SUCCEEDED else "refused",
+                            job.cached_from,
+                        )
                     else:
                         await session.rollback()
                     return None
-                # No answer will come: it runs itself and leads the other followers (below).
+                # No outcome to share: it runs itself and leads the other followers (below).
                 # Those claimed at this moment take turns on the old leader's row; each then
                 # finds itself re-pointed (the guard on `won`) instead of running too.
                 old_leader_id = job.cached_from

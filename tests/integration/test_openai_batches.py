@@ -177,6 +177,29 @@ async def test_each_output_line_names_the_model_that_answered_it(
     assert output["first"]["model"] == "fake-large" and output["plain"]["model"] == "fake-small"
 
 
+async def test_identical_requests_the_model_refuses_are_refused_alike_with_one_call(
+    client: openai.AsyncOpenAI, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    await start_worker()
+    # Given a file with the same deterministic request twice, which the model refuses (a 400)
+    refused: dict[str, Any] = {"temperature": 0}
+    lines = [request_line(f"r{i}", "[[fake: 400]] refused twice?", **refused) for i in range(2)]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = await wait_status(client, batch.id, {"completed"})
+
+    # Then the model was asked once, and both lines carry its refusal, status 400 included
+    assert fake_llm.stats.total_requests == 1
+    assert done.request_counts is not None and done.request_counts.failed == 2
+    errors = await read_lines(client, done.error_file_id)
+    assert [line["custom_id"] for line in errors] == ["r0", "r1"]
+    assert {line["response"]["status_code"] for line in errors} == {400}
+    assert len({orjson.dumps(line["response"]["body"]) for line in errors}) == 1
+
+
 async def test_a_bad_file_fails_the_batch_with_an_error_per_bad_line(
     client: openai.AsyncOpenAI, service: JobService
 ) -> None:

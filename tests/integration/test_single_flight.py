@@ -209,42 +209,60 @@ async def test_a_follower_is_woken_when_its_leader_is_done(
 
     # Then each follower was woken when its leader was done (long before it would have looked
     # again: the first was put back for ten minutes), the first took the answer, with nothing
-    # left due, the second made its own call
+    # left due, the second the refusal
     row = await service.store.get_job(followers[0]["id"])
     assert row is not None and row.finished_at is not None and row.next_attempt_at is None
     assert row.finished_at < row.created_at + timedelta(minutes=5)
-    answered, ran = [await get(api, job["id"]) for job in followers]
+    answered, refused = [await get(api, job["id"]) for job in followers]
     assert answered["status"] == "succeeded" and answered["attempts"] == 0
     assert answered["result"] == (await get(api, leaders[0]["id"]))["result"]
-    assert ran["status"] == "failed" and ran["attempts"] == 1 and ran["cached_from"] is None
-    assert fake_llm.stats.total_requests == 3
+    assert refused["status"] == "failed" and refused["attempts"] == 0
+    refusal = await service.store.get_job(followers[1]["id"])
+    assert refusal is not None and refusal.finished_at is not None
+    assert refusal.finished_at < refusal.created_at + timedelta(minutes=5)
+    assert fake_llm.stats.total_requests == 2
 
 
-async def test_a_follower_runs_itself_when_its_leader_gets_no_answer(
+async def test_a_follower_runs_itself_unless_its_leader_was_refused(
     api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
-    # Given two followers: one of a job that is then cancelled, one of a job that fails
+    # Given three followers: of a job that is then cancelled, of a job that runs out of retries
+    # (a 500 on its only attempt), and of a job the model refuses (a 400)
     cancelled = await submit(api, prompt("cancelled first", params=DETERMINISTIC))
     after_cancel = await submit(api, prompt("cancelled first", params=DETERMINISTIC))
     async with api.post(f"/api/jobs/{cancelled['id']}/cancel") as response:
         assert response.status == 200, await response.text()
+    flaky = prompt("[[fake: 500, ok]] out of retries", params=DETERMINISTIC)
+    exhausted = await submit(api, flaky | {"max_attempts": 1})
+    after_exhausted = await submit(api, flaky)
     failing = prompt("[[fake: 400]] refused", params=DETERMINISTIC)
     refused = await submit(api, failing)
     after_refusal = await submit(api, failing)
     assert after_cancel["cached_from"] == cancelled["id"]
+    assert after_exhausted["cached_from"] == exhausted["id"]
     assert after_refusal["cached_from"] == refused["id"]
 
     # When the workers get to them
     await start_worker()
-    await wait_terminal(service.store, [after_cancel["id"], refused["id"], after_refusal["id"]])
+    ids = [after_cancel, exhausted, after_exhausted, refused, after_refusal]
+    await wait_terminal(service.store, [job["id"] for job in ids])
 
-    # Then each follower made its own call, with no leader named any more
-    ran = await get(api, after_cancel["id"])
-    assert ran["status"] == "succeeded" and ran["attempts"] == 1 and ran["cached_from"] is None
+    # Then the followers of the cancelled and the exhausted job made their own calls, with no
+    # leader named any more
+    for follower in (after_cancel, after_exhausted):
+        ran = await get(api, follower["id"])
+        assert ran["status"] == "succeeded" and ran["attempts"] == 1 and ran["cached_from"] is None
+    assert (await get(api, exhausted["id"]))["status"] == "failed"
+    # And the follower of the refused job failed with its refusal, without a call
+    leader = await get(api, refused["id"])
     tried = await get(api, after_refusal["id"])
-    assert tried["status"] == "failed" and tried["attempts"] == 1 and tried["cached_from"] is None
-    assert (await get(api, refused["id"]))["status"] == "failed"
-    assert fake_llm.stats.total_requests == 3
+    assert leader["status"] == tried["status"] == "failed" and tried["attempts"] == 0
+    assert (tried["error"], tried["error_code"]) == (leader["error"], leader["error_code"])
+    assert tried["cached_from"] == refused["id"]
+    assert f'refused like</dt><dd><a href="/jobs/{refused["id"]}"' in await html(
+        api, after_refusal["id"]
+    )
+    assert fake_llm.stats.total_requests == 4  # the two leaders that ran, and two followers
 
 
 @pytest.mark.usefixtures("looking_late")
@@ -252,10 +270,10 @@ async def test_one_follower_calls_for_all_when_their_leader_gets_no_answer(
     api: ApiClient, service: JobService, fake_llm: FakeLLM, start_worker: WorkerFactory
 ) -> None:
     # Given five followers, which would look at their leader again only in ten minutes, of a
-    # leader that the model takes a while to refuse (and answers when asked again)
+    # leader that runs out of retries after a while (the model answers when asked again)
     fake_llm.config.latency_ms = 1000
-    body = prompt("[[fake: 400, ok]] refused first", params=DETERMINISTIC)
-    leader = await submit(api, body)
+    body = prompt("[[fake: 500, ok]] failed first", params=DETERMINISTIC)
+    leader = await submit(api, body | {"max_attempts": 1})
     followers = [await submit(api, body) for _ in range(5)]
     assert all(job["cached_from"] == leader["id"] for job in followers)
 
@@ -263,7 +281,7 @@ async def test_one_follower_calls_for_all_when_their_leader_gets_no_answer(
     await start_worker(concurrency=8)
     await wait_terminal(service.store, [leader["id"], *(job["id"] for job in followers)])
 
-    # Then after the leader's refusal one follower made the one call for all, and the others
+    # Then after the leader's failure one follower made the one call for all, and the others
     # (woken when the leader was done, then again when the follower was) took its answer
     assert (await get(api, leader["id"]))["status"] == "failed"
     done = [await get(api, job["id"]) for job in followers]
@@ -389,16 +407,36 @@ async def test_a_follower_claimed_without_an_answer_leads_the_others(service: Jo
     assert [await cached_from(service, job_id) for job_id in (urgent, gone)] == [leader_id] * 2
     assert isinstance(await store.claim(urgent, worker="w", lease_s=30), Claim)
 
-    # And when the first fails for good, the next one claimed leads the last in turn
+    # And when the first runs out of retries, the next one claimed leads the last in turn
     await store.finish_attempt(
         claim,
-        AttemptResult(outcome=AttemptOutcome.PERMANENT_ERROR, latency_ms=5, error="refused"),
+        AttemptResult(outcome=AttemptOutcome.TRANSIENT_ERROR, latency_ms=5, error="HTTP 503"),
         job_status=JobStatus.FAILED,
     )
-    assert isinstance(await store.claim(second, worker="w", lease_s=30), Claim)
+    second_claim = await store.claim(second, worker="w", lease_s=30)
+    assert isinstance(second_claim, Claim)
     assert await cached_from(service, third) == second
     waiting = await store.claim(third, worker="w", lease_s=30)
     assert isinstance(waiting, Following) and waiting.leader_id == second
+
+    # And when the model refuses that one's request, the last one takes the refusal: no call
+    await store.finish_attempt(
+        second_claim,
+        AttemptResult(
+            outcome=AttemptOutcome.PERMANENT_ERROR,
+            latency_ms=5,
+            status_code=400,
+            error="HTTP 400: bad request",
+            error_code="http_400",
+        ),
+        job_status=JobStatus.FAILED,
+    )
+    assert await store.claim(third, worker="w", lease_s=30) is None
+    refused = await store.get_job(third)
+    assert refused is not None and refused.status == JobStatus.FAILED
+    assert (refused.attempts, refused.cached_from) == (0, second)
+    assert (refused.error, refused.error_code) == ("HTTP 400: bad request", "http_400")
+    assert refused.next_attempt_at is None and refused.finished_at is not None
 
 
 async def test_followers_claimed_at_once_without_an_answer_make_one_call(
