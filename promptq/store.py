@@ -491,7 +491,26 @@ class JobStore:
                         .execution_options(synchronize_session=False)
                     )
                     requeued.extend(result.scalars())
+        await self._unfollow_settled(requeued)
         return requeued
+
+    async def _unfollow_settled(self, job_ids: Sequence[str]) -> None:
+        """Re-queued followers (a refusal taken, or cancelled while waiting) keep following a
+        leader that runs again (re-queued with them: one call for all), and make their own call
+        otherwise: a retry must not take an old refusal again."""
+        leader = aliased(Job)
+        running = select(leader.id).where(
+            leader.id == Job.cached_from, leader.status.in_(IN_FLIGHT)
+        )
+        for start in range(0, len(job_ids), IDS_PER_STATEMENT):
+            chunk = list(job_ids[start : start + IDS_PER_STATEMENT])
+            async with self._sessionmaker() as session, session.begin():
+                await session.execute(
+                    update(Job)
+                    .where(Job.id.in_(chunk), Job.cached_from.is_not(None), ~running.exists())
+                    .values(cached_from=None)
+                    .execution_options(synchronize_session=False)
+                )
 
     async def requeue_one(self, job_id: str) -> Job:
         """Re-queue one failed or cancelled job; NotFound or JobNotRetryable otherwise."""

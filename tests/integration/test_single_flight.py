@@ -517,3 +517,39 @@ def test_a_follower_looks_again_sooner_when_young() -> None:
     waits = [recheck_s(age) for age in ages]
     assert waits == sorted(waits)
     assert waits[0] == RECHECK_MIN_S and waits[-1] == RECHECK_MAX_S
+
+
+async def refused_pair(service: JobService, content: str) -> tuple[str, str]:
+    """A leader the model refused and its follower, which took the refusal: their ids."""
+    store = service.store
+    leader_id, follower_id = await create(service, content), await create(service, content)
+    claim = await store.claim(leader_id, worker="w", lease_s=30)
+    assert isinstance(claim, Claim)
+    refusal = AttemptResult(
+        outcome=AttemptOutcome.PERMANENT_ERROR, latency_ms=5, status_code=400, error="HTTP 400"
+    )
+    await store.finish_attempt(claim, refusal, job_status=JobStatus.FAILED)
+    assert await store.claim(follower_id, worker="w", lease_s=30) is None
+    follower = await store.get_job(follower_id)
+    assert follower is not None and follower.status == JobStatus.FAILED
+    return leader_id, follower_id
+
+
+async def test_a_retried_follower_calls_unless_its_leader_is_retried_with_it(
+    service: JobService,
+) -> None:
+    store = service.store
+    # Given two followers that took their leader's refusal
+    _, alone = await refused_pair(service, "retried alone")
+    leader_id, together = await refused_pair(service, "retried together")
+
+    # When one is retried alone, it makes its own call: an old refusal is not taken again
+    assert await store.requeue([alone]) == [alone]
+    assert await cached_from(service, alone) is None
+    assert isinstance(await store.claim(alone, worker="w", lease_s=30), Claim)
+
+    # And when the other is retried with its leader, it waits for the leader's new call
+    assert sorted(await store.requeue([together, leader_id])) == sorted([together, leader_id])
+    assert await cached_from(service, together) == leader_id
+    waiting = await store.claim(together, worker="w", lease_s=30)
+    assert isinstance(waiting, Following) and waiting.leader_id == leader_id
