@@ -35,10 +35,12 @@ DRAIN_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A piece of an answer being streamed; `call` tells apart the model calls of a job."""
+    """A piece of an answer being streamed; `call` tells apart the model calls of a job, and
+    `model` is the model writing it, if the worker said."""
 
     call: str
     text: str
+    model: str | None = None
 
 
 class JobListener:
@@ -115,4 +117,9 @@ class JobListener:
                 continue
             if not isinstance(event, dict) or event.get("type") != "token":
                 return
-            yield Token(call=str(event.get("call", "")), text=str(event.get("text", "")))
+            model = event.get("model")
+            yield Token(
+                call=str(event.get("call", "")),
+                text=str(event.get("text", "")),
+                model=model if isinstance(model, str) else None,
+            )

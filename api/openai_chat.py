@@ -158,6 +158,8 @@ class _Relay:
 
     async def token(self, token: Token) -> None:
         text = self.calls[token.call] = self.calls.get(token.call, "") + token.text
+        if token.model:  # each chunk names the model writing it (a fallback's, maybe)
+            self.model = token.model
         if len(text) > len(self.sent) and text.startswith(self.sent):
             await self._text(text[len(self.sent) :])
             self.sent = text

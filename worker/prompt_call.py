@@ -1,10 +1,11 @@
 """A prompt job's model call: streamed to listeners when asked, with fallback models.
 
 * `stream`: the call is streamed from the backend and each piece of text is published on the
-  job's event channel as `{"type": "token", "text", "call"}` the moment it arrives
+  job's event channel as `{"type": "token", "text", "call", "model"}` the moment it arrives
   (`/v1/chat/completions` with `stream: true` forwards them); the full text is returned, and
   stored, as for any call. `call` names the model call the piece belongs to, so a listener can
-  tell a retry's text from the failed call's.
+  tell a retry's text from the failed call's; `model` is the model writing it (a fallback's
+  chunks name the fallback).
 * `fallback_models`: attempt n starts at the n-th model of [model, *fallback_models] (staying
   on the last), and within an attempt a model that is unavailable (404) or fails transiently
   hands over to the next one at once. The attempt row records the model that answered.
@@ -73,7 +74,7 @@ async def _call(ctx: WorkerContext, claim: Claim, model: str, *, call: str) -> C
     queue = ctx["queue"]
 
     async def publish(text: str) -> None:
-        event = {"type": "token", "text": text, "call": call}
+        event = {"type": "token", "text": text, "call": call, "model": model}
         await events.publish(queue.redis, queue.queue_name, claim.job_id, event)
 
     return await llm.chat_stream(model, messages, params, publish, timeout_s=claim.seconds_left())

@@ -196,6 +196,26 @@ async def test_a_fallback_model_answers_when_the_model_is_unavailable(
     assert [(a.model, a.outcome) for a in attempts] == [("fake-large", "succeeded")]
 
 
+async def test_a_streamed_answer_from_a_fallback_model_names_it_in_every_chunk(
+    client: openai.AsyncOpenAI, fake_llm: FakeLLM, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    fake_llm.config.stream_chunk_delay_ms = 20
+    messages = user("[[fake: 404, ok]] stream from the fallback")
+
+    stream = await client.chat.completions.create(
+        model="fake-small",
+        messages=messages,
+        stream=True,
+        extra_body={"fallback_models": ["fake-large"]},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_reply("fake-large", messages)
+    assert len(chunks) > 3 and {chunk.model for chunk in chunks} == {"fake-large"}
+
+
 async def test_deterministic_requests_are_answered_from_the_cache_without_a_model_call(
     sdk: SdkFactory,
     client: openai.AsyncOpenAI,
