@@ -179,9 +179,8 @@ async def test_repeated_overload_decreases_by_the_factor_within_bounds(
 async def test_a_learnt_limit_lapses_after_a_quiet_spell(
     limits: RedisLimits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(promptq.limits, "ADAPTIVE_MEMORY_S", 0.3)
+    monkeypatch.setattr(promptq.limits, "ADAPTIVE_MEMORY_S", 0.5)
     assert await observe_window(limits, 5, overloads=2) == pytest.approx(3.2)
-    assert (await limits.state("ep")).adaptive_limit == pytest.approx(3.2)
 
     async def forgotten() -> bool:
         return (await limits.state("ep")).adaptive_limit is None
