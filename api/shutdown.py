@@ -58,9 +58,7 @@ class Shutdown:
     def stream(self) -> Iterator[None]:
         """Run an event stream: it is cancelled when the API starts to stop."""
         task = asyncio.current_task()
-        if task is None:
-            yield
-            return
+        assert task is not None  # aiohttp runs every handler in a task of its own
         self._streams.add(task)
         try:
             yield

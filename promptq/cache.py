@@ -24,10 +24,11 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import ColumnElement, Row, func, select
+from sqlalchemy import ColumnElement, Row, ScalarSelect, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
-from promptq.models import Job, JobKind, JobStatus
+from promptq.models import AttemptOutcome, Job, JobAttempt, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,32 @@ def hit_values(source: Row[Any], now: datetime) -> dict[str, Any]:
         "started_at": now,
         "finished_at": now,
     }
+
+
+def of_last_attempt(
+    job: Job | type[Job], column: str, outcome: AttemptOutcome | None = None
+) -> ScalarSelect[Any]:
+    """`column` of the last attempt (with `outcome`, if given) of the job that made `job`'s
+    outcome: itself, or for a cache hit or a follower its `cached_from`. `Job` itself gives a
+    correlated column."""
+    attempt = aliased(JobAttempt)
+    query = select(getattr(attempt, column)).where(
+        attempt.job_id == func.coalesce(job.cached_from, job.id)
+    )
+    if outcome is not None:
+        query = query.where(attempt.outcome == outcome)
+    return query.order_by(attempt.number.desc()).limit(1).scalar_subquery()
+
+
+def answered_model(job: Job | type[Job]) -> ScalarSelect[Any]:
+    """The model that made `job`'s answer (a fallback model, or its own)."""
+    return of_last_attempt(job, "model", AttemptOutcome.SUCCEEDED)
+
+
+def outcome_status_code(job: Job | type[Job]) -> ScalarSelect[Any]:
+    """The HTTP status the model last gave for `job`'s request (for a follower that took a
+    refusal, its leader's)."""
+    return of_last_attempt(job, "status_code")
 
 
 def same_requests(digests: Collection[str], owner_key_id: str | None) -> ColumnElement[bool]:

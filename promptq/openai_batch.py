@@ -33,6 +33,7 @@ from sqlalchemy import func, select, tuple_, update
 from promptq import clock, openai_format
 from promptq.batch_items import ItemSpec
 from promptq.batches import BatchService, owned_batches
+from promptq.cache import answered_model, outcome_status_code
 from promptq.cancel import Canceller
 from promptq.errors import NotCancellable, NotFound
 from promptq.files import OUTPUT_PURPOSE, FileStore, new_file
@@ -41,7 +42,6 @@ from promptq.models import Batch, BatchStatus, Job, JobKind, JobStatus, Priority
 from promptq.openai_batch_input import COMPLETION_WINDOWS, ENDPOINTS, BatchRequest, check_input
 from promptq.openai_schemas import BadRequest
 from promptq.service import JobService
-from promptq.store import answered_model, outcome_status_code
 
 logger = logging.getLogger(__name__)
 

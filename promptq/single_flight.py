@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import aliased
 
-from promptq.cache import ANSWER, find_leaders, hit_values
-from promptq.models import AttemptOutcome, Job, JobAttempt, JobStatus
+from promptq.cache import ANSWER, find_leaders, hit_values, of_last_attempt
+from promptq.models import AttemptOutcome, Job, JobStatus
 
 #: A follower whose leader is in flight looks again after a quarter of its age, at least
 #: RECHECK_MIN_S and at most RECHECK_MAX_S: often at first, rarely when the leader is slow (in
@@ -85,12 +84,9 @@ async def leader_answer(session: AsyncSession, leader_id: str) -> Row[Any] | Non
     """The leader's status, answer (ANSWER's fields) and error, and `refused`: whether its last
     attempt ended in a permanent error (the model refused the request itself, e.g. a 400);
     None if it is gone."""
-    last = aliased(JobAttempt)
-    refused = (last.outcome == AttemptOutcome.PERMANENT_ERROR).label("refused")
-    query = (
-        select(Job.status, Job.error, Job.error_code, refused, *ANSWER)
-        .outerjoin(last, and_(last.job_id == Job.id, last.number == Job.attempts))
-        .where(Job.id == leader_id)
+    refused = (of_last_attempt(Job, "outcome") == AttemptOutcome.PERMANENT_ERROR).label("refused")
+    query = select(Job.status, Job.error, Job.error_code, refused, *ANSWER).where(
+        Job.id == leader_id
     )
     rows: list[Row[Any]] = list(await session.execute(query))
     return rows[0] if rows else None

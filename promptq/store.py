@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, ScalarSelect, func, select, text, tuple_, update
+from sqlalchemy import Row, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased, defer
 
 from promptq import clock, single_flight
-from promptq.cache import IN_FLIGHT, hit_values
+from promptq.cache import IN_FLIGHT, answered_model, hit_values
 from promptq.db import is_db_unavailable
 from promptq.errors import IdempotencyConflict, JobNotRetryable, NotFound, ServiceUnavailable
 from promptq.fastpath import FastPath, Outcome, move_job
@@ -130,32 +130,6 @@ class WaitingRequest:
     priority: int
     #: A prompt job's input (messages, params); None for other kinds.
     input: dict[str, Any] | None
-
-
-def _of_last_attempt(
-    job: Job | type[Job], column: str, outcome: AttemptOutcome | None = None
-) -> ScalarSelect[Any]:
-    """`column` of the last attempt (with `outcome`, if given) of the job that made `job`'s
-    outcome: itself, or for a cache hit or a follower its `cached_from`. `Job` itself gives a
-    correlated column."""
-    attempt = aliased(JobAttempt)
-    query = select(getattr(attempt, column)).where(
-        attempt.job_id == func.coalesce(job.cached_from, job.id)
-    )
-    if outcome is not None:
-        query = query.where(attempt.outcome == outcome)
-    return query.order_by(attempt.number.desc()).limit(1).scalar_subquery()
-
-
-def answered_model(job: Job | type[Job]) -> ScalarSelect[Any]:
-    """The model that made `job`'s answer (a fallback model, or its own): see _of_last_attempt."""
-    return _of_last_attempt(job, "model", AttemptOutcome.SUCCEEDED)
-
-
-def outcome_status_code(job: Job | type[Job]) -> ScalarSelect[Any]:
-    """The HTTP status the model last gave for `job`'s request (for a follower that took a
-    refusal, its leader's): see _of_last_attempt."""
-    return _of_last_attempt(job, "status_code")
 
 
 class JobStore:
